@@ -1,0 +1,164 @@
+"""
+What every training stage shares: the device and DDP set-up, the learning-rate schedule, checkpoints
+written atomically, and the one-line-per-step log. Kept here so train.py, rag_train.py and
+refrag_train.py stay short and agree with each other.
+"""
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def die(msg):
+    """Bad input ends the run with one line, not a traceback."""
+    print0(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# device and distributed
+
+def setup(device="auto", seed=1337):
+    """Returns (ddp, rank, world_size, device). Under torchrun: NCCL on GPUs, gloo on CPUs."""
+    ddp = "RANK" in os.environ
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rank, world_size = 0, 1
+    if ddp:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if device.startswith("cuda"):
+            local_rank = int(os.environ["LOCAL_RANK"])
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    torch.manual_seed(seed)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return ddp, rank, world_size, device
+
+
+def all_reduce_mean(x, ddp):
+    if ddp:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.AVG)
+    return x
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; plain fp32 on CPU (bf16 matmuls are slow there and break exactness tests)."""
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+# peak dense bf16 FLOP/s by device name, for MFU
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "4090": 165e12, "4070": 117e12, "3090": 71e12,
+              "3070": 41e12, "L4": 121e12}
+
+
+def peak_flops(device):
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+# -----------------------------------------------------------------------------
+# learning-rate schedule
+
+def lr_at(step, max_iters, lr, warmup_iters, schedule="cosine", min_lr_frac=0.1, cooldown_frac=0.2):
+    """Linear warmup, then cosine decay to min_lr_frac*lr, or warmup-stable-decay (WSD): flat, then a linear
+    cool-down over the last cooldown_frac of training."""
+    if step < warmup_iters:
+        return lr * (step + 1) / warmup_iters
+    min_lr = lr * min_lr_frac
+    if schedule == "cosine":
+        progress = (step - warmup_iters) / max(1, max_iters - warmup_iters)
+        return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if schedule == "wsd":
+        cooldown_start = max_iters * (1 - cooldown_frac)
+        if step < cooldown_start:
+            return lr
+        return lr - (lr - min_lr) * (step - cooldown_start) / max(1, max_iters - cooldown_start)
+    raise ValueError(f"lr_schedule must be 'cosine' or 'wsd', got {schedule!r}")
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: written to a temp file and renamed, so a crash mid-write leaves the previous one readable
+
+def save_checkpoint(path, ckpt):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Loads a checkpoint with weights_only=True (no code runs from a file someone sent you).
+    A missing or damaged file is a ValueError that names it."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise ValueError(f"checkpoint {path} is not a checkpoint of this project (no model / model_args)")
+    return ckpt
+
+
+def raw_state_dict(model):
+    """The state dict without DDP's 'module.' or torch.compile's '_orig_mod.' prefixes."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    return model.state_dict()
+
+
+# -----------------------------------------------------------------------------
+# logging
+
+def fmt_time(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class StepLog:
+    """One line per optimisation step: step/total, loss, lr, tokens/s, MFU (on GPU), ETA."""
+
+    def __init__(self, max_iters, start_step, path=None, flops_per_token=None, peak=None, world_size=1):
+        self.max_iters, self.start_step, self.path = max_iters, start_step, path
+        self.flops_per_token, self.peak, self.world_size = flops_per_token, peak, world_size
+        self.t0 = self.t_last = time.time()
+
+    def __call__(self, step, loss, lr, tokens, **extra):
+        now = time.time()
+        dt, self.t_last = now - self.t_last, now
+        tok_s = tokens / max(dt, 1e-9)
+        done = step + 1 - self.start_step
+        eta = (now - self.t0) / done * (self.max_iters - step - 1)
+        line = f"step {step + 1}/{self.max_iters} | loss {loss:.6f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
+        if self.peak and self.flops_per_token:
+            line += f" | mfu {100 * tok_s * self.flops_per_token / (self.peak * self.world_size):.1f}%"
+        for k, v in extra.items():
+            line += f" | {k} {v:.4f}" if isinstance(v, float) else f" | {k} {v}"
+        line += f" | eta {fmt_time(eta)}"
+        self.write(line)
+
+    def write(self, line):
+        print0(line)
+        if self.path and int(os.environ.get("RANK", 0)) == 0:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
