@@ -1,0 +1,220 @@
+"""
+Pre-train (or continue training) a hybrid Transformer/Mamba language model on tokenised shards.
+
+    python prepare.py && python train.py                      # the embedded default: tiny world, CPU, minutes
+    python train.py configs/hybrid_d20.py --max_iters=1000    # config file, then --key=value overrides
+    torchrun --standalone --nproc_per_node=8 train.py configs/hybrid_d20.py
+
+The defaults below are the tiny CPU run. Every global is a config key; the resolved config is printed,
+appended to out_dir/log.txt and stored in every checkpoint.
+"""
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common import (StepLog, all_reduce_mean, autocast, die, load_checkpoint, lr_at, peak_flops, print0,
+                    raw_state_dict, save_checkpoint, setup)
+from configurator import ConfigError, configure
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# I/O
+data_dir = "data/world"        # train.bin, val.bin, meta.json, tokenizer.json from prepare.py
+out_dir = "out/tiny"
+init_from = "scratch"          # "scratch" | "resume" (out_dir/ckpt.pt, exactly) | path to a checkpoint to continue from
+eval_interval = 100            # steps between val-loss evaluations (and checkpoints)
+eval_tokens = 32768            # val tokens per evaluation
+wandb_log = False
+wandb_project = "hybrid-mamba-rag"
+# model (any other GPTConfig field keeps its default)
+n_layer = 4
+n_embd = 128
+n_head = 4
+n_kv_head = 2
+block_size = 256
+block_pattern = "TM"           # tiled to n_layer: T M T M
+mamba_version = 1
+mamba_mlp = False              # an MLP after each Mamba mixer (hybrids at scale: Samba, Jamba)
+# optimisation
+total_batch_size = 8192        # tokens per optimizer step, across all processes and micro-steps
+device_batch_size = 16         # sequences per micro-step per process
+max_iters = 600
+learning_rate = 3e-3
+min_lr_frac = 0.1
+warmup_iters = 30
+lr_schedule = "cosine"         # "cosine" | "wsd"
+weight_decay = 0.1
+muon = False                   # Muon for the hidden 2-D matrices, AdamW for the rest
+grad_clip = 1.0
+# system
+device = "auto"                # "auto" | "cpu" | "cuda" | "cuda:1"
+compile = False
+seed = 1337
+# -----------------------------------------------------------------------------
+try:
+    config = configure(globals())
+except ConfigError as e:
+    die(e)
+
+ddp, rank, world_size, device = setup(device, seed)
+master = rank == 0
+print0(json.dumps(config, indent=1))
+
+# data: fixed-length windows of the token stream, visited in a seeded random order, epoch after epoch.
+# The order depends only on (seed, step), so resuming at step s reproduces the batches exactly, and one
+# process with grad accumulation sees the same global batch as N processes.
+if not os.path.isfile(os.path.join(data_dir, "meta.json")):
+    die(f"no prepared data in {data_dir}/ (meta.json missing): run `python prepare.py` first")
+meta = json.load(open(os.path.join(data_dir, "meta.json")))
+train_data = np.memmap(os.path.join(data_dir, "train.bin"), dtype=meta["dtype"], mode="r")
+val_data = np.memmap(os.path.join(data_dir, "val.bin"), dtype=meta["dtype"], mode="r")
+n_windows = (len(train_data) - 1) // block_size
+seqs_per_step = total_batch_size // block_size
+if total_batch_size % (block_size * device_batch_size * world_size):
+    die(f"total_batch_size={total_batch_size} must be a multiple of block_size*device_batch_size*world_size="
+        f"{block_size * device_batch_size * world_size}")
+grad_accum = seqs_per_step // (device_batch_size * world_size)
+if n_windows < seqs_per_step:
+    die(f"{data_dir}/train.bin holds {n_windows} windows of {block_size} tokens, fewer than one batch ({seqs_per_step})")
+_orders = {}
+
+
+def window_start(i):
+    """Start of the i-th window of the endless, epoch-by-epoch shuffled stream."""
+    epoch, j = divmod(i, n_windows)
+    if epoch not in _orders:
+        _orders.clear()
+        _orders[epoch] = np.random.default_rng(seed + epoch).permutation(n_windows)
+    return int(_orders[epoch][j]) * block_size
+
+
+def get_batch(step, micro):
+    first = step * seqs_per_step + (rank * grad_accum + micro) * device_batch_size
+    xy = torch.from_numpy(np.stack([train_data[s:s + block_size + 1] for s in map(window_start, range(first, first + device_batch_size))]).astype(np.int64))
+    return xy[:, :-1].to(device), xy[:, 1:].to(device)
+
+
+def val_batches():
+    n = min(eval_tokens // block_size, (len(val_data) - 1) // block_size) // world_size * world_size
+    mine = list(range(rank, n, world_size))
+    for k in range(0, len(mine), device_batch_size):
+        xy = torch.from_numpy(np.stack([val_data[i * block_size:i * block_size + block_size + 1] for i in mine[k:k + device_batch_size]]).astype(np.int64))
+        yield xy[:, :-1].to(device), xy[:, 1:].to(device)
+
+
+@torch.no_grad()
+def evaluate(model):
+    model.eval()
+    losses = [model(x, y)[1] for x, y in val_batches()]
+    model.train()
+    return all_reduce_mean(torch.stack(losses).mean(), ddp).item()
+
+
+# model, optimizer, and where we start from
+model_keys = {f.name for f in dataclasses.fields(GPTConfig)}
+model_args = {k: config[k] for k in model_keys if k in config}
+model_args["vocab_size"] = meta["vocab_size"]
+ckpt, start_step = None, 0
+try:
+    if init_from == "resume":
+        ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
+        start_step = ckpt["step"]
+    elif init_from != "scratch":
+        ckpt = load_checkpoint(init_from, device)
+except ValueError as e:
+    die(e)
+if ckpt is not None:
+    ignored = {k: v for k, v in model_args.items() if k in ckpt["model_args"] and ckpt["model_args"][k] != v}
+    if ignored:
+        print0(f"note: the model's shape comes from the checkpoint; ignoring {ignored}")
+    model_args = ckpt["model_args"]
+    model = GPT.from_checkpoint(ckpt).to(device)
+else:
+    try:
+        model = GPT(GPTConfig(**model_args)).to(device)
+    except ValueError as e:
+        die(e)
+print0(f"model: {model.pattern} pattern, "
+       f"{model.num_params():,} parameters, {grad_accum} micro-steps of {device_batch_size}x{block_size} per process")
+optimizers = model.configure_optimizers(learning_rate, weight_decay, (0.9, 0.95), device.split(":")[0], muon)
+for opt in optimizers:
+    for group in opt.param_groups:
+        group["base_lr"] = group["lr"]  # each group's peak lr (Muon and AdamW differ); the schedule scales it
+if init_from == "resume":
+    for opt, state in zip(optimizers, ckpt["optimizer"]):
+        opt.load_state_dict(state)
+flops_per_token = model.flops_per_token(block_size)
+raw_model = model
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
+ckpt = None  # free the loaded tensors
+
+tokens = np.asarray(train_data[: 10_000_000]).astype(np.int64)
+p = np.bincount(tokens, minlength=meta["vocab_size"]) / len(tokens)
+unigram_entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+del tokens, p
+os.makedirs(out_dir, exist_ok=True)
+log = StepLog(max_iters, start_step, os.path.join(out_dir, "log.txt") if master else None, flops_per_token,
+              peak_flops(device), world_size)
+if master:
+    log.write(f"config {json.dumps(config)}")
+    log.write(f"unigram entropy {unigram_entropy:.4f} nats (the loss of a model that knows only token frequencies)")
+if wandb_log and master:
+    import wandb
+    wandb.init(project=wandb_project, config=config)
+
+
+def checkpoint(step, val_loss):
+    save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
+        "model": raw_state_dict(raw_model), "model_args": model_args, "step": step, "val_loss": val_loss,
+        "optimizer": [opt.state_dict() for opt in optimizers], "config": config, "stage": "train",
+        "data_state": {"seed": seed, "windows_consumed": step * seqs_per_step, "block_size": block_size},
+        "tokenizer": open(os.path.join(data_dir, "tokenizer.json")).read()})
+    log.write(f"saved {out_dir}/ckpt.pt at step {step}")
+
+
+# the loop
+t_start, val_loss = time.time(), None
+for step in range(start_step, max_iters):
+    lr = lr_at(step, max_iters, learning_rate, warmup_iters, lr_schedule, min_lr_frac)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * lr / learning_rate
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(grad_accum):
+        x, y = get_batch(step, micro)
+        if ddp:
+            model.require_backward_grad_sync = micro == grad_accum - 1
+        with autocast(device):
+            _, loss = model(x, y)
+        (loss / grad_accum).backward()
+        loss_sum += loss.detach()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    train_loss = all_reduce_mean(loss_sum / grad_accum, ddp).item()
+    log(step, train_loss, lr, total_batch_size)
+    if wandb_log and master:
+        wandb.log({"train/loss": train_loss, "lr": lr}, step=step + 1)
+    if (step + 1) % eval_interval == 0 or step + 1 == max_iters:
+        val_loss = evaluate(model)
+        log.write(f"step {step + 1}/{max_iters} | val loss {val_loss:.4f} (unigram entropy {unigram_entropy:.4f})")
+        if wandb_log and master:
+            wandb.log({"val/loss": val_loss}, step=step + 1)
+        if master:
+            checkpoint(step + 1, val_loss)
+
+elapsed = time.time() - t_start
+print0(f"done: {max_iters - start_step} steps in {elapsed:.0f}s, "
+       f"{(max_iters - start_step) * total_batch_size / max(elapsed, 1e-9):,.0f} tok/s, final val loss {val_loss}")
+if ddp:
+    torch.distributed.destroy_process_group()
