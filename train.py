@@ -43,10 +43,10 @@ mamba_mlp = False              # an MLP after each Mamba mixer (hybrids at scale
 # optimisation
 total_batch_size = 8192        # tokens per optimizer step, across all processes and micro-steps
 device_batch_size = 16         # sequences per micro-step per process
-max_iters = 600
+max_iters = 300
 learning_rate = 3e-3
 min_lr_frac = 0.1
-warmup_iters = 30
+warmup_iters = 20
 lr_schedule = "cosine"         # "cosine" | "wsd"
 weight_decay = 0.1
 muon = False                   # Muon for the hidden 2-D matrices, AdamW for the rest

@@ -1,0 +1,341 @@
+"""
+Retrieval-augmented generation, shared by rag_train.py, refrag_train.py and chat.py:
+
+- conversations: a question, the documents in context (numbered [1..k] across the whole conversation), and the
+  answer the model should give: the fact with the number of the document that holds it, or prepare.ABSTAIN
+- RAFT-style examples (Zhang et al. 2024): the gold document at a random position among retrieved distractors,
+  and a share of examples with the gold document removed, where the right answer is to abstain
+- metrics: SQuAD exact match and token F1, hallucination, abstention and citation accuracy
+- the generation loop: the model answers, or writes a query that the loop retrieves documents for, appends
+  (chunked prefill into the same cache) and continues, until an answer, max_hops, or the context limit
+
+How an answer is read (strictly): citations "[n]" are taken out; what is left must be ABSTAIN (an abstention) or
+the question type's answer sentence (prepare.ANSWERS) about the asked-about entity, and the short answer is
+what fills its answer slot. Any other sentence is a definite answer whose short answer is the whole sentence, so
+it scores EM 0 unless it is the bare answer. Records without "type"/"entity" (your own QA) use the whole sentence.
+"""
+import re
+import string
+from collections import Counter
+
+import torch
+
+from model import sample_next
+from prepare import ABSTAIN, ANSWERS, COMPANY_SUFFIXES, answer_sentence, render_conversation
+
+# -----------------------------------------------------------------------------
+# conversations
+
+def doc_dict(d):
+    """retrieve.Document or dict -> {"id", "title", "text"}."""
+    if isinstance(d, dict):
+        return {"id": str(d.get("id", "")), "title": d.get("title", ""), "text": d["text"]}
+    return {"id": d.id, "title": d.title, "text": d.text}
+
+
+def has_gold(qa, docs):
+    """True when every gold document of qa is among docs (single-shot can answer only then)."""
+    ids = {doc_dict(d)["id"] for d in docs}
+    return bool(qa["gold_ids"]) and all(g in ids for g in qa["gold_ids"])
+
+
+def target_answer(qa, docs):
+    """What the model should say: closed-book (docs None) the plain fact; with documents the fact citing the
+    document that holds it (the last of the chain), or ABSTAIN when the documents do not hold it."""
+    if docs is None:
+        return answer_sentence(qa)
+    if not has_gold(qa, docs):
+        return ABSTAIN
+    ids = [doc_dict(d)["id"] for d in docs]
+    return answer_sentence(qa, cite=ids.index(qa["gold_ids"][-1]) + 1)
+
+
+def messages_for(question, docs=None, answer=None):
+    """[user question, documents (if any), assistant answer (if any)]: the question comes first so that a
+    recurrent model reads the documents already knowing what to look for."""
+    msgs = [{"role": "user", "content": question}]
+    if docs:
+        msgs.append({"role": "documents", "content": [doc_dict(d) for d in docs]})
+    if answer is not None:
+        msgs.append({"role": "assistant", "content": answer})
+    return msgs
+
+
+def render_example(tok, qa, docs=None):
+    """(ids, mask) of a training conversation for qa with these documents (None = closed-book)."""
+    return render_conversation(tok, messages_for(qa["question"], docs, target_answer(qa, docs)))
+
+
+def raft_docs(qa, retrieved, by_id, rng, k, p_no_gold):
+    """k documents for qa, RAFT-style: the gold ones (dropped with probability p_no_gold) and the best-ranked
+    retrieved distractors, shuffled so the gold position varies. retrieved: ranked Documents; by_id: id -> Document."""
+    gold = [by_id[g] for g in qa["gold_ids"] if g in by_id] if rng.random() >= p_no_gold else []
+    gold = gold[:k]
+    gold_ids = set(qa["gold_ids"])
+    distractors = [d for d in retrieved if doc_dict(d)["id"] not in gold_ids][:k - len(gold)]
+    docs = gold + distractors
+    rng.shuffle(docs)
+    return docs
+
+def rename_entity(qa, docs, rng, words):
+    """(qa, docs) with the asked-about entity renamed everywhere (question, answer, every document) to an invented
+    name spliced from two of `words`. For a name it never saw in pre-training the model cannot answer from memory
+    and must read, which is the situation of every held-out question; without this, training-world questions are
+    answered from memory and "unfamiliar name" becomes a cue to abstain."""
+    names = {}
+    for w in qa["entity"].split():
+        if w not in COMPANY_SUFFIXES and w not in names:
+            a, b = rng.sample(words, 2)
+            names[w] = a[:max(2, len(a) // 2)] + b[len(b) // 2:].lower()
+    if not names:
+        return qa, docs
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+    sub = lambda s: pattern.sub(lambda m: names[m.group(1)], s)
+    qa = {**qa, "question": sub(qa["question"]), "entity": sub(qa["entity"]), "answer": sub(qa["answer"])}
+    return qa, [{**doc_dict(d), "title": sub(doc_dict(d)["title"]), "text": sub(doc_dict(d)["text"])} for d in docs]
+
+# -----------------------------------------------------------------------------
+# metrics
+
+CITATION = re.compile(r"\s*\[(\d+)\]")
+
+
+def normalize(s):
+    """SQuAD: lower case, no punctuation, no articles, single spaces."""
+    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
+
+
+def exact_match(pred, gold):
+    return float(normalize(pred) == normalize(gold))
+
+
+def token_f1(pred, gold):
+    p, g = normalize(pred).split(), normalize(gold).split()
+    if not p or not g:
+        return float(p == g)  # SQuAD v2: abstaining on an unanswerable question is right
+    common = sum((Counter(p) & Counter(g)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def read_answer(text, qa=None):
+    """(short answer, cited numbers) of a model's answer sentence; short answer None = abstained."""
+    cites = [int(c) for c in CITATION.findall(text)]
+    sentence = CITATION.sub("", text).strip()
+    if normalize(sentence) == normalize(ABSTAIN):
+        return None, cites
+    if qa is not None and qa.get("type") in ANSWERS and qa.get("entity"):
+        slot = re.escape(ANSWERS[qa["type"]]).replace(re.escape("{e}"), re.escape(qa["entity"]))
+        slot = slot.replace(re.escape("{a}"), "(.+)").replace(re.escape("{aa}"), "(.+)")
+        m = re.fullmatch(slot, sentence)
+        if m:
+            return m.group(1), cites
+    return sentence, cites
+
+
+def doc_holds(doc, answer):
+    d = doc_dict(doc)
+    return bool(answer) and f" {normalize(answer)} " in f" {normalize(d['title'] + ' ' + d['text'])} "
+
+
+def score(qa, text, docs=None):
+    """Scores one answer (text None = the model gave none: counts as a wrong definite answer).
+    docs: the documents that were in context, in numbering order (None = closed-book).
+    The expected answer is qa's answer when it is knowable (closed-book, or its gold documents are in
+    context), else abstaining. hallucinated = a definite answer that is wrong, or any definite answer where
+    abstaining is right. citation_ok = every cited number points to a document containing qa's answer."""
+    short, cites = read_answer(text or "<no answer>", qa)
+    gold = qa["answer"] if docs is None or has_gold(qa, docs) else ""
+    pred = short or ""
+    em = exact_match(pred, gold) if (short is None) == (not gold) else 0.0
+    r = {"em": em, "f1": token_f1(pred, gold), "abstained": float(short is None),
+         "hallucinated": float(short is not None and (not gold or not em))}
+    if docs is not None and short is not None:
+        ok = [1 <= c <= len(docs) and doc_holds(docs[c - 1], qa["answer"]) for c in cites]
+        gold_ids = set(qa["gold_ids"])
+        r["citation_ok"] = float(bool(cites) and all(ok))
+        r["citation_gold"] = float(bool(cites) and all(1 <= c <= len(docs) and doc_dict(docs[c - 1])["id"] in gold_ids for c in cites))
+    return r
+
+
+def summarize(rows):
+    """Means of every metric over the rows that have it, plus n."""
+    keys = sorted({k for r in rows for k in r})
+    out = {"n": len(rows)}
+    for k in keys:
+        vals = [r[k] for r in rows if k in r]
+        out[k] = sum(vals) / len(vals) if vals else None
+    return out
+
+# -----------------------------------------------------------------------------
+# the generation loop
+
+def fit(tok, messages, max_len, reserve):
+    """Drops the lowest-ranked documents of the last documents message, then the oldest turns, until the
+    rendered conversation leaves `reserve` tokens free. -> (messages, ids, what was dropped) or None if even the
+    last user turn alone does not fit."""
+    messages = [dict(m) for m in messages]
+    dropped = {"docs": 0, "turns": 0}
+    while True:
+        ids, _ = render_conversation(tok, messages)
+        if len(ids) + reserve <= max_len:
+            return messages, ids, dropped
+        last_docs = next((m for m in reversed(messages) if m["role"] == "documents" and m["content"]), None)
+        user_turns = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if len(user_turns) > 1:  # older turns go before this turn's documents
+            messages = messages[user_turns[1]:]
+            dropped["turns"] += 1
+        elif last_docs is not None:
+            last_docs["content"] = last_docs["content"][:-1]
+            dropped["docs"] += 1
+        else:
+            return None
+
+
+def docs_tokens(tok, before, docs):
+    """Tokens of documents `docs` appended after the documents `before`: numbered on from len(before) + 1,
+    exactly as prepare.render_conversation renders them."""
+    head, _ = render_conversation(tok, [{"role": "documents", "content": before}])
+    full, _ = render_conversation(tok, [{"role": "documents", "content": before + docs}])
+    return full[len(head):]
+
+
+@torch.no_grad()
+def generate(model, tok, messages, retrieve=None, top_k=4, max_hops=0, max_len=1024, max_new_tokens=64,
+             temperature=0.0, generator=None, on_token=None, on_retrieve=None):
+    """Runs the model on a conversation that ends with a user turn (and its documents, for RAG).
+    The model answers (<|assistant_start|> ... <|assistant_end|>) or writes a query (<|query_start|> ...
+    <|query_end|>); a query gets retrieve(query, top_k) -> ranked documents, appended as a documents message
+    (numbering continues) and prefilled into the same cache in one chunk, and the model goes on. Stops at an
+    answer, at a query beyond max_hops (or with no retrieve), at a malformed turn, at max_new_tokens in one turn,
+    or at the context limit max_len (documents that do not fit are dropped, lowest-ranked first).
+    on_token(piece, kind) streams text (kind "answer" | "query"); on_retrieve(query, docs) reports each hop.
+    Returns dict(answer (str or None), stop ("answer" | "max_hops" | "format" | "max_tokens" | "context"),
+    queries, docs (every document in context, in numbering order), messages, ids (the whole sequence),
+    mask (1 on the tokens the model sampled), dropped ({"docs", "turns"} left out to fit))."""
+    special = {name: tok.special(name) for name in tok.specials}
+    start_of = {special["<|assistant_start|>"]: "answer", special["<|query_start|>"]: "query"}
+    end_of = {"answer": special["<|assistant_end|>"], "query": special["<|query_end|>"]}
+    device = next(model.parameters()).device
+    r = {"answer": None, "stop": "context", "queries": [], "docs": [], "messages": list(messages), "ids": [],
+         "mask": [], "dropped": {"docs": 0, "turns": 0}}
+    fitted = fit(tok, messages, max_len, reserve=max_new_tokens)
+    if fitted is None:
+        return r
+    messages, pending, r["dropped"] = fitted
+    r.update(messages=messages, ids=list(pending), mask=[0] * len(pending),
+             docs=[d for m in messages if m["role"] == "documents" for d in m["content"]])
+    cache = model.init_cache(1, max_len)
+    kind, content = None, []
+    while True:
+        if cache.pos + len(pending) > max_len:
+            r["stop"] = "context"
+            return r
+        logits = model(torch.tensor([pending], device=device), cache=cache)[0][:, -1]
+        t = sample_next(logits, temperature, generator=generator).item()
+        r["ids"].append(t)
+        r["mask"].append(1)
+        pending = [t]
+        if kind is None:  # a turn's first token says what it is
+            kind = start_of.get(t)
+            if kind is None:
+                r["stop"] = "format"
+                return r
+        elif t == end_of[kind]:
+            text = tok.decode(content).strip()
+            if kind == "answer":
+                r.update(answer=text, stop="answer", messages=messages + [{"role": "assistant", "content": text}])
+                return r
+            r["queries"].append(text)
+            messages = messages + [{"role": "query", "content": text}]
+            r["messages"] = messages
+            if retrieve is None or len(r["queries"]) > max_hops:
+                r["stop"] = "max_hops"
+                return r
+            docs = [doc_dict(d) for d in retrieve(text, top_k)]
+            chunk = docs_tokens(tok, r["docs"], docs)
+            while docs and cache.pos + 1 + len(chunk) + max_new_tokens > max_len:
+                docs.pop()
+                r["dropped"]["docs"] += 1
+                chunk = docs_tokens(tok, r["docs"], docs)
+            if on_retrieve:
+                on_retrieve(text, docs)
+            if docs:
+                messages = messages + [{"role": "documents", "content": docs}]
+                r.update(messages=messages, docs=r["docs"] + docs, ids=r["ids"] + chunk, mask=r["mask"] + [0] * len(chunk))
+            pending = [t] + chunk  # the query's end token and the new documents, in one chunked prefill
+            kind, content = None, []
+        elif t in special.values():  # a special token inside a turn
+            r["stop"] = "format"
+            return r
+        else:
+            before = tok.decode(content)
+            content.append(t)
+            if on_token:
+                on_token(tok.decode(content)[len(before):], kind)
+            if len(content) >= max_new_tokens:
+                r["stop"] = "max_tokens"
+                return r
+
+# -----------------------------------------------------------------------------
+# the accuracy-vs-k table and plot from rag_train.py's eval.json files:
+#   python rag.py out/rag_T/eval.json out/rag_M/eval.json out/rag/eval.json --svg out/acc_vs_k.svg
+
+def vs_k_table(results):
+    """Markdown table: one row per eval.json, EM (%) with k documents in context."""
+    ks = sorted({int(k) for r in results for k in r["vs_k"]})
+    lines = ["| model | params | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
+    for r in results:
+        cells = [f"{100 * r['vs_k'][str(k)]['em']:.1f}" if str(k) in r["vs_k"] else "" for k in ks]
+        lines.append(f"| {r['pattern']} | {r['params']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def vs_k_svg(results, width=480, height=300, pad=50):
+    """A line per model: EM against k on a log2 axis. Plain SVG: no plotting library needed."""
+    ks = sorted({int(k) for r in results for k in r["vs_k"]})
+    x = lambda k: pad + (width - 2 * pad) * (ks.index(k) / max(1, len(ks) - 1))
+    y = lambda v: height - pad - (height - 2 * pad) * v
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{width / 2}" y="20" text-anchor="middle">held-out exact match vs documents in context</text>']
+    for v in (0, 0.25, 0.5, 0.75, 1.0):
+        out.append(f'<line x1="{pad}" x2="{width - pad}" y1="{y(v)}" y2="{y(v)}" stroke="#ddd"/>'
+                   f'<text x="{pad - 6}" y="{y(v) + 4}" text-anchor="end">{100 * v:.0f}%</text>')
+    for k in ks:
+        out.append(f'<text x="{x(k)}" y="{height - pad + 16}" text-anchor="middle">{k}</text>')
+    out.append(f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">k (documents)</text>')
+    for i, r in enumerate(results):
+        c = colors[i % len(colors)]
+        pts = [(x(k), y(r["vs_k"][str(k)]["em"])) for k in ks if str(k) in r["vs_k"]]
+        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in pts)}"/>')
+        out += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{c}"/>' for a, b in pts]
+        out.append(f'<text x="{width - pad + 4}" y="{pad + 16 * i}" fill="{c}">{r["pattern"]}</text>')
+    return "\n".join(out + ["</svg>"])
+
+
+if __name__ == "__main__":
+    import json
+    import os
+    import sys
+    args = sys.argv[1:]
+    svg = args.pop(args.index("--svg") + 1) if "--svg" in args else None
+    args = [a for a in args if a != "--svg"]
+    if not args:
+        sys.exit("usage: python rag.py EVAL_JSON [EVAL_JSON ...] [--svg OUT.svg]")
+    try:
+        results = [json.load(open(p)) for p in args]
+        if any("vs_k" not in r for r in results):
+            raise ValueError("not an eval.json of rag_train.py (no vs_k)")
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(vs_k_table(results))
+    if svg:
+        with open(svg + ".tmp", "w") as f:
+            f.write(vs_k_svg(results))
+        os.replace(svg + ".tmp", svg)
+        print(f"wrote {svg}")

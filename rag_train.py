@@ -1,0 +1,399 @@
+"""
+Fine-tune a train.py checkpoint to answer from retrieved documents, cite them, and abstain when they do not hold
+the answer; then measure it on the held-out world, whose facts the model never saw.
+
+    python rag_train.py                                   # tiny CPU defaults: out/tiny/ckpt.pt -> out/rag/ckpt.pt
+    python rag_train.py configs/rag_tiny.py --data_mode=static --retriever=dense
+    python rag_train.py --eval_only=True                  # evaluate out_dir/ckpt.pt again
+    torchrun --standalone --nproc_per_node=8 rag_train.py ...
+
+Every training row packs conversations of a task mixture: RAG QA on training-world questions (RAFT-style
+documents, see rag.py), closed-book QA on the training world, and plain text windows from train.bin, so the
+model keeps what it knew. Loss only on what the assistant says (and on plain text). Data modes: "dynamic"
+retrieves while building batches, "static" retrieves every training question once into a JSONL and reuses it.
+RAG is for models with Mamba blocks: a pure-T checkpoint is refused unless allow_transformer=True, the override
+for the Transformer baseline of the accuracy-vs-k comparison. The evaluation writes out_dir/eval.json.
+"""
+import json
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import rag
+from common import (StepLog, all_reduce_mean, autocast, die, load_checkpoint, lr_at, peak_flops, print0,
+                    raw_state_dict, save_checkpoint, setup)
+from configurator import ConfigError, configure
+from model import GPT
+from prepare import Tokenizer
+from retrieve import RETRIEVERS, load_documents, read_jsonl
+
+# -----------------------------------------------------------------------------
+# I/O
+data_dir = "data/world"        # kb.jsonl, qa_train.jsonl, qa_heldout.jsonl, train.bin from prepare.py
+init_from = "out/tiny/ckpt.pt" # a train.py checkpoint, or "resume" (out_dir/ckpt.pt)
+out_dir = "out/rag"
+eval_only = False              # evaluate out_dir/ckpt.pt and write out_dir/eval.json, no training
+allow_transformer = False      # baseline override: fine-tune a pure-T checkpoint too
+eval_interval = 50             # steps between held-out validation losses (and checkpoints)
+# data
+retriever = "bm25"             # simple | bm25 | dense | hybrid (retrieve.py), over the training world's documents
+data_mode = "dynamic"          # "dynamic": retrieve while building batches | "static": once, into a JSONL
+retrieve_depth = 16            # ranked documents kept per question: the distractors come from these
+seq_len = 1024                 # tokens per packed row
+k_max = 8                      # documents per RAG example: uniform in 1..k_max
+p_no_gold = 0.2                # share of RAG examples whose gold document is removed (answer: abstain)
+p_rename = 0.7                 # share of RAG examples whose entity gets an invented name (see rag.rename_entity)
+rag_weight = 0.8               # task mixture, per example
+closed_book_weight = 0.1
+text_weight = 0.1
+text_len = 256                 # tokens per plain-text window
+# optimisation
+total_batch_size = 4096        # tokens per optimizer step (rows * seq_len), across processes and micro-steps
+device_batch_size = 4          # rows per micro-step per process
+max_iters = 150
+learning_rate = 2e-3
+min_lr_frac = 0.1
+warmup_iters = 10
+lr_schedule = "cosine"
+weight_decay = 0.0
+grad_clip = 1.0
+# evaluation (held-out world)
+eval_n = 200                   # questions per evaluation set (0 = all)
+eval_k = 4                     # documents retrieved for the main RAG numbers
+eval_ks = "1,2,4,8,16"         # the accuracy-vs-k sweep
+eval_max_len = 2048            # context limit when generating (k=16 needs ~900 tokens)
+# system
+device = "auto"
+compile = False
+seed = 1337
+# -----------------------------------------------------------------------------
+try:
+    config = configure(globals())
+except ConfigError as e:
+    die(e)
+if data_mode not in ("dynamic", "static"):
+    die(f"--data_mode: must be 'dynamic' or 'static', got {data_mode!r}")
+if retriever not in RETRIEVERS:
+    die(f"--retriever: must be one of {', '.join(RETRIEVERS)}, got {retriever!r}")
+if min(rag_weight, closed_book_weight, text_weight) < 0 or rag_weight + closed_book_weight + text_weight <= 0:
+    die("task weights rag_weight, closed_book_weight, text_weight must be >= 0 and not all 0")
+
+ddp, rank, world_size, device = setup(device, seed)
+master = rank == 0
+print0(json.dumps(config, indent=1))
+
+# the model, from a train.py checkpoint (or our own, to resume or evaluate)
+ckpt_path = os.path.join(out_dir, "ckpt.pt") if eval_only or init_from == "resume" else init_from
+try:
+    ckpt = load_checkpoint(ckpt_path, device)
+except ValueError as e:
+    die(f"{e} (init_from: train one with `python train.py`)" if not eval_only else e)
+try:
+    model = GPT.from_checkpoint(ckpt).to(device)
+except (ValueError, RuntimeError) as e:
+    die(f"{ckpt_path}: incompatible with model.py ({str(e).splitlines()[0][:200]})")
+pattern = model.pattern
+if "M" not in pattern and not allow_transformer:
+    die(f"{ckpt_path} is a pure Transformer (pattern {pattern}): RAG fine-tuning here is for models with Mamba "
+        "blocks; pass --allow_transformer=True to train the Transformer baseline anyway")
+if "tokenizer" not in ckpt:
+    die(f"{ckpt_path} has no tokenizer")
+tok = Tokenizer.from_json(ckpt["tokenizer"])
+data_tok = os.path.join(data_dir, "tokenizer.json")
+if not os.path.isfile(data_tok):
+    die(f"no prepared data in {data_dir}/ (tokenizer.json missing): run `python prepare.py` first")
+if open(data_tok).read() != ckpt["tokenizer"]:
+    die(f"{data_dir}/tokenizer.json differs from {ckpt_path}'s tokenizer: the checkpoint was trained on other data")
+model_args = ckpt["model_args"]
+start_step = ckpt["step"] if init_from == "resume" and not eval_only else 0
+print0(f"model: {pattern} pattern, {model.num_params():,} parameters, from {ckpt_path} (stage {ckpt.get('stage')})")
+
+
+def load_qa(name):
+    path = os.path.join(data_dir, name)
+    if not os.path.isfile(path):
+        die(f"{path} not found: run `python prepare.py` first")
+    try:
+        return [r for _, r in read_jsonl(path)]
+    except ValueError as e:
+        die(e)
+
+
+try:
+    kb_docs = load_documents(os.path.join(data_dir, "kb.jsonl"))
+except (ValueError, OSError) as e:
+    die(e)
+by_id = {d.id: d for d in kb_docs}
+train_qa, heldout_qa = load_qa("qa_train.jsonl"), load_qa("qa_heldout.jsonl")
+rag_qa = [q for q in train_qa if q["hops"] <= 1]           # single-hop and unanswerable
+closed_qa = [q for q in train_qa if q["hops"] == 1]        # closed-book: facts the base model pretrained on
+name_words = sorted({w for d in kb_docs if d.metadata.get("world") != "heldout" for w in d.title.split()})
+
+
+def build_retriever(docs):
+    r = RETRIEVERS[retriever]()
+    r.add_documents(docs)
+    return r
+
+
+# -----------------------------------------------------------------------------
+# data: packed rows of conversations. Each micro-batch's examples depend only on (seed, step, rank, micro), so a
+# resumed run sees the same batches, and the two data modes give the same examples for the same retriever.
+
+def static_retrievals(questions):
+    """{qa id: [doc ids]}, from {data_dir}/retrieved_{retriever}_top{depth}.jsonl, written once (rank 0)."""
+    path = os.path.join(data_dir, f"retrieved_{retriever}_top{retrieve_depth}.jsonl")
+    if master and not os.path.isfile(path):
+        train_retriever = build_retriever([d for d in kb_docs if d.metadata.get("world") != "heldout"])
+        with open(path + ".tmp", "w") as f:
+            for i in tqdm(range(0, len(questions), 256), desc=f"retrieving ({retriever})", unit="batch"):
+                batch = questions[i:i + 256]
+                for q, hits in zip(batch, train_retriever.retrieve_batch([q["question"] for q in batch], retrieve_depth)):
+                    f.write(json.dumps({"id": q["id"], "retrieved": [d.id for d, _ in hits]}) + "\n")
+        os.replace(path + ".tmp", path)
+    if ddp:
+        dist.barrier()
+    table = {r["id"]: r["retrieved"] for _, r in read_jsonl(path)}
+    missing = [q["id"] for q in questions if q["id"] not in table]
+    if missing:
+        die(f"{path} lacks question {missing[0]} (and {len(missing) - 1} more): delete it to retrieve again")
+    return table
+
+
+n_tasks = (rag_weight, closed_book_weight, text_weight)
+if not eval_only:
+    if data_mode == "static":
+        table = static_retrievals(rag_qa)
+        retrieved_for = lambda q: [by_id[i] for i in table[q["id"]]]
+    else:
+        train_retriever = build_retriever([d for d in kb_docs if d.metadata.get("world") != "heldout"])
+        retrieved_for = lambda q: [d for d, _ in train_retriever.retrieve(q["question"], retrieve_depth)]
+    meta = json.load(open(os.path.join(data_dir, "meta.json")))
+    train_data = np.memmap(os.path.join(data_dir, "train.bin"), dtype=meta["dtype"], mode="r")
+
+
+def example(rng):
+    """(ids, mask) of one example of the task mixture."""
+    task = rng.choices(("rag", "closed", "text"), weights=n_tasks)[0]
+    if task == "rag":
+        qa = rng.choice(rag_qa)
+        docs = rag.raft_docs(qa, retrieved_for(qa), by_id, rng, rng.randint(1, k_max), p_no_gold)
+        if rng.random() < p_rename:
+            qa, docs = rag.rename_entity(qa, docs, rng, name_words)
+        return rag.render_example(tok, qa, docs)
+    if task == "closed":
+        return rag.render_example(tok, rng.choice(closed_qa))
+    start = rng.randrange(len(train_data) - text_len)
+    return train_data[start:start + text_len].astype(np.int64).tolist(), [1] * text_len
+
+
+def pack(examples_rng, rows):
+    """rows x (seq_len + 1) tokens: conversations packed greedily, the rest padded; targets -1 where mask is 0."""
+    x = torch.zeros(rows, seq_len, dtype=torch.long)
+    y = torch.full((rows, seq_len), -1, dtype=torch.long)
+    for row in range(rows):
+        ids, mask = [], []
+        while True:
+            e_ids, e_mask = example(examples_rng)
+            if ids and len(ids) + len(e_ids) > seq_len + 1:
+                break  # this example is lost, not carried over: rows stay independent of each other
+            ids, mask = ids + e_ids[:seq_len + 1], mask + e_mask[:seq_len + 1]
+            if len(ids) >= seq_len + 1:
+                break
+        ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
+        n = len(ids) - 1
+        x[row, :n] = torch.tensor(ids[:-1])
+        y[row, :n] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
+    return x, y
+
+
+def get_batch(step, micro):
+    return [t.to(device) for t in pack(random.Random(f"{seed}-{step}-{rank}-{micro}"), device_batch_size)]
+
+
+# -----------------------------------------------------------------------------
+# evaluation on the held-out world
+
+def subsample(qas, name):
+    rng = random.Random(f"{seed}-{name}")
+    return qas if not eval_n or len(qas) <= eval_n else rng.sample(qas, eval_n)
+
+
+@torch.no_grad()
+def val_loss(model):
+    """Assistant-token loss on held-out RAG conversations (a fixed set): the training-time signal."""
+    rng = random.Random(f"{seed}-val")
+    qas = subsample([q for q in heldout_qa if q["hops"] <= 1], "val")[:64]
+    retrieved = val_retriever.retrieve_batch([q["question"] for q in qas], retrieve_depth)
+    model.eval()
+    losses = []
+    for q, hits in zip(qas, retrieved):
+        ids, mask = rag.render_example(tok, q, rag.raft_docs(q, [d for d, _ in hits], by_id, rng, rng.randint(1, k_max), p_no_gold))
+        x = torch.tensor([ids[:-1]], device=device)
+        y = torch.tensor([[t if m else -1 for t, m in zip(ids[1:], mask[1:])]], device=device)
+        with autocast(device):
+            losses.append(model(x, y)[1])
+    model.train()
+    return torch.stack(losses).mean().item()
+
+
+def run_set(model, name, items):
+    """items: (qa, docs or None); generates an answer for each and scores it."""
+    rows, dropped = [], 0
+    for qa, docs in tqdm(items, desc=f"eval {name}", unit="q", leave=False, mininterval=2):
+        out = rag.generate(model, tok, rag.messages_for(qa["question"], docs), max_len=eval_max_len)
+        dropped += out["dropped"]["docs"]
+        rows.append(rag.score(qa, out["answer"], None if docs is None else out["docs"]))
+    s = rag.summarize(rows)
+    s["dropped_docs"] = dropped
+    return s
+
+
+@torch.no_grad()
+def evaluate_heldout(model):
+    model.eval()
+    t0 = time.time()
+    ks = [int(k) for k in eval_ks.split(",")]
+    single = subsample([q for q in heldout_qa if q["hops"] == 1], "single")
+    unanswerable = subsample([q for q in heldout_qa if q["hops"] == 0], "unanswerable")
+    depth = max(ks + [eval_k + 1, retrieve_depth])
+    hits = [[d for d, _ in h] for h in eval_retriever.retrieve_batch([q["question"] for q in single], depth)]
+    hits_un = [[d for d, _ in h] for h in eval_retriever.retrieve_batch([q["question"] for q in unanswerable], eval_k)]
+    no_gold = lambda q, h: [d for d in h if d.id not in q["gold_ids"]]
+    res = {"checkpoint": os.path.join(out_dir, "ckpt.pt"), "pattern": pattern, "params": model.num_params(),
+           "retriever": retriever, "eval_k": eval_k, "n_single": len(single), "n_unanswerable": len(unanswerable),
+           "recall": {k: sum(rag.has_gold(q, h[:k]) for q, h in zip(single, hits)) / len(single) for k in ks}}
+    res["closed_book"] = run_set(model, "closed-book", [(q, None) for q in single])
+    res["rag"] = run_set(model, "rag", [(q, h[:eval_k]) for q, h in zip(single, hits)])
+    res["gold_removed"] = run_set(model, "gold removed", [(q, no_gold(q, h)[:eval_k]) for q, h in zip(single, hits)])
+    res["unanswerable"] = run_set(model, "unanswerable", [(q, h) for q, h in zip(unanswerable, hits_un)])
+    # accuracy vs documents in context: the gold document among the k-1 best-ranked distractors, at a random
+    # position, so the sweep measures reading, not retrieval (recall is reported above)
+    res["vs_k"] = {}
+    for k in ks:
+        items = []
+        for q, h in zip(single, hits):
+            docs = [by_id[q["gold_ids"][0]]] + no_gold(q, h)[:k - 1]
+            random.Random(f"{seed}-{q['id']}-{k}").shuffle(docs)
+            items.append((q, docs))
+        res["vs_k"][k] = run_set(model, f"k={k}", items)
+    res["seconds"] = time.time() - t0
+    model.train()
+    return res
+
+
+def report(res):
+    pct = lambda v: "  -  " if v is None else f"{100 * v:5.1f}"
+    print0(f"held-out world, {res['n_single']} single-hop + {res['n_unanswerable']} unanswerable questions, "
+           f"{res['pattern']} model, {res['retriever']} retriever, k={res['eval_k']}")
+    print0("set            EM     F1   halluc  abstain  cite   (%)")
+    for name in ("closed_book", "rag", "gold_removed", "unanswerable"):
+        s = res[name]
+        print0(f"{name:<13} {pct(s['em'])}  {pct(s['f1'])}  {pct(s['hallucinated'])}   {pct(s['abstained'])}  "
+               f"{pct(s.get('citation_ok'))}")
+    print0("k              " + "  ".join(f"{k:>5}" for k in res["vs_k"]))
+    print0("EM vs k (%)    " + "  ".join(pct(s["em"]) for s in res["vs_k"].values()))
+    print0("recall@k (%)   " + "  ".join(pct(v) for v in res["recall"].values()))
+
+
+eval_retriever = build_retriever(kb_docs) if master or not eval_only else None  # both worlds: the real KB
+val_retriever = eval_retriever
+
+
+def write_eval(res):
+    path = os.path.join(out_dir, "eval.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print0(f"wrote {path} ({res['seconds']:.0f}s)")
+
+
+if eval_only:
+    if master:
+        res = evaluate_heldout(model)
+        report(res)
+        write_eval(res)
+    if ddp:
+        dist.destroy_process_group()
+    raise SystemExit(0)
+
+# -----------------------------------------------------------------------------
+# training, as train.py
+
+rows_per_step = total_batch_size // seq_len
+if total_batch_size % (seq_len * device_batch_size * world_size):
+    die(f"total_batch_size={total_batch_size} must be a multiple of seq_len*device_batch_size*world_size="
+        f"{seq_len * device_batch_size * world_size}")
+grad_accum = rows_per_step // (device_batch_size * world_size)
+optimizers = model.configure_optimizers(learning_rate, weight_decay, (0.9, 0.95), device.split(":")[0])
+for opt in optimizers:
+    for group in opt.param_groups:
+        group["base_lr"] = group["lr"]
+if init_from == "resume":
+    for opt, state in zip(optimizers, ckpt["optimizer"]):
+        opt.load_state_dict(state)
+raw_model = model
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
+tokenizer_json, ckpt = ckpt["tokenizer"], None
+os.makedirs(out_dir, exist_ok=True)
+log = StepLog(max_iters, start_step, os.path.join(out_dir, "log.txt") if master else None,
+              raw_model.flops_per_token(seq_len), peak_flops(device), world_size)
+if master:
+    log.write(f"config {json.dumps(config)}")
+
+
+def checkpoint(step, loss):
+    save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
+        "model": raw_state_dict(raw_model), "model_args": model_args, "step": step, "val_loss": loss,
+        "optimizer": [opt.state_dict() for opt in optimizers], "config": config, "stage": "rag",
+        "data_state": {"seed": seed, "rows_consumed": step * rows_per_step, "seq_len": seq_len, "data_mode": data_mode},
+        "tokenizer": tokenizer_json})
+    log.write(f"saved {out_dir}/ckpt.pt at step {step}")
+
+
+t_start, loss_val = time.time(), None
+for step in range(start_step, max_iters):
+    lr = lr_at(step, max_iters, learning_rate, warmup_iters, lr_schedule, min_lr_frac)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * lr / learning_rate
+    loss_sum, n_tokens = torch.zeros((), device=device), 0
+    for micro in range(grad_accum):
+        x, y = get_batch(step, micro)
+        n_tokens += int((y >= 0).sum())
+        if ddp:
+            model.require_backward_grad_sync = micro == grad_accum - 1
+        with autocast(device):
+            _, loss = model(x, y)
+        (loss / grad_accum).backward()
+        loss_sum += loss.detach()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    train_loss = all_reduce_mean(loss_sum / grad_accum, ddp).item()
+    log(step, train_loss, lr, total_batch_size, loss_tokens=n_tokens * world_size)
+    if (step + 1) % eval_interval == 0 or step + 1 == max_iters:
+        if master:
+            loss_val = val_loss(raw_model)
+            log.write(f"step {step + 1}/{max_iters} | held-out RAG val loss {loss_val:.4f}")
+            checkpoint(step + 1, loss_val)
+        if ddp:
+            dist.barrier()
+print0(f"done: {max_iters - start_step} steps in {time.time() - t_start:.0f}s")
+if master:
+    res = evaluate_heldout(raw_model)
+    report(res)
+    write_eval(res)
+if ddp:
+    dist.destroy_process_group()
