@@ -40,6 +40,7 @@ config = dict(
     seed=1337,
     world_size=400,     # people in the training world; companies, cities, countries scale with it
     heldout_frac=0.2,   # size of the held-out world relative to the training world
+    rag_frac=0.2,       # size of the RAG world: in the KB, never in pretraining text; rag_train.py learns to read on it
     n_renderings=30,    # how often the training world appears in the corpus, rephrased every time
     vocab_size=0,       # incl. special tokens; 0 = 2048 for the world, 8192 for your text
     val_frac=0.05,      # share of documents that go to val.bin
@@ -538,24 +539,30 @@ def tally(qas, hops):
         yield q
 
 
-def prepare_world(out, seed, world_size, heldout_frac, n_renderings, vocab_size, val_frac):
+def prepare_world(out, seed, world_size, heldout_frac, n_renderings, vocab_size, val_frac, rag_frac=0.2):
     t0 = time.time()
     os.makedirs(out, exist_ok=True)
     train, heldout, rng, pool, first_names = make_worlds(seed, world_size, heldout_frac)
-    n_docs = {w.split: sum(n for _, n in w.kinds()) for w in (train, heldout)}
-    print(f"world: {n_docs['train']:,} training-world and {n_docs['heldout']:,} held-out entities ({time.time() - t0:.1f}s)")
+    # A third world for RAG fine-tuning: if the model only ever answered about entities it memorised, it could
+    # answer from memory and learn "unfamiliar name => abstain" from the unanswerable questions. Facts it never
+    # saw force it to read, and held-out evaluation stays on a world that no training stage touched.
+    rag = make_world(rng, pool, first_names, "rag", max(10, round(world_size * rag_frac)))
+    worlds = (train, heldout, rag)
+    n_docs = {w.split: sum(n for _, n in w.kinds()) for w in worlds}
+    print(f"world: {n_docs['train']:,} training-world, {n_docs['heldout']:,} held-out and {n_docs['rag']:,} RAG-world "
+          f"entities ({time.time() - t0:.1f}s)")
 
-    # the knowledge base: one rendering of every document of both worlds
+    # the knowledge base: one rendering of every document of every world
     def kb_rows():
         kb_rng = random.Random(seed + 1)
-        for w in (train, heldout):
+        for w in worlds:
             for kind, n in w.kinds():
                 for i in range(n):
                     title, text = render_doc(w, kind, i, kb_rng)
                     yield {"id": doc_id(w, kind, i), "title": title, "text": text, "metadata": {"world": w.split, "type": kind}}
     write_jsonl(os.path.join(out, "kb.jsonl"), tqdm(kb_rows(), total=sum(n_docs.values()), desc="kb", unit="doc", mininterval=1.0))
     qa_counts = {}
-    for w in (train, heldout):
+    for w in worlds:
         hops = qa_counts[w.split] = {h: 0 for h in range(4)}
         write_jsonl(os.path.join(out, f"qa_{w.split}.jsonl"),
                     tqdm(tally(make_qa(w, rng, pool, first_names), hops), desc=f"qa_{w.split}", unit="qa", mininterval=1.0))
@@ -579,7 +586,7 @@ def prepare_world(out, seed, world_size, heldout_frac, n_renderings, vocab_size,
     meta = dict(vocab_size=tok.vocab_size, dtype=dtype, bos_id=tok.bos_id, n_train_tokens=counts["train"][0],
                 n_val_tokens=counts["val"][0], n_train_docs=counts["train"][1], n_val_docs=counts["val"][1],
                 source="world", kb_docs=n_docs, qa=qa_counts,
-                config=dict(seed=seed, world_size=world_size, heldout_frac=heldout_frac, n_renderings=n_renderings,
+                config=dict(seed=seed, world_size=world_size, heldout_frac=heldout_frac, rag_frac=rag_frac, n_renderings=n_renderings,
                             vocab_size=vocab_size, val_frac=val_frac))
     write_atomic(os.path.join(out, "meta.json"), json.dumps(meta, indent=2))
     return dict(meta, seconds=time.time() - t0)
@@ -717,7 +724,7 @@ def main(argv):
     else:
         out = cfg["out"] or "data/world"
         s = prepare_world(out, cfg["seed"], cfg["world_size"], cfg["heldout_frac"], cfg["n_renderings"],
-                          cfg["vocab_size"] or 2048, cfg["val_frac"])
+                          cfg["vocab_size"] or 2048, cfg["val_frac"], cfg["rag_frac"])
     print(f"wrote {out}/: {s['n_train_docs']:,} + {s['n_val_docs']:,} docs, {s['n_train_tokens']:,} train + "
           f"{s['n_val_tokens']:,} val tokens ({s['dtype']}), vocab {s['vocab_size']}, {s['seconds']:.1f}s")
 

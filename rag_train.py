@@ -35,7 +35,7 @@ from retrieve import RETRIEVERS, load_documents, read_jsonl
 
 # -----------------------------------------------------------------------------
 # I/O
-data_dir = "data/world"        # kb.jsonl, qa_train.jsonl, qa_heldout.jsonl, train.bin from prepare.py
+data_dir = "data/world"        # kb.jsonl, qa_{train,rag,heldout}.jsonl, train.bin from prepare.py
 init_from = "out/tiny/ckpt.pt" # a train.py checkpoint, or "resume" (out_dir/ckpt.pt)
 out_dir = "out/rag"
 eval_only = False              # evaluate out_dir/ckpt.pt and write out_dir/eval.json, no training
@@ -131,7 +131,8 @@ except (ValueError, OSError) as e:
     die(e)
 by_id = {d.id: d for d in kb_docs}
 train_qa, heldout_qa = load_qa("qa_train.jsonl"), load_qa("qa_heldout.jsonl")
-rag_qa = [q for q in train_qa if q["hops"] <= 1]           # single-hop and unanswerable
+# RAG examples ask about the RAG world (in the KB, never pretrained on), so answers must come from the documents
+rag_qa = [q for q in load_qa("qa_rag.jsonl") if q["hops"] <= 1]  # single-hop and unanswerable
 closed_qa = [q for q in train_qa if q["hops"] == 1]        # closed-book: facts the base model pretrained on
 name_words = sorted({w for d in kb_docs if d.metadata.get("world") != "heldout" for w in d.title.split()})
 

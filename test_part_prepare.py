@@ -53,7 +53,7 @@ def test_world_deterministic():
     with tempfile.TemporaryDirectory() as d2, tempfile.TemporaryDirectory() as d3:
         prepare.prepare_world(d2, **TINY)
         names = sorted(os.listdir(out))
-        assert names == sorted(["kb.jsonl", "qa_train.jsonl", "qa_heldout.jsonl", "tokenizer.json", "train.bin", "val.bin", "meta.json"])
+        assert names == sorted(["kb.jsonl", "qa_train.jsonl", "qa_heldout.jsonl", "qa_rag.jsonl", "tokenizer.json", "train.bin", "val.bin", "meta.json"])
         match, mismatch, errors = filecmp.cmpfiles(out, d2, names, shallow=False)
         assert mismatch == [] and errors == [] and len(match) == len(names)
         prepare.prepare_world(d3, **dict(TINY, seed=8))
@@ -64,15 +64,17 @@ def test_heldout_world_absent_from_training_text():
     out = tiny_world()
     kb = read_jsonl(os.path.join(out, "kb.jsonl"))
     train_text = "\n".join(bin_docs(out, "train") + bin_docs(out, "val"))
-    heldout_names = {d["title"] for d in kb if d["metadata"]["world"] == "heldout"}
-    heldout_names |= {q["entity"] for q in read_jsonl(os.path.join(out, "qa_heldout.jsonl"))}  # incl. invented ones
+    heldout_names = set()
+    for split in ("heldout", "rag"):  # neither the held-out nor the RAG world may reach pretraining text
+        heldout_names |= {d["title"] for d in kb if d["metadata"]["world"] == split}
+        heldout_names |= {q["entity"] for q in read_jsonl(os.path.join(out, f"qa_{split}.jsonl"))}  # incl. invented ones
     train_names = {d["title"] for d in kb if d["metadata"]["world"] == "train"}
     assert len(heldout_names) > 20 and not heldout_names & train_names
     assert [n for n in heldout_names if mentions(n, train_text)] == []
     assert all(mentions(n, train_text) for n in train_names)  # the check above can see names at all
     # every held-out fact lives only in held-out documents, which never mention a training-world entity
     for d in kb:
-        if d["metadata"]["world"] == "heldout":
+        if d["metadata"]["world"] != "train":
             assert not any(mentions(n, d["text"]) for n in train_names), d
 
 

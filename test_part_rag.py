@@ -265,8 +265,9 @@ def test_dynamic_and_static_data_modes_train_identically():
         res = json.load(open(f"{TMP.name}/{mode}/eval.json"))
         assert res["rag"]["n"] == 1 and set(res["vs_k"]) == {"1"}
     static = [json.loads(l) for l in open(os.path.join(data, "retrieved_bm25_top16.jsonl"))]
-    assert len(static) == sum(q["hops"] <= 1 for q in qa)
-    assert all(not i.startswith("heldout") for r in static for i in r["retrieved"])  # training world only
+    rag_world_qa = [json.loads(l) for l in open(os.path.join(data, "qa_rag.jsonl"))]
+    assert len(static) == sum(q["hops"] <= 1 for q in rag_world_qa)  # RAG examples come from the RAG world
+    assert all(not i.startswith("heldout") for r in static for i in r["retrieved"])  # the held-out world stays unseen
     assert outs["static"]["stage"] == "rag" and outs["static"]["step"] == 2
     a, b = outs["dynamic"]["model"], outs["static"]["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same batches, so the same weights
