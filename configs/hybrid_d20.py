@@ -11,7 +11,7 @@ block_size = 2048
 block_pattern = "MMMT"
 mamba_mlp = True               # an MLP after each Mamba mixer (as Samba/Jamba), so M and T layers are the same size
 total_batch_size = 524288      # 0.5M tokens per step
-device_batch_size = 16         # per GPU, fits 80 GB in bf16; halve it (grad accumulation doubles) on smaller GPUs
+device_batch_size = 16         # per GPU: ~42 GiB estimated (`python bench.py --what=memory`); halve it on smaller GPUs
 max_iters = 20000
 learning_rate = 6e-4
 warmup_iters = 500

@@ -1,4 +1,4 @@
-# RTX 4070 (12 GB): a 16-layer hybrid, 1024 wide.
+# RTX 4070 (12 GB): a 16-layer hybrid, 1024 wide. Estimated training memory 7.5 GiB (`python bench.py --what=memory`).
 # Prepare a large world first:  python prepare.py --world_size=200000 --vocab_size=32768 --out=data/world_xl
 data_dir = "data/world_xl"
 out_dir = "out/rtx4070_d16"
@@ -10,7 +10,7 @@ block_size = 1024
 block_pattern = "MMMT"
 mamba_mlp = True
 total_batch_size = 131072
-device_batch_size = 8
+device_batch_size = 4
 max_iters = 10000
 learning_rate = 1e-3
 warmup_iters = 200

@@ -1,4 +1,4 @@
-# RTX 4090 (24 GB): a 20-layer hybrid, 1280 wide (the d20 shape).
+# RTX 4090 (24 GB): a 20-layer hybrid, 1280 wide (the d20 shape). Estimated training memory 16.5 GiB (`python bench.py --what=memory`).
 # Prepare a large world first:  python prepare.py --world_size=200000 --vocab_size=32768 --out=data/world_xl
 data_dir = "data/world_xl"
 out_dir = "out/rtx4090_d20"
@@ -10,7 +10,7 @@ block_size = 2048
 block_pattern = "MMMT"
 mamba_mlp = True
 total_batch_size = 131072
-device_batch_size = 8
+device_batch_size = 4
 max_iters = 10000
 learning_rate = 1e-3
 warmup_iters = 200
