@@ -6,25 +6,48 @@ two CPU cores.
     python test_all.py resume     # only tests whose name contains "resume"
     python -m pytest test_all.py  # the same tests under pytest
 """
+import ast
+import dataclasses
+import filecmp
 import functools
+import glob
+import importlib.util
 import inspect
 import json
+import math
 import os
+import random
 import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+import model
+import prepare
+import rag
+import retrieve
+from common import save_checkpoint
+from configurator import script_defaults
+from model import GPT, GPTConfig, Mamba, Mamba2, chunked_scan, layer_pattern, sample_next, selective_scan, ssd_scan
+from prepare import ABSTAIN, Tokenizer, prepare_world, render_conversation
+from retrieve import (BM25Retriever, DenseRetriever, Document, HybridRetriever, RETRIEVERS, SimpleRetriever, evaluate,
+                      load_documents, load_kb, mrr, ndcg_at_k, precision_at_k, recall_at_k, tokenize)
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# tiny models gain nothing from a second thread, and on a busy machine OpenMP threads spin-wait on each other
+torch.set_num_threads(1)
+HERE = str(ROOT)
 
 
 def run(*args, ok=True, env=None, timeout=300):
@@ -64,7 +87,1046 @@ def losses(stdout):
 
 
 # -----------------------------------------------------------------------------
-# configurator.py
+# prepare.py
+
+WORLD_ARGS = dict(seed=7, world_size=40, heldout_frac=0.2, n_renderings=2, vocab_size=600, val_frac=0.1)
+_tmpdirs = []  # keeps the cached world's directory alive for the whole run
+
+
+@functools.lru_cache(maxsize=None)
+def prepared_world():
+    d = tempfile.TemporaryDirectory()
+    _tmpdirs.append(d)
+    prepare.prepare_world(d.name, **WORLD_ARGS)
+    return d.name
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def read_bin(out, split):
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    return np.memmap(os.path.join(out, f"{split}.bin"), dtype=meta["dtype"], mode="r"), meta
+
+
+def bin_docs(out, split):
+    tok = prepare.Tokenizer.load(os.path.join(out, "tokenizer.json"))
+    ids, _ = read_bin(out, split)
+    assert ids[0] == tok.bos_id
+    cuts = np.flatnonzero(ids == tok.bos_id).tolist() + [len(ids)]
+    return [tok.decode(ids[a + 1:b].tolist()) for a, b in zip(cuts, cuts[1:])]
+
+
+def mentions(name, text):
+    return re.search(r"\b" + re.escape(name) + r"\b", text) is not None
+
+
+def test_world_deterministic():
+    out = prepared_world()
+    with tempfile.TemporaryDirectory() as d2, tempfile.TemporaryDirectory() as d3:
+        prepare.prepare_world(d2, **WORLD_ARGS)
+        names = sorted(os.listdir(out))
+        assert names == sorted(["kb.jsonl", "qa_train.jsonl", "qa_heldout.jsonl", "qa_rag.jsonl", "tokenizer.json", "train.bin", "val.bin", "meta.json"])
+        match, mismatch, errors = filecmp.cmpfiles(out, d2, names, shallow=False)
+        assert mismatch == [] and errors == [] and len(match) == len(names)
+        prepare.prepare_world(d3, **dict(WORLD_ARGS, seed=8))
+        assert not filecmp.cmp(os.path.join(out, "kb.jsonl"), os.path.join(d3, "kb.jsonl"), shallow=False)
+
+
+def test_heldout_world_absent_from_training_text():
+    out = prepared_world()
+    kb = read_jsonl(os.path.join(out, "kb.jsonl"))
+    train_text = "\n".join(bin_docs(out, "train") + bin_docs(out, "val"))
+    heldout_names = set()
+    for split in ("heldout", "rag"):  # neither the held-out nor the RAG world may reach pretraining text
+        heldout_names |= {d["title"] for d in kb if d["metadata"]["world"] == split}
+        heldout_names |= {q["entity"] for q in read_jsonl(os.path.join(out, f"qa_{split}.jsonl"))}  # incl. invented ones
+    train_names = {d["title"] for d in kb if d["metadata"]["world"] == "train"}
+    assert len(heldout_names) > 20 and not heldout_names & train_names
+    assert [n for n in heldout_names if mentions(n, train_text)] == []
+    assert all(mentions(n, train_text) for n in train_names)  # the check above can see names at all
+    # every held-out fact lives only in held-out documents, which never mention a training-world entity
+    for d in kb:
+        if d["metadata"]["world"] != "train":
+            assert not any(mentions(n, d["text"]) for n in train_names), d
+
+
+def test_qa_gold_docs_hold_answers_and_chains_connect():
+    out = prepared_world()
+    kb = {d["id"]: d for d in read_jsonl(os.path.join(out, "kb.jsonl"))}
+    for world in ("train", "heldout"):
+        qas = read_jsonl(os.path.join(out, f"qa_{world}.jsonl"))
+        assert len({q["id"] for q in qas}) == len(qas)
+        assert {q["hops"] for q in qas} == {0, 1, 2, 3}
+        assert {q["type"] for q in qas if q["hops"] == 1} == {  # every relation is asked about
+            "born_in", "born_year", "works_for", "profession", "founded_by", "founded_year", "hq", "industry",
+            "located_in", "population", "capital"}
+        for q in qas:
+            assert q["world"] == world and q["entity"] in q["question"]
+            if q["hops"] == 0:
+                continue
+            assert q["hops"] == len(q["chain"]) and q["gold_ids"] == [c["doc_id"] for c in q["chain"]]
+            assert q["answer"] == q["chain"][-1]["answer"] and q["chain"][0]["query"].count(q["entity"]) == 1
+            for k, step in enumerate(q["chain"]):
+                doc = kb[step["doc_id"]]
+                assert doc["metadata"]["world"] == world and step["answer"] in doc["text"], (q, doc)
+                if k + 1 < len(q["chain"]):
+                    assert mentions(step["answer"], q["chain"][k + 1]["query"]), q
+                    assert q["chain"][k + 1]["doc_id"] != step["doc_id"]
+    q = next(q for q in qas if q["type"] == "founder_birth_country")
+    company, person, city = (kb[i] for i in q["gold_ids"])
+    assert company["metadata"]["type"] == "company" and person["metadata"]["type"] == "person" and city["metadata"]["type"] == "city"
+
+
+def test_unanswerable_questions_have_no_document():
+    out = prepared_world()
+    kb = read_jsonl(os.path.join(out, "kb.jsonl"))
+    all_text = "\n".join(d["title"] + " " + d["text"] for d in kb)
+    for world in ("train", "heldout"):
+        ghosts = [q for q in read_jsonl(os.path.join(out, f"qa_{world}.jsonl")) if q["hops"] == 0]
+        assert len(ghosts) > 0
+        for q in ghosts:
+            assert q["answer"] == "" and q["gold_ids"] == [] and q["chain"] == []
+            assert not mentions(q["entity"], all_text), q
+            assert prepare.answer_sentence(q, cite=2) == prepare.ABSTAIN
+
+
+def test_documents_vary_but_keep_their_facts():
+    train, _, _, _, _ = prepare.make_worlds(1, 20, 0.2)
+    texts = {prepare.render_doc(train, "person", 3, random.Random(r))[1] for r in range(20)}
+    assert len(texts) >= 10
+    facts = [a for a, *_ in prepare.single_hops(train, "person", 3).values()]
+    assert all(all(f in t for f in facts) for t in texts)
+    # facts come in several orders, not always the same first sentence
+    assert len({t.split(".")[0].split()[-1] for t in texts}) >= 3
+
+
+def test_answer_sentence():
+    qa = {"type": "born_in", "entity": "Kelmar Odrissi", "answer": "Velnor"}
+    assert prepare.answer_sentence(qa) == "Kelmar Odrissi was born in Velnor."
+    assert prepare.answer_sentence(qa, cite=2) == "Kelmar Odrissi was born in Velnor [2]."
+    assert prepare.answer_sentence({"type": "industry", "entity": "Tova Group", "answer": "insurance"}) == "Tova Group is an insurance company."
+    assert prepare.answer_sentence(dict(qa, answer="")) == prepare.ABSTAIN
+
+
+def small_tokenizer():
+    texts = ["Kelmar Odrissi was born in Velnor in 1962.", "The capital of Tessaria is Brun.", "naïve café — 東京 ✓"] * 30
+    return prepare.Tokenizer.train(texts, 300)
+
+
+def test_tokenizer_round_trip_and_json():
+    tok = small_tokenizer()
+    assert 256 + len(prepare.SPECIAL_TOKENS) <= tok.vocab_size <= 300
+    for text in ["Kelmar Odrissi was born in Velnor.", "unseen wörds 123456 \n\t ok", "naïve café — 東京 ✓", ""]:
+        assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode("Kelmar Odrissi")) < len("Kelmar Odrissi".encode())  # merges were learned
+    ids = [tok.bos_id] + tok.encode("hi") + [tok.special("<|assistant_end|>")]
+    assert tok.decode(ids) == "<|bos|>hi<|assistant_end|>"
+    assert tok.bos_id not in tok.encode("<|bos|>")  # special text in data stays plain text
+    assert sorted(tok.special(s) for s in prepare.SPECIAL_TOKENS) == list(range(tok.vocab_size - 9, tok.vocab_size))
+    tok2 = prepare.Tokenizer.from_json(tok.to_json())
+    assert tok2.to_json() == tok.to_json() and tok2.vocab_size == tok.vocab_size
+    text = "naïve Kelmar <|bos|> 1962"
+    assert tok2.encode(text) == tok.encode(text)
+    with tempfile.TemporaryDirectory() as d:
+        tok.save(os.path.join(d, "t.json"))
+        assert prepare.Tokenizer.load(os.path.join(d, "t.json")).encode(text) == tok.encode(text)
+    try:
+        tok.special("<|nope|>")
+        assert False
+    except ValueError as e:
+        assert "<|nope|>" in str(e)
+
+
+def test_render_conversation_mask():
+    tok = small_tokenizer()
+    S, E = tok.special, tok.encode
+    messages = [
+        {"role": "user", "content": "Where was Kelmar born?"},
+        {"role": "documents", "content": [{"title": "A", "text": "x."}, {"title": "B", "text": "y."}]},
+        {"role": "query", "content": "Velnor"},
+        {"role": "documents", "content": [{"title": "C", "text": "z."}]},
+        {"role": "assistant", "content": "In Velnor [3]."},
+    ]
+    ids, mask = prepare.render_conversation(tok, messages)
+    parts = [([tok.bos_id], 0),
+             ([S("<|user_start|>")] + E("Where was Kelmar born?") + [S("<|user_end|>")], 0),
+             ([S("<|doc_start|>")] + E("[1] A: x.") + [S("<|doc_end|>")], 0),
+             ([S("<|doc_start|>")] + E("[2] B: y.") + [S("<|doc_end|>")], 0),
+             ([S("<|query_start|>")] + E("Velnor") + [S("<|query_end|>")], 1),
+             ([S("<|doc_start|>")] + E("[3] C: z.") + [S("<|doc_end|>")], 0),  # numbering continues
+             ([S("<|assistant_start|>")] + E("In Velnor [3].") + [S("<|assistant_end|>")], 1)]
+    assert ids == [t for p, _ in parts for t in p]
+    assert mask == [m for p, m in parts for _ in p]
+    # the mask is 1 exactly on the query and the answer, their special tokens included
+    ones = [i for i, m in enumerate(mask) if m]
+    q0 = sum(len(p) for p, _ in parts[:4])
+    a0 = sum(len(p) for p, _ in parts[:6])
+    assert ones == list(range(q0, q0 + len(parts[4][0]))) + list(range(a0, len(ids)))
+    assert ids[ones[0]] == S("<|query_start|>") and ids[ones[-1]] == S("<|assistant_end|>")
+    ids8, mask8 = prepare.render_conversation(tok, messages, max_len=8)
+    assert ids8 == ids[:8] and mask8 == mask[:8]
+    try:
+        prepare.render_conversation(tok, [{"role": "system", "content": "x"}])
+        assert False
+    except ValueError as e:
+        assert "message 0" in str(e) and "system" in str(e)
+
+
+def test_bins_decode_to_the_corpus():
+    out = prepared_world()
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == WORLD_ARGS["vocab_size"]
+    # regenerate the corpus the way prepare_world does and compare document by document
+    train, _, _, _, _ = prepare.make_worlds(WORLD_ARGS["seed"], WORLD_ARGS["world_size"], WORLD_ARGS["heldout_frac"])
+    expected = {"train": [], "val": []}
+    for r in range(WORLD_ARGS["n_renderings"]):
+        for is_val, text in prepare.corpus_items(train, random.Random(f"{WORLD_ARGS['seed']}-rendering-{r}"), WORLD_ARGS["val_frac"]):
+            expected["val" if is_val else "train"].append(text)
+    for split in ("train", "val"):
+        docs = bin_docs(out, split)
+        assert docs == expected[split]
+        ids, _ = read_bin(out, split)
+        assert len(ids) == meta[f"n_{split}_tokens"] and len(docs) == meta[f"n_{split}_docs"]
+    n_val = len(expected["val"]) / (len(expected["val"]) + len(expected["train"]))
+    assert 0.03 < n_val < 0.2
+    assert any(t.startswith("Question: ") for t in expected["train"])
+
+
+def test_user_text_input():
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "src")
+        os.makedirs(os.path.join(src, "sub"))
+        with open(os.path.join(src, "a.txt"), "w") as f:
+            f.write("First paragraph\nstill first.\n\n\n  Second paragraph.  \n")
+        with open(os.path.join(src, "sub", "b.jsonl"), "w") as f:
+            f.write(json.dumps({"text": "Third document."}) + "\n\n" + json.dumps({"text": "Fourth. ✓", "x": 1}) + "\n")
+        with open(os.path.join(src, "notes.md"), "w") as f:
+            f.write("ignored")
+        out = os.path.join(d, "out")
+        s = prepare.prepare_text(src, out, seed=0, vocab_size=300, val_frac=0.0)
+        expected = ["First paragraph\nstill first.", "Second paragraph.", "Third document.", "Fourth. ✓"]
+        assert bin_docs(out, "train") == expected and s["n_train_docs"] == 4 and s["n_val_docs"] == 0
+        assert [r["text"] for r in read_jsonl(os.path.join(out, "kb.jsonl"))] == expected
+        with open(os.path.join(src, "sub", "b.jsonl"), "a") as f:
+            f.write('{"txt": "oops"}\n')
+        try:
+            prepare.prepare_text(src, out, seed=0, vocab_size=300, val_frac=0.0)
+            assert False
+        except ValueError as e:
+            assert str(e).endswith("b.jsonl:4: no \"text\" field")
+        assert bin_docs(out, "train") == expected  # the failed run left the previous output intact
+        one = os.path.join(d, "one.txt")
+        with open(one, "w") as f:
+            f.write("A single paragraph.\n")
+        try:  # the only document goes to val, so nothing is left to train on
+            prepare.prepare_text(one, out, seed=0, vocab_size=300, val_frac=0.5)
+            assert False
+        except ValueError as e:
+            assert "no documents for train.bin" in str(e)
+        assert bin_docs(out, "train") == expected and not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def run_cli(*args):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "prepare.py"), *args], capture_output=True, text=True, cwd=HERE)
+    return r.returncode, r.stderr.strip()
+
+
+def test_cli_bad_input_is_one_line_error():
+    with tempfile.TemporaryDirectory() as d:
+        rc, err = run_cli("--input", os.path.join(d, "missing.txt"), "--out", d)
+        assert rc != 0 and err == f"error: --input {d}/missing.txt: no such file or folder"
+        rc, err = run_cli("--bogus=1")
+        assert rc != 0 and err.startswith("error: unknown option --bogus") and "\n" not in err
+        rc, err = run_cli("--world_size=many")
+        assert rc != 0 and err == "error: --world_size=many: expected int"
+        with open(os.path.join(d, "x.parquet"), "wb") as f:
+            f.write(b"not parquet")
+        rc, err = run_cli(f"--input={d}/x.parquet", f"--out={d}/o")
+        assert rc != 0 and err.startswith(f"error: {d}/x.parquet") and "\n" not in err
+        assert not os.path.exists(os.path.join(d, "o", "train.bin"))
+
+
+# -----------------------------------------------------------------------------
+# model.py
+
+def tiny_config(pattern, **kw):
+    kw = dict(block_size=64, vocab_size=101, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, block_pattern=pattern) | kw
+    return GPTConfig(**kw)
+
+
+@torch.no_grad()
+def randomize(model, seed=0):
+    """Init leaves c_proj at 0 and lm_head near 0 (near-uniform logits); give every matrix real values so that
+    equivalence tests compare something. A_log, D and the dt bias keep their init."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.ndim == 2 and "A_log" not in name:
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+    return model
+
+
+def scan_ref(x, dt, A, B, C, h0=None):
+    """The definition, one time step at a time: h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, y_t = C_t . h_t."""
+    h = torch.zeros(x.shape[0], *A.shape, dtype=x.dtype) if h0 is None else h0
+    ys = []
+    for t in range(x.shape[1]):
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * x[:, t])[..., None] * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :]).sum(-1))
+    return torch.stack(ys, 1), h
+
+
+def skip(msg):
+    try:
+        import pytest
+    except ImportError:
+        print(f"SKIP: {msg}")
+        return
+    pytest.skip(msg)
+
+
+# mamba-ssm's own Python source (the sdist, unpacked under .gpu/ or at $MAMBA_SSM_SRC), loaded on CPU with its
+# CUDA/Triton-only imports stubbed and its selective_scan_ref in place of the CUDA scan: the reference module.
+SRC = os.environ.get("MAMBA_SSM_SRC") or next(iter(sorted(glob.glob(os.path.join(HERE, ".gpu", "mamba_ssm-*")))), None)
+
+
+@functools.cache
+def mamba_ssm_reference():
+    if SRC is None or importlib.util.find_spec("einops") is None:
+        return None
+    before = set(sys.modules)
+
+    def stub(name, **attrs):
+        sys.modules[name] = mod = types.ModuleType(name)
+        mod.__dict__.update(attrs)
+        return mod
+
+    def load(name, rel):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(SRC, "mamba_ssm", rel))
+        sys.modules[name] = mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    def source_functions(rel, names, namespace):  # reference functions out of a file that needs Triton to import
+        tree = ast.parse(open(os.path.join(SRC, "mamba_ssm", rel)).read())
+        tree.body = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
+        exec(compile(tree, rel, "exec"), namespace)
+        return namespace
+
+    import einops
+    refs = source_functions("ops/triton/layernorm_gated.py", {"rms_norm_ref"},
+                            dict(torch=torch, F=F, rearrange=einops.rearrange))
+    refs["repeat"] = einops.repeat
+    source_functions("modules/ssd_minimal.py", {"segsum", "ssd_minimal_discrete"}, refs)
+
+    class RMSNormGated(torch.nn.Module):  # mamba-ssm's module around its own rms_norm_ref
+        def __init__(self, hidden_size, eps=1e-5, group_size=None, norm_before_gate=True, device=None, dtype=None):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+            self.eps, self.group_size, self.norm_before_gate = eps, group_size, norm_before_gate
+
+        def forward(self, x, z=None):
+            return refs["rms_norm_ref"](x, self.weight, None, z=z, eps=self.eps, group_size=self.group_size,
+                                        norm_before_gate=self.norm_before_gate)
+
+    def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
+                                  seq_idx=None, cu_seqlens=None, dt_softplus=False, return_final_states=False,
+                                  return_varlen_states=False):  # the kernel's contract, on ssd_minimal_discrete
+        assert z is None and seq_idx is None and cu_seqlens is None and B.shape[2] == 1
+        dt = dt.float() + dt_bias
+        dt = F.softplus(dt) if dt_softplus else dt
+        h = x.shape[2]
+        B, C = B.expand(-1, -1, h, -1).float(), C.expand(-1, -1, h, -1).float()
+        y, final = refs["ssd_minimal_discrete"](x.float() * dt.unsqueeze(-1), A * dt, B, C, chunk_size,
+                                                None if initial_states is None else initial_states.unsqueeze(1))
+        y = y + x * D.unsqueeze(-1)
+        return (y, final) if return_final_states else y
+
+    try:
+        for pkg in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton", "mamba_ssm.utils", "mamba_ssm.modules",
+                    "mamba_ssm.distributed"):
+            stub(pkg)
+        stub("selective_scan_cuda")
+        stub("mamba_ssm.ops.triton.layer_norm", _layer_norm_fwd=None)
+        stub("mamba_ssm.ops.triton.layernorm_gated", RMSNorm=RMSNormGated)
+        stub("mamba_ssm.ops.triton.ssd_combined", mamba_chunk_scan_combined=mamba_chunk_scan_combined,
+             mamba_split_conv1d_scan_combined=None)
+        stub("mamba_ssm.distributed.tensor_parallel", ColumnParallelLinear=None, RowParallelLinear=None)
+        stub("mamba_ssm.distributed.distributed_utils", all_reduce=None, reduce_scatter=None)
+        load("mamba_ssm.utils.torch", "utils/torch.py")
+        ssi = load("mamba_ssm.ops.selective_scan_interface", "ops/selective_scan_interface.py")
+        simple = load("mamba_ssm.modules.mamba_simple", "modules/mamba_simple.py")
+        mamba2 = load("mamba_ssm.modules.mamba2", "modules/mamba2.py")
+    finally:
+        for name in set(sys.modules) - before:
+            del sys.modules[name]
+    assert simple.causal_conv1d_fn is None and simple.selective_state_update is None  # the pure-PyTorch paths
+    assert mamba2.causal_conv1d_fn is None and mamba2.selective_state_update is None
+    simple.selective_scan_fn = ssi.selective_scan_ref
+    return types.SimpleNamespace(Mamba=simple.Mamba, Mamba2=mamba2.Mamba2, selective_scan_ref=ssi.selective_scan_ref,
+                                 ssd_minimal_discrete=refs["ssd_minimal_discrete"])
+
+
+# -----------------------------------------------------------------------------
+
+def test_block_pattern_tiling_and_errors():
+    assert layer_pattern(tiny_config("TMM", n_layer=7)) == "TMMTMMT"
+    assert GPT(tiny_config("TM")).pattern == "TMTM"
+    for bad in ("", "TX", "tm", "TMTMT"):  # bad char, lowercase, longer than n_layer=4
+        try:
+            GPT(tiny_config(bad))
+        except ValueError as e:
+            assert repr(bad) in str(e)
+        else:
+            raise AssertionError(f"block_pattern={bad!r} accepted")
+    for kw in (dict(n_kv_head=3), dict(mamba_version=3)):
+        try:
+            GPT(tiny_config("M", **kw))
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(f"{kw} accepted")
+
+
+def check_scan(scan, dtype, atol, shapes=((2, 37, 8, 4), (1, 64, 16, 16), (3, 1, 4, 2), (2, 130, 40, 16))):
+    """scan(x, dt, A, B, C, h0) against scan_ref in float64: outputs, final state, and all six gradients."""
+    torch.manual_seed(0)
+    for b, L, D, N in shapes:
+        x, B, C = torch.randn(b, L, D), torch.randn(b, L, N), torch.randn(b, L, N)
+        dt = F.softplus(torch.randn(b, L, D) - 1)
+        A = -torch.exp(torch.randn(D, N))
+        h0 = torch.randn(b, D, N)
+        inputs = [t.to(dtype).requires_grad_() for t in (x, dt, A, B, C, h0)]
+        inputs_ref = [t.double().requires_grad_() for t in (x, dt, A, B, C, h0)]
+        y, h = scan(*inputs)
+        y_ref, h_ref = scan_ref(*inputs_ref)
+        assert y.dtype == dtype and torch.allclose(y.double(), y_ref, atol=atol)
+        assert torch.allclose(h.double(), h_ref, atol=atol)
+        gy, gh = torch.randn_like(y_ref), torch.randn_like(h_ref)
+        grads = torch.autograd.grad((y * gy.to(dtype)).sum() + (h * gh.to(dtype)).sum(), inputs)
+        grads_ref = torch.autograd.grad((y_ref * gy).sum() + (h_ref * gh).sum(), inputs_ref)
+        for name, g, g_ref in zip("x dt A B C h0".split(), grads, grads_ref):
+            scale = g_ref.abs().max().item()
+            assert torch.allclose(g.double(), g_ref, atol=atol * max(1, scale)), f"grad {name} at {(b, L, D, N)}"
+
+
+def test_chunked_scan_matches_sequential_reference():
+    check_scan(chunked_scan, torch.float64, 1e-10)
+
+
+def test_cpu_scan_kernel_matches_sequential_reference():
+    if model.cpu_scan_kernel() is None:
+        return skip("no C compiler: the CPU kernel is not built (the chunked scan runs instead)")
+    assert (torch.tensor([1e-39]) * 1.0).item() > 0, "loading the kernel switched the process to flush-to-zero"
+    check_scan(selective_scan, torch.float32, 2e-5)
+    check_scan(selective_scan, torch.float32, 2e-5, shapes=((1, 300, 70, 3),))  # several checkpoints, ragged blocks
+
+
+def test_mamba_falls_back_to_the_pytorch_scan():
+    """Without a C compiler the mixer runs chunked_scan: same outputs and gradients."""
+    torch.manual_seed(0)
+    m = Mamba(d_model=32, d_state=8)
+    u = torch.randn(2, 40, 32, requires_grad=True)
+    y = m(u)
+    g = torch.autograd.grad(y.square().sum(), [u, m.A_log, m.dt_proj.bias])
+    kernel = model.cpu_scan_kernel
+    model.cpu_scan_kernel = lambda: None
+    try:
+        y_fallback = m(u)
+        g_fallback = torch.autograd.grad(y_fallback.square().sum(), [u, m.A_log, m.dt_proj.bias])
+    finally:
+        model.cpu_scan_kernel = kernel
+    assert torch.allclose(y, y_fallback, atol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(g, g_fallback))
+
+
+def test_ssd_scan_matches_sequential_reference():
+    """Mamba-2's chunked SSD form == the Mamba-1 recurrence with A constant within a head."""
+    torch.manual_seed(0)
+    for b, L, H, P, N, Q in ((2, 37, 3, 4, 5, 8), (1, 16, 2, 2, 3, 16), (2, 5, 1, 3, 2, 64)):
+        x, B, C = torch.randn(b, L, H, P, dtype=torch.float64), torch.randn(b, L, N, dtype=torch.float64), \
+            torch.randn(b, L, N, dtype=torch.float64)
+        dt = F.softplus(torch.randn(b, L, H, dtype=torch.float64) - 1)
+        A = -torch.exp(torch.randn(H, dtype=torch.float64))
+        h0 = torch.randn(b, H, P, N, dtype=torch.float64)
+        inputs = [t.requires_grad_() for t in (x, dt, A, B, C, h0)]
+        y, h = ssd_scan(x * dt.unsqueeze(-1), dt * A, B, C, Q, h0)
+        y_ref, h_ref = scan_ref(x.reshape(b, L, H * P), dt.repeat_interleave(P, -1),
+                                A.repeat_interleave(P).unsqueeze(-1).expand(H * P, N), B, C, h0.reshape(b, H * P, N))
+        assert torch.allclose(y.reshape(b, L, H * P), y_ref) and torch.allclose(h.reshape(b, H * P, N), h_ref)
+        gy, gh = torch.randn_like(y), torch.randn_like(h)
+        grads = torch.autograd.grad((y * gy).sum() + (h * gh).sum(), inputs)
+        loss_ref = (y_ref * gy.reshape(b, L, H * P)).sum() + (h_ref * gh.reshape(b, H * P, N)).sum()
+        grads_ref = torch.autograd.grad(loss_ref, inputs)
+        for name, g, g_ref in zip("x dt A B C h0".split(), grads, grads_ref):
+            assert torch.allclose(g, g_ref), f"grad {name} at {(b, L, H, P, N, Q)}"
+    ref = mamba_ssm_reference()
+    if ref is None:
+        return skip("mamba-ssm sources or einops not found: ssd_minimal_discrete not compared")
+    x, a, B, C = torch.randn(2, 64, 3, 4), -torch.rand(2, 64, 3), torch.randn(2, 64, 5), torch.randn(2, 64, 5)
+    y, h = ssd_scan(x, a, B, C, 16)
+    per_head = lambda t: t.unsqueeze(2).expand(-1, -1, 3, -1)
+    y_ref, h_ref = ref.ssd_minimal_discrete(x, a, per_head(B), per_head(C), 16)
+    assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(h, h_ref, atol=1e-5)
+
+
+def test_mamba_state_dict_matches_mamba_ssm():
+    # from mamba_ssm/modules/mamba_simple.py: d_inner = expand * d_model, dt_rank = ceil(d_model / 16)
+    m = Mamba(d_model=64, d_state=16, d_conv=4, expand=2)
+    expected = {"A_log": (128, 16), "D": (128,), "in_proj.weight": (256, 64), "conv1d.weight": (128, 1, 4),
+                "conv1d.bias": (128,), "x_proj.weight": (4 + 32, 128), "dt_proj.weight": (128, 4),
+                "dt_proj.bias": (128,), "out_proj.weight": (64, 128)}
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == expected
+    assert torch.equal(m.A_log, torch.log(torch.arange(1, 17.0)).repeat(128, 1)) and torch.all(m.D == 1)
+    dt = F.softplus(m.dt_proj.bias)
+    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001 and dt.std() > 0.01  # log-uniform in [dt_min, dt_max]
+    ref = mamba_ssm_reference()
+    if ref is None:
+        return skip("mamba-ssm sources or einops not found: compared with the hard-coded list only")
+    theirs = ref.Mamba(d_model=64, d_state=16, d_conv=4, expand=2)
+    assert {k: v.shape for k, v in theirs.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}
+
+
+def test_mamba_matches_mamba_ssm_module():
+    """Their module (run on CPU with selective_scan_ref) and ours, same weights: outputs, gradients, decode steps."""
+    ref = mamba_ssm_reference()
+    if ref is None:
+        return skip("mamba-ssm sources or einops not found")
+    torch.manual_seed(0)
+    theirs = ref.Mamba(d_model=32, d_state=8, d_conv=4, expand=2, layer_idx=0)
+    ours = Mamba(d_model=32, d_state=8, d_conv=4, expand=2)
+    ours.load_state_dict(theirs.state_dict())
+    u = torch.randn(2, 50, 32, requires_grad=True)
+    y_theirs, y_ours = theirs(u), ours(u)
+    assert torch.allclose(y_ours, y_theirs, rtol=1e-5, atol=1e-5), (y_ours - y_theirs).abs().max()
+    g = torch.randn_like(y_ours)
+    gu_theirs, *gp_theirs = torch.autograd.grad((y_theirs * g).sum(), [u, *theirs.parameters()])
+    gu_ours, *gp_ours = torch.autograd.grad((y_ours * g).sum(), [u, *ours.parameters()])
+    assert torch.allclose(gu_ours, gu_theirs, rtol=1e-4, atol=1e-5)
+    for (name, _), a, b in zip(theirs.named_parameters(), gp_ours, gp_theirs):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), f"grad {name}: {(a - b).abs().max()}"
+    # decoding: their step() (pure-PyTorch branch) vs ours, token by token after a prefill
+    params = types.SimpleNamespace(key_value_memory_dict={}, seqlen_offset=0)
+    state = ours.allocate_state(2)
+    with torch.no_grad():
+        theirs(u[:, :20], inference_params=params)
+        ours(u[:, :20], state)
+        steps = []
+        for t in range(20, 30):
+            params.seqlen_offset = t
+            a, b = theirs(u[:, t:t + 1], inference_params=params), ours(u[:, t:t + 1], state)
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+            steps.append(b)
+    assert torch.allclose(torch.cat(steps, 1), y_ours[:, 20:30], rtol=1e-5, atol=1e-5)
+
+
+def test_mamba2_matches_mamba_ssm_module():
+    ref = mamba_ssm_reference()
+    if ref is None:
+        return skip("mamba-ssm sources or einops not found")
+    torch.manual_seed(0)
+    theirs = ref.Mamba2(d_model=32, d_state=8, headdim=16, chunk_size=16, use_mem_eff_path=False, layer_idx=0)
+    ours = Mamba2(d_model=32, d_state=8, headdim=16, chunk_size=16)
+    assert {k: v.shape for k, v in theirs.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    theirs = randomize(theirs)  # norm weight and all matrices away from their init
+    theirs.norm.weight.data.uniform_(0.5, 1.5)
+    ours.load_state_dict(theirs.state_dict())
+    u = torch.randn(2, 48, 32, requires_grad=True)  # 3 chunks
+    y_theirs, y_ours = theirs(u), ours(u)
+    assert torch.allclose(y_ours, y_theirs, rtol=1e-4, atol=1e-5), (y_ours - y_theirs).abs().max()
+    g = torch.randn_like(y_ours)
+    gu_theirs, *gp_theirs = torch.autograd.grad((y_theirs * g).sum(), [u, *theirs.parameters()])
+    gu_ours, *gp_ours = torch.autograd.grad((y_ours * g).sum(), [u, *ours.parameters()])
+    assert torch.allclose(gu_ours, gu_theirs, rtol=1e-4, atol=1e-5)
+    ours_grads = dict(zip([n for n, _ in ours.named_parameters()], gp_ours))
+    for (name, _), b in zip(theirs.named_parameters(), gp_theirs):
+        assert torch.allclose(ours_grads[name], b, rtol=1e-4, atol=1e-4), f"grad {name}"
+    params = types.SimpleNamespace(key_value_memory_dict={}, seqlen_offset=0)
+    state = ours.allocate_state(2)
+    with torch.no_grad():
+        theirs(u[:, :32], inference_params=params)  # ssd_minimal_discrete takes whole chunks only
+        ours(u[:, :32], state)
+        for t in range(32, 42):
+            params.seqlen_offset = t
+            assert torch.allclose(theirs(u[:, t:t + 1], inference_params=params), ours(u[:, t:t + 1], state),
+                                  rtol=1e-4, atol=1e-5)
+
+
+def test_mamba2_init_matches_mamba_ssm():
+    m = Mamba2(d_model=64, d_state=16, headdim=16)
+    A = -torch.exp(m.A_log)
+    assert A.shape == (8,) and (A <= -1).all() and (A >= -16).all() and torch.all(m.D == 1)
+    dt = F.softplus(m.dt_bias)
+    assert 1e-3 * 0.999 <= dt.min() and dt.max() <= 0.1 * 1.001 and torch.all(m.norm.weight == 1)
+
+
+def test_decode_matches_full_recompute():
+    for pattern, version in (("T", 1), ("M", 1), ("TM", 1), ("MMT", 1), ("M", 2), ("MMT", 2)):
+        torch.manual_seed(0)
+        model = randomize(GPT(tiny_config(pattern, mamba_version=version, headdim=16))).eval()
+        prompt = torch.randint(0, 101, (2, 9))
+        out = model.generate(prompt, 12)
+        seq = prompt
+        cache = model.init_cache(2, 9 + 12)
+        logits_step, _ = model(prompt, cache=cache)
+        with torch.no_grad():
+            for i in range(12):
+                logits_full, _ = model(seq)  # recompute everything
+                assert (logits_full[:, -1] - logits_step[:, -1]).abs().max() < 1e-4, (pattern, version, i)
+                seq = torch.cat([seq, logits_full[:, -1].argmax(-1, keepdim=True)], 1)
+                logits_step, _ = model(seq[:, -1:], cache=cache)
+        assert torch.equal(out, seq), (pattern, version)
+        assert len(set(seq[:, 9:].flatten().tolist())) > 3, "degenerate model: the test would prove nothing"
+
+
+@torch.no_grad()
+def test_chunked_prefill_continues_a_cache():
+    """Prefill 7 tokens, then chunks of 9, 1, 3 (multi-hop RAG appends documents mid-conversation)."""
+    for pattern, version in (("T", 1), ("M", 1), ("TM", 1), ("MMT", 1), ("MMT", 2)):
+        torch.manual_seed(1)
+        model = randomize(GPT(tiny_config(pattern, mamba_version=version, headdim=16))).eval()
+        idx = torch.randint(0, 101, (2, 20))
+        full, _ = model(idx)
+        cache = model.init_cache(2, 20)
+        parts = [model(idx[:, a:b], cache=cache)[0] for a, b in ((0, 7), (7, 16), (16, 17), (17, 20))]
+        assert cache.pos == 20
+        assert (torch.cat(parts, 1) - full).abs().max() < 1e-4, (pattern, version)
+        try:
+            model(idx[:, :1], cache=cache)
+        except ValueError as e:
+            assert "max_len=20" in str(e)
+        else:
+            raise AssertionError("overflowing the cache was accepted")
+
+
+@torch.no_grad()
+def test_kv_position_advances_when_last_layer_is_mamba():
+    model = randomize(GPT(tiny_config("TM", n_layer=2))).eval()
+    idx = torch.randint(0, 101, (1, 6))
+    cache = model.init_cache(1, 6)
+    for t in range(6):
+        logits, _ = model(idx[:, t:t + 1], cache=cache)
+    assert cache.pos == 6
+    assert (logits[:, -1] - model(idx)[0][:, -1]).abs().max() < 1e-4
+
+
+def test_dt_bias_survives_gpt_init():
+    model = GPT(tiny_config("M"))
+    for block in model.transformer.h:
+        dt = F.softplus(block.mixer.dt_proj.bias)
+        assert 1e-3 * 0.999 <= dt.min() and dt.max() <= 0.1 * 1.001 and dt.std() > 0.01
+        assert torch.all(block.mixer.D == 1) and block.mixer.A_log[0, -1] == math.log(16)
+
+
+def test_meta_device_init_leaves_nothing_uninitialised():
+    with torch.device("meta"):
+        model = GPT(tiny_config("TM"))
+    model.to_empty(device="cpu")
+    for p in model.parameters():  # fill with garbage: init_weights must overwrite every parameter
+        p.data.fill_(float("nan"))
+    model.init_weights()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+    dt = F.softplus(model.transformer.h[1].mixer.dt_proj.bias)
+    assert 1e-3 * 0.999 <= dt.min() and dt.max() <= 0.1 * 1.001
+    logits, loss = model(torch.randint(0, 101, (1, 8)), torch.randint(0, 101, (1, 8)))
+    assert torch.isfinite(loss) and abs(loss.item() - math.log(101)) < 0.1
+
+
+def test_optimizer_groups():
+    for version in (1, 2):
+        check_optimizer_groups(GPT(tiny_config("TM", mamba_mlp=True, mamba_version=version, headdim=16)))
+    with torch.device("meta"):  # to_empty() drops parameter attributes: the groups must not depend on them
+        model = GPT(tiny_config("TM", mamba_mlp=True))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    check_optimizer_groups(model)
+
+
+def check_optimizer_groups(model):
+    adamw, muon = model.configure_optimizers(1e-3, 0.1, (0.9, 0.95), "cpu", muon=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert in_muon.isdisjoint(in_adamw) and in_muon | in_adamw == set(names.values())
+    for n in in_muon:
+        assert model.get_parameter(n).ndim == 2 and n.startswith("transformer.h.")
+        assert not any(s in n for s in ("A_log", ".D", "bias", "conv1d", "wte", "lm_head")), n
+    assert "transformer.h.1.mixer.in_proj.weight" in in_muon and "transformer.h.0.attn.c_q.weight" in in_muon
+    no_decay = {names[id(p)] for g in adamw.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    mixer = {n for n in names.values()
+             if n.startswith("transformer.h.1.mixer.") and not n.endswith(("proj.weight", "conv1d.weight"))}
+    assert mixer <= no_decay and {"transformer.h.1.mixer.A_log", "transformer.h.1.mixer.D"} <= mixer  # + dt/conv biases
+    (adamw_only,) = model.configure_optimizers(1e-3, 0.1, (0.9, 0.95), "cpu")
+    assert sum(len(g["params"]) for g in adamw_only.param_groups) == len(names)
+    x = torch.randint(0, 101, (2, 16))  # one step changes every parameter that gets a gradient
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(x, x)[1].backward()
+    adamw.step(), muon.step()
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.grad is not None)
+
+
+def test_pure_transformer_state_dict_is_a_plain_gpt():
+    sd = GPT(tiny_config("T", n_layer=2)).state_dict()
+    per_layer = ["attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.c_proj.weight",
+                 "mlp.c_fc.weight", "mlp.c_proj.weight"]
+    assert list(sd) == ["transformer.wte.weight"] + [f"transformer.h.{i}.{k}" for i in range(2) for k in per_layer] \
+        + ["lm_head.weight"]
+
+
+def test_loss_mask_reduction_and_dtypes():
+    torch.manual_seed(0)
+    model = randomize(GPT(tiny_config("TM")))
+    idx = torch.randint(0, 101, (2, 10))
+    targets = idx.clone()
+    targets[:, :4] = -1
+    logits, loss = model(idx, targets)
+    _, losses = model(idx, targets, loss_reduction="none")
+    assert logits.shape == (2, 10, 101) and logits.dtype == torch.float32 and losses.shape == (2, 10)
+    assert torch.all(losses[:, :4] == 0)
+    assert torch.allclose(loss, losses[:, 4:].mean())
+    assert torch.allclose(loss, F.cross_entropy(logits[:, 4:].reshape(-1, 101), idx[:, 4:].reshape(-1)))
+    for dtype in (torch.bfloat16, torch.float64):  # nothing hard-codes a dtype
+        logits_d, loss_d = model.to(dtype)(idx, targets)
+        assert logits_d.dtype == torch.float32 and abs(loss_d.item() - loss.item()) < 0.05 * loss.item()
+        assert model.generate(idx[:, :3], 4).shape == (2, 7)
+
+
+def test_from_checkpoint_round_trip():
+    import dataclasses
+    model = randomize(GPT(tiny_config("MMT", mamba_mlp=True)))
+    with tempfile.TemporaryDirectory() as d:
+        torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config)}, f"{d}/ckpt.pt")
+        loaded = GPT.from_checkpoint(torch.load(f"{d}/ckpt.pt", weights_only=True))
+    idx = torch.randint(0, 101, (1, 12))
+    assert loaded.pattern == "MMTM" and torch.equal(model(idx)[0], loaded(idx)[0])
+    try:
+        GPT.from_checkpoint({"model": {}, "model_args": dataclasses.asdict(model.config) | {"n_lyer": 3}})
+    except ValueError as e:
+        assert "n_lyer" in str(e)
+    else:
+        raise AssertionError("unknown model_args key accepted")
+
+
+def test_sample_next():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.0]])
+    assert sample_next(logits).item() == 1
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_next(logits, temperature=1.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert draws == {1, 3}
+
+
+def test_flops_per_token():
+    model = GPT(tiny_config("TM", n_layer=2))
+    matmul = model.num_params() - model.transformer.wte.weight.numel()
+    f256, f512 = model.flops_per_token(256), model.flops_per_token(512)
+    assert f512 - f256 == 12 * 64 * 256  # one attention layer's score/value term grows with the context
+    assert 6 * matmul < f256 - 12 * 64 * 256 < 7 * matmul  # + scan and conv terms of the M layer
+
+
+# -----------------------------------------------------------------------------
+# retrieve.py
+
+def make_docs(n, seed=0, start=0):
+    """Short encyclopedia-like documents over a small vocabulary: many shared terms, some repeated."""
+    rng = np.random.default_rng(seed)
+    names = ["kelmar", "odrissi", "velnor", "tarsi", "ombra", "quill", "brenna", "solvak", "ithra", "dunmere"]
+    words = ["born", "city", "river", "works", "as", "a", "the", "smith", "painter", "in", "of", "north", "old"]
+    docs = []
+    for i in range(start, start + n):
+        toks = rng.choice(names + words, size=rng.integers(3, 15)).tolist()
+        docs.append(Document(id=f"d{i}", title=f"{names[i % 10].title()} {i}", text=" ".join(toks)))
+    return docs
+
+QUERIES = ["kelmar born velnor", "the the city", "painter of the north", "Quill? QUILL! quill", "zzz unknown", "old smith"]
+
+def test_tokenize():
+    assert tokenize("Kelmar's 2nd-born, in VELNOR.") == ["kelmar", "s", "2nd", "born", "in", "velnor"]
+    assert tokenize("  ?! ") == []
+
+def test_bm25_okapi_equals_rank_bm25():
+    from rank_bm25 import BM25Okapi
+    # the 3-document corpus has negative idfs ("a" is in all three), so rank_bm25's epsilon floor is exercised
+    for docs in (make_docs(200), [Document("a", "a b c"), Document("b", "a b"), Document("c", "a d d")]):
+        ours = BM25Retriever(method="okapi", k1=1.2, b=0.7)
+        ours.add_documents(docs)
+        ref = BM25Okapi([tokenize(retrieve.doc_text(d)) for d in docs], k1=1.2, b=0.7)
+        for q in QUERIES + ["a", "d d b"]:
+            expected = ref.get_scores(tokenize(q))
+            assert np.allclose(ours.scores(q), expected, rtol=0, atol=1e-9), q
+            hits = ours.retrieve(q, top_k=10)  # the best 10 of the documents with a nonzero score
+            assert np.allclose([s for _, s in hits], np.sort(expected[expected != 0])[::-1][:10], rtol=0, atol=1e-9)
+            position = {d.id: i for i, d in enumerate(docs)}
+            assert np.allclose([expected[position[d.id]] for d, _ in hits], [s for _, s in hits], rtol=0, atol=1e-9)
+
+def test_bm25_lucene_equals_bm25s():
+    import bm25s
+    docs = make_docs(200)
+    ours = BM25Retriever()  # lucene is the default
+    ours.add_documents(docs)
+    ref = bm25s.BM25(method="lucene", k1=1.5, b=0.75)
+    ref.index([tokenize(retrieve.doc_text(d)) for d in docs], show_progress=False)
+    for q in QUERIES[:4] + QUERIES[5:]:
+        assert np.allclose(ours.scores(q), ref.get_scores(tokenize(q)), rtol=1e-6, atol=1e-6), q  # bm25s is float32
+
+def test_tfidf_equals_brute_force():
+    docs = make_docs(120)
+    r = SimpleRetriever()
+    r.add_documents(docs)
+    vocab = sorted({t for d in docs for t in tokenize(retrieve.doc_text(d))})
+    tf = np.array([[tokenize(retrieve.doc_text(d)).count(t) for t in vocab] for d in docs], float)  # (N, V)
+    idf = np.log((1 + len(docs)) / (1 + (tf > 0).sum(0))) + 1
+    X = tf * idf
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    for q in QUERIES:
+        qv = np.array([tokenize(q).count(t) for t in vocab], float) * idf
+        if not qv.any():
+            assert r.retrieve(q, 5) == []
+            continue
+        expected = X @ (qv / np.linalg.norm(qv))
+        assert np.allclose(r.scores(q), expected, atol=1e-12)
+        hits = r.retrieve(q, 5)
+        assert np.allclose([s for _, s in hits], np.sort(expected)[::-1][:5], atol=1e-12)
+        assert [d.id for d, _ in hits][0] == docs[int(np.argmax(expected))].id
+
+def test_dense_exact_equals_brute_force():
+    docs = make_docs(40)
+    encoder = retrieve.load_encoder(retrieve.DEFAULT_MODEL)
+    E = encoder.encode([retrieve.doc_text(d) for d in docs], normalize_embeddings=True)
+    for index in ("flat", "hnsw"):  # HNSW on 40 vectors visits them all: it must be exact too
+        r = DenseRetriever(index=index)
+        r.add_documents(docs)
+        for q in QUERIES:
+            sims = E @ encoder.encode(q, normalize_embeddings=True)
+            hits = r.retrieve(q, 7)
+            assert [d.id for d, _ in hits] == [docs[i].id for i in np.argsort(-sims)[:7]]
+            assert np.allclose([s for _, s in hits], np.sort(sims)[::-1][:7], atol=1e-5)
+
+def build_retriever(kind, docs, **options):
+    r = RETRIEVERS[kind](**options)
+    r.add_documents(docs)
+    return r
+
+def retrieve_all(r, queries=QUERIES, k=8):
+    return [[(d.id, s) for d, s in hits] for hits in r.retrieve_batch(queries, k)]
+
+def same_results(a, b, atol):
+    return all([i for i, _ in x] == [i for i, _ in y] and np.allclose([s for _, s in x], [s for _, s in y], rtol=0, atol=atol)
+               for x, y in zip(a, b))
+
+def test_save_load_and_add_documents_every_type():
+    docs = make_docs(60)
+    for kind in RETRIEVERS:
+        with tempfile.TemporaryDirectory() as tmp:
+            full = build_retriever(kind, docs)
+            part = build_retriever(kind, docs[:35])
+            part.save(os.path.join(tmp, "kb"))
+            loaded = load_kb(os.path.join(tmp, "kb"))
+            assert type(loaded) is type(full) and loaded.options == part.options
+            assert retrieve_all(loaded) == retrieve_all(part)  # save -> load: bit-identical
+            loaded.add_documents(docs[35:])
+            # sparse indexes are rebuilt from exact counts: identical; dense embeddings depend (1e-7) on batch padding
+            exact = kind in ("simple", "bm25")
+            assert same_results(retrieve_all(loaded), retrieve_all(full), atol=0 if exact else 1e-5), kind
+            if exact:
+                for name in ("indptr", "post_doc", "post_tf", "doc_len", "weights"):
+                    assert np.array_equal(getattr(loaded, name), getattr(full, name)), name
+            loaded.save(os.path.join(tmp, "kb"))  # overwriting a KB swaps it atomically
+            assert retrieve_all(RETRIEVERS[kind].load(os.path.join(tmp, "kb"))) == retrieve_all(loaded)
+            assert sorted(os.listdir(tmp)) == ["kb"]  # no temp or old directories left behind
+
+def test_dense_auto_switches_to_hnsw_without_reencoding():
+    old = retrieve.HNSW_MIN_SIZE
+    retrieve.HNSW_MIN_SIZE = 30
+    try:
+        docs = make_docs(40)
+        r = build_retriever("dense", docs[:20])
+        assert r.index.__class__.__name__ == "IndexFlatIP"
+        r.add_documents(docs[20:])
+        assert r.index.__class__.__name__ == "IndexHNSWFlat" and r.index.ntotal == 40
+        flat = build_retriever("dense", docs, index="flat")
+        assert same_results(retrieve_all(r), retrieve_all(flat), atol=1e-5)
+        with tempfile.TemporaryDirectory() as tmp:
+            r.save(tmp + "/kb")
+            assert sorted(os.listdir(tmp + "/kb")) == ["documents.jsonl", "embeddings.npy", "index.faiss", "manifest.json"]
+            assert retrieve_all(load_kb(tmp + "/kb")) == retrieve_all(r)
+    finally:
+        retrieve.HNSW_MIN_SIZE = old
+
+def test_top_k_and_empty_cases():
+    docs = [Document("a", "red fox"), Document("b", "red hen"), Document("c", "red ox")]
+    for kind in RETRIEVERS:
+        empty = RETRIEVERS[kind]()
+        assert empty.retrieve("red fox", 5) == [] and empty.retrieve_batch(["red", ""], 3) == [[], []]
+        r = build_retriever(kind, docs)
+        assert [d.id for d, _ in r.retrieve("red", 100)] == ["a", "b", "c"] or kind in ("dense", "hybrid")
+        assert len(r.retrieve("red fox", 100)) == 3  # top_k > N: the whole collection, no error
+        assert r.retrieve("", 5) == [] and r.retrieve("   ", 5) == [] and r.retrieve("red", 0) == []
+        assert r.retrieve_batch(["fox", "", "hen"], 1)[1] == []
+    for kind in ("simple", "bm25"):
+        r = build_retriever(kind, docs)
+        assert r.retrieve("zebra", 5) == []  # no shared term: nothing to return
+        assert [d.id for d, _ in r.retrieve("fox", 5)] == ["a"]  # only documents that share a term score
+
+def test_bm25_lucene_scores_tiny_corpora():
+    docs = [Document("a", "kelmar velnor"), Document("b", "kelmar ombra")]
+    assert build_retriever("bm25", docs, method="okapi").retrieve("velnor", 2) == []  # idf ln(1.5 / 1.5) = 0: no evidence
+    assert [d.id for d, _ in build_retriever("bm25", docs).retrieve("velnor", 2)] == ["a"]  # lucene idf ln(1 + 1.5 / 1.5)
+
+def write_lines(path, lines):
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+def raises(fn, exc, *fragments):
+    try:
+        fn()
+    except exc as e:
+        assert all(f in str(e) for f in fragments), str(e)
+        return
+    raise AssertionError(f"{fn} did not raise {exc.__name__}")
+
+def test_document_errors():
+    with tempfile.TemporaryDirectory() as tmp:
+        good = '{"id": "a", "text": "x"}'
+        path = write_lines(f"{tmp}/d.jsonl", [good, "", '{"id": 7, "text": "y", "title": "T", "metadata": {"k": 1}}'])
+        assert load_documents(path) == [Document("a", "x"), Document("7", "y", "T", {"k": 1})]
+        raises(lambda: load_documents(write_lines(f"{tmp}/d.jsonl", [good, good[:-3]])), ValueError, "d.jsonl line 2", "invalid JSON")
+        raises(lambda: load_documents(write_lines(f"{tmp}/d.jsonl", [good, '{"id": "b"}'])), ValueError, "line 2", "'text'")
+        raises(lambda: load_documents(write_lines(f"{tmp}/d.jsonl", [good, "[1]"])), ValueError, "line 2", "JSON object")
+        raises(lambda: load_documents(write_lines(f"{tmp}/d.jsonl", [good, '{"id": "b", "text": 3}'])), ValueError, "line 2", "'text'")
+        raises(lambda: load_documents(write_lines(f"{tmp}/d.jsonl", [good, "", good])), ValueError, "line 3", "duplicate", "'a'", "line 1")
+        r = build_retriever("bm25", [Document("a", "x")])
+        raises(lambda: r.add_documents([Document("b", "y"), Document("a", "z")]), ValueError, "duplicate document id 'a'")
+        raises(lambda: r.add_documents([Document("c", "y"), Document("c", "z")]), ValueError, "'c'")
+        raises(lambda: r.add_documents([Document("d", "y"), Document("e", None)]), ValueError, "'e'", "strings")
+        assert len(r.docs) == 1 and r.retrieve("y") == [] and list(r.vocab) == ["x"]  # a refused batch changes nothing
+
+def test_kb_errors_and_versions():
+    with tempfile.TemporaryDirectory() as tmp:
+        raises(lambda: load_kb(f"{tmp}/nothing"), FileNotFoundError, "no KB at", "nothing")
+        build_retriever("bm25", make_docs(5)).save(f"{tmp}/kb")
+        manifest = json.load(open(f"{tmp}/kb/manifest.json"))
+        assert manifest["format_version"] == retrieve.FORMAT_VERSION and manifest["n_documents"] == 5
+        assert manifest["type"] == "bm25" and manifest["options"]["method"] == "lucene"
+        json.dump(dict(manifest, format_version=retrieve.FORMAT_VERSION + 1), open(f"{tmp}/kb/manifest.json", "w"))
+        raises(lambda: load_kb(f"{tmp}/kb"), ValueError, "format_version 2", "not supported")
+        json.dump(dict(manifest, type="magic"), open(f"{tmp}/kb/manifest.json", "w"))
+        raises(lambda: load_kb(f"{tmp}/kb"), ValueError, "unknown type 'magic'")
+        json.dump(manifest, open(f"{tmp}/kb/manifest.json", "w"))
+        raises(lambda: SimpleRetriever.load(f"{tmp}/kb"), ValueError, "'bm25' KB")
+        os.makedirs(f"{tmp}/home")
+        write_lines(f"{tmp}/home/precious.txt", ["do not delete"])
+        raises(lambda: build_retriever("bm25", make_docs(5)).save(f"{tmp}/home"), ValueError, "refusing to replace")
+        assert os.listdir(f"{tmp}/home") == ["precious.txt"]
+
+def test_atomic_save():
+    with tempfile.TemporaryDirectory() as tmp:
+        kb = f"{tmp}/kb"
+        old = build_retriever("bm25", make_docs(30))
+        old.save(kb)
+        new = build_retriever("bm25", make_docs(50, seed=1))
+        real_save = np.save
+        def crash(path, arr, *a, **k):
+            if "doc_len" in str(path):
+                raise OSError("disk full")
+            real_save(path, arr, *a, **k)
+        np.save = crash
+        try:
+            raises(lambda: new.save(kb), OSError, "disk full")
+        finally:
+            np.save = real_save
+        assert retrieve_all(load_kb(kb)) == retrieve_all(old)  # the crash left the previous KB whole
+        os.rename(kb, kb + ".old")  # as if we died between the two renames of the swap
+        assert retrieve_all(load_kb(kb)) == retrieve_all(old)
+        new.save(kb)
+        assert retrieve_all(load_kb(kb)) == retrieve_all(new) and sorted(os.listdir(tmp)) == ["kb"]
+
+def test_hybrid_fusion_and_reranker():
+    h = HybridRetriever(fusion="rrf")
+    dense = (np.array([2, 0, 1]), np.array([0.9, 0.5, 0.1]))
+    sparse = (np.array([0, 3]), np.array([7.0, 1.0]))
+    idx, scores = h.fuse(dense, sparse)
+    assert idx.tolist() == [0, 2, 3, 1]  # doc 0 is in both lists; doc 2 (dense #1) beats doc 3 (sparse #2)
+    assert np.allclose(scores, [1 / 62 + 1 / 61, 1 / 61, 1 / 62, 1 / 63])
+    h = HybridRetriever(fusion="convex", alpha=0.25)
+    idx, scores = h.fuse(dense, sparse)
+    assert idx.tolist() == [0, 2, 1, 3] and np.allclose(scores, [0.25 * 0.5 + 0.75, 0.25, 0.25 * 0.0, 0.0])
+    docs = make_docs(30)
+    h = build_retriever("hybrid", docs, depth=10)
+    d, s = build_retriever("dense", docs), build_retriever("bm25", docs)
+    for q in QUERIES:  # the hybrid's order is the fusion of its parts' top `depth` lists
+        parts = [r._search([q], 10)[0] for r in (d, s)] if q.strip() else None
+        assert [x.id for x, _ in h.retrieve(q, 5)] == [docs[i].id for i in h.fuse(*parts)[0][:5]]
+    class LengthCrossEncoder:  # no cross-encoder ships offline: a stand-in that prefers long documents
+        def predict(self, pairs):
+            return [len(text) for _, text in pairs]
+    real = retrieve.load_encoder
+    retrieve.load_encoder = lambda name, cross=False: LengthCrossEncoder() if cross else real(name)
+    try:
+        h = build_retriever("hybrid", docs, reranker="any/cross-encoder", depth=10)
+        hits = h.retrieve("kelmar born velnor", 5)
+        fused = h.fuse(*[r._search(["kelmar born velnor"], 10)[0] for r in (d, s)])[0][:10]
+        assert [x.id for x, _ in hits] == [x.id for x in sorted((docs[i] for i in fused), key=lambda x: -len(retrieve.doc_text(x)))][:5]
+    finally:
+        retrieve.load_encoder = real
+
+def test_metrics():
+    ranked = ["a", "b", "c", "d"]
+    assert recall_at_k(ranked, ["b", "z"], 1) == 0 and recall_at_k(ranked, ["b", "z"], 2) == 0.5
+    assert precision_at_k(ranked, ["a", "c"], 4) == 0.5 and precision_at_k(ranked, ["a"], 1) == 1
+    assert mrr(ranked, ["c", "d"]) == 1 / 3 and mrr(ranked, ["z"]) == 0
+    assert abs(ndcg_at_k(ranked, ["b"], 3) - 1 / np.log2(3)) < 1e-12
+    assert abs(ndcg_at_k(ranked, ["a", "c"], 3) - (1 + 1 / np.log2(4)) / (1 + 1 / np.log2(3))) < 1e-12
+    assert ndcg_at_k(ranked, ["a", "b"], 10) == 1.0
+    with tempfile.TemporaryDirectory() as tmp:
+        r = build_retriever("bm25", [Document("a", "red fox"), Document("b", "blue hen"), Document("c", "red hen")])
+        qa = write_lines(f"{tmp}/qa.jsonl", ['{"question": "blue hen", "gold_ids": ["b"]}',
+                                       '{"question": "red", "gold_ids": ["c"]}',  # a, c tie: a first
+                                       '{"question": "who?", "gold_ids": []}'])   # unanswerable: skipped
+        m = evaluate(r, qa, ks=(1, 2))
+        assert m["n"] == 2 and m["recall@1"] == 0.5 and m["recall@2"] == 1 and m["mrr"] == 0.75
+        assert m["precision@2"] == 0.5 and abs(m["ndcg@2"] - (1 + 1 / np.log2(3)) / 2) < 1e-12
+        raises(lambda: evaluate(r, write_lines(f"{tmp}/qa.jsonl", ['{"q": 1}'])), ValueError, "qa.jsonl line 1", "question")
+
+def test_retrieval_manager():
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/docs.jsonl"
+        retrieve.save_documents(make_docs(20), path)
+        assert load_documents(path) == make_docs(20)
+        m = retrieve.RetrievalManager.build(path, "simple")
+        m.save(f"{tmp}/kb")
+        loaded = retrieve.RetrievalManager.load(f"{tmp}/kb")
+        assert retrieve_all(loaded.retriever) == retrieve_all(m.retriever) and loaded.retrieve("velnor") == m.retrieve("velnor")
+        loaded.add_documents(make_docs(5, start=20))
+        assert len(loaded.retriever.docs) == 25 and loaded.retrieve_batch(["tarsi"], 2)[0] == loaded.retrieve("tarsi", 2)
+        raises(lambda: retrieve.RetrievalManager.build(path, "magic"), ValueError, "unknown retriever type 'magic'")
+
+def test_cli():
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(here, "retrieve.py"), *a], capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        docs = [json.dumps({"id": f"d{i}", "title": t, "text": x}) for i, (t, x) in
+                enumerate([("Velnor", "a city on the river"), ("Kelmar", "born in Velnor, a painter"), ("Ombra", "old mill")])]
+        write_lines(f"{tmp}/docs.jsonl", docs[:2])
+        assert run("--documents", f"{tmp}/docs.jsonl", "--output", f"{tmp}/kb", "--type", "bm25").returncode == 0
+        write_lines(f"{tmp}/more.jsonl", docs[2:])
+        assert run("--documents", f"{tmp}/more.jsonl", "--kb", f"{tmp}/kb").returncode == 0
+        out = run("--kb", f"{tmp}/kb", "--query", "where in Velnor was Kelmar born", "--top_k", "5").stdout.splitlines()
+        assert len(out) == 2 and "[d1] Kelmar: born in Velnor" in out[0] and "[d0]" in out[1]
+        write_lines(f"{tmp}/qa.jsonl", ['{"question": "old mill", "gold_ids": ["d2"]}'])
+        assert "recall" in run("--kb", f"{tmp}/kb", "--eval", f"{tmp}/qa.jsonl").stdout
+        write_lines(f"{tmp}/bad.jsonl", [docs[0], "{oops"])
+        p = run("--documents", f"{tmp}/bad.jsonl", "--output", f"{tmp}/kb2")
+        assert p.returncode == 1 and p.stderr.strip().splitlines() == [f"error: {tmp}/bad.jsonl line 2: invalid JSON (Expecting property name enclosed in double quotes at column 2)"]
+        p = run("--kb", f"{tmp}/nope", "--query", "x")
+        assert p.returncode == 1 and p.stderr.startswith("error: no KB at") and len(p.stderr.strip().splitlines()) == 1
+
+
+# -----------------------------------------------------------------------------
+# configurator.py, common.py, train.py
 
 def test_configurator_files_and_overrides(tmp_path):
     from configurator import ConfigError, configure
@@ -208,13 +1270,573 @@ def test_every_config_builds_what_it_says(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# rag.py, rag_train.py, chat.py
+
+TMP = tempfile.TemporaryDirectory()
+
+
+@functools.cache
+def world():
+    """A tiny prepared world (shared by the tests): its directory, tokenizer, documents by id, QA records."""
+    out = os.path.join(TMP.name, "world")
+    prepare_world(out, seed=7, world_size=20, heldout_frac=0.5, n_renderings=2, vocab_size=600, val_frac=0.1)
+    tok = Tokenizer.load(os.path.join(out, "tokenizer.json"))
+    docs = {d["id"]: d for d in map(json.loads, open(os.path.join(out, "kb.jsonl")))}
+    qa = [json.loads(l) for l in open(os.path.join(out, "qa_train.jsonl"))]
+    return out, tok, docs, qa
+
+
+def checkpoint(pattern, path, **model):
+    _, tok, _, _ = world()
+    cfg = GPTConfig(**{**dict(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, block_size=64, vocab_size=tok.vocab_size,
+                              block_pattern=pattern), **model})
+    torch.manual_seed(0)
+    save_checkpoint(path, {"model": GPT(cfg).state_dict(), "model_args": dataclasses.asdict(cfg), "step": 0,
+                           "optimizer": [], "config": {}, "tokenizer": tok.to_json(), "val_loss": 0.0, "stage": "train"})
+    return path
+
+
+def rag_train(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "rag_train.py"), *args], capture_output=True, text=True,
+                          cwd=HERE, timeout=300)
+
+
+# -----------------------------------------------------------------------------
+# conversations and RAFT examples
+
+def test_rag_example_rendering_and_mask():
+    _, tok, docs, qa = world()
+    q = next(q for q in qa if q["hops"] == 1)
+    gold = docs[q["gold_ids"][0]]
+    distractors = [d for i, d in docs.items() if i != gold["id"]][:5]
+    picked = rag.raft_docs(q, distractors, docs, random.Random(3), 3, p_no_gold=0.0)
+    assert len(picked) == 3 and gold in picked
+    pos = picked.index(gold) + 1
+    ids, mask = rag.render_example(tok, q, picked)
+    text = tok.decode(ids)
+    assert text.startswith("<|bos|><|user_start|>" + q["question"] + "<|user_end|><|doc_start|>[1] ")
+    assert f"<|doc_start|>[{pos}] {gold['title']}: {gold['text']}<|doc_end|>" in text and "[4]" not in text
+    answer = tok.decode([t for t, m in zip(ids, mask) if m])
+    assert answer == f"<|assistant_start|>{rag.target_answer(q, picked)}<|assistant_end|>"
+    assert answer.endswith(f" [{pos}].<|assistant_end|>") and q["answer"] in answer
+    assert ids[-len(tok.encode(answer)) - 10:] and mask.index(1) == len(ids) - mask.count(1)  # mask is one final span
+    # closed-book: no documents, no citation
+    ids, mask = rag.render_example(tok, q)
+    assert "<|doc_start|>" not in tok.decode(ids) and not tok.decode(ids).endswith("].<|assistant_end|>")
+
+
+def test_raft_gold_position_varies_and_abstains_without_gold():
+    _, _, docs, qa = world()
+    q = next(q for q in qa if q["hops"] == 1)
+    pool = [d for i, d in docs.items() if i not in q["gold_ids"]]
+    positions = {[d["id"] for d in rag.raft_docs(q, pool, docs, random.Random(s), 4, 0.0)].index(q["gold_ids"][0])
+                 for s in range(40)}
+    assert positions == {0, 1, 2, 3}
+    no_gold = rag.raft_docs(q, pool, docs, random.Random(0), 4, p_no_gold=1.0)
+    assert len(no_gold) == 4 and not rag.has_gold(q, no_gold) and rag.target_answer(q, no_gold) == ABSTAIN
+    unanswerable = next(q for q in qa if q["hops"] == 0)
+    assert rag.target_answer(unanswerable, pool[:3]) == ABSTAIN
+
+
+# -----------------------------------------------------------------------------
+# metrics on hand-made cases
+
+QA = {"question": "Where was Kel Odri born?", "answer": "Velnor", "type": "born_in", "entity": "Kel Odri",
+      "gold_ids": ["d1"], "hops": 1}
+D0 = {"id": "d0", "title": "Ama Pesk", "text": "Ama Pesk was born in Durn."}
+D1 = {"id": "d1", "title": "Kel Odri", "text": "Kel Odri was born in Velnor. He is a poet."}
+D2 = {"id": "d2", "title": "Velnor", "text": "Velnor is a city in Tarsia."}
+
+
+def test_squad_normalisation_em_f1():
+    assert rag.normalize("The  Velnor-City!") == "velnorcity"
+    assert rag.exact_match("an Engineer.", "engineer") == 1.0 and rag.exact_match("Velnor", "Velmor") == 0.0
+    assert abs(rag.token_f1("Velnor City", "Velnor") - 2 / 3) < 1e-9
+    assert rag.token_f1("", "") == 1.0 and rag.token_f1("Velnor", "") == 0.0
+
+
+def test_read_answer_is_strict():
+    assert rag.read_answer("Kel Odri was born in Velnor [2].", QA) == ("Velnor", [2])
+    assert rag.read_answer("Kel Odri was born in Velnor [2][3].", QA) == ("Velnor", [2, 3])
+    assert rag.read_answer(ABSTAIN, QA) == (None, [])
+    # another entity's sentence is not read as an answer about Kel Odri: the whole sentence is the answer
+    assert rag.read_answer("Ama Pesk was born in Velnor [1].", QA) == ("Ama Pesk was born in Velnor.", [1])
+    prof = {**QA, "type": "profession", "answer": "engineer"}
+    assert rag.read_answer("Kel Odri is an engineer [1].", prof)[0] == "an engineer"
+
+
+def test_score_hand_made_cases():
+    docs = [D0, D1, D2]
+    right = rag.score(QA, "Kel Odri was born in Velnor [2].", docs)
+    assert right == {"em": 1.0, "f1": 1.0, "abstained": 0.0, "hallucinated": 0.0, "citation_ok": 1.0, "citation_gold": 1.0}
+    cites_city_doc = rag.score(QA, "Kel Odri was born in Velnor [3].", docs)  # holds the answer, but is not gold
+    assert cites_city_doc["citation_ok"] == 1.0 and cites_city_doc["citation_gold"] == 0.0
+    wrong_cite = rag.score(QA, "Kel Odri was born in Velnor [1].", docs)
+    assert wrong_cite["em"] == 1.0 and wrong_cite["citation_ok"] == 0.0
+    assert rag.score(QA, "Kel Odri was born in Velnor [9].", docs)["citation_ok"] == 0.0  # out of range
+    assert rag.score(QA, "Kel Odri was born in Velnor.", docs)["citation_ok"] == 0.0       # no citation
+    wrong = rag.score(QA, "Kel Odri was born in Durn [1].", docs)
+    assert wrong["em"] == 0.0 and wrong["f1"] == 0.0 and wrong["hallucinated"] == 1.0
+    partial = rag.score(QA, "Kel Odri was born in Velnor City [2].", docs)
+    assert partial["em"] == 0.0 and abs(partial["f1"] - 2 / 3) < 1e-9 and partial["hallucinated"] == 1.0
+    timid = rag.score(QA, ABSTAIN, docs)  # the answer was there
+    assert timid["abstained"] == 1.0 and timid["em"] == 0.0 and timid["hallucinated"] == 0.0 and "citation_ok" not in timid
+    # gold document absent: abstaining is right, any definite answer (even the true one) is a hallucination
+    assert rag.score(QA, ABSTAIN, [D0, D2]) == {"em": 1.0, "f1": 1.0, "abstained": 1.0, "hallucinated": 0.0}
+    lucky = rag.score(QA, "Kel Odri was born in Velnor [2].", [D0, D2])
+    assert lucky["hallucinated"] == 1.0 and lucky["em"] == 0.0
+    # closed-book: no citations expected; no answer at all counts as a wrong definite answer
+    assert rag.score(QA, "Kel Odri was born in Velnor.", None) == {"em": 1.0, "f1": 1.0, "abstained": 0.0, "hallucinated": 0.0}
+    assert rag.score(QA, None, None)["hallucinated"] == 1.0
+    s = rag.summarize([right, timid, lucky])
+    assert s["n"] == 3 and abs(s["em"] - 1 / 3) < 1e-9 and s["citation_ok"] == 1.0 and abs(s["hallucinated"] - 1 / 3) < 1e-9
+
+
+# -----------------------------------------------------------------------------
+# the generation loop, with a model that plays back a script
+
+class Scripted(torch.nn.Module):
+    """The GPT interface, playing back `script`: each forward call's last logits pick the next script token.
+    Records every token it was fed, so the test can check what went through the cache."""
+
+    def __init__(self, script, vocab_size):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.script, self.vocab_size, self.fed = list(script), vocab_size, []
+
+    def init_cache(self, batch_size, max_len):
+        return SimpleNamespace(pos=0, max_len=max_len)
+
+    def forward(self, idx, cache=None):
+        assert cache.pos + idx.shape[1] <= cache.max_len
+        self.fed += idx[0].tolist()
+        cache.pos += idx.shape[1]
+        logits = torch.zeros(1, idx.shape[1], self.vocab_size)
+        logits[0, -1, self.script.pop(0) if self.script else 0] = 1.0
+        return logits, None
+
+
+def hop_script(tok, query, answer):
+    s = tok.special
+    return ([s("<|query_start|>")] + tok.encode(query) + [s("<|query_end|>")] +
+            [s("<|assistant_start|>")] + tok.encode(answer) + [s("<|assistant_end|>")])
+
+
+def test_multi_hop_loop_retrieves_appends_and_answers():
+    _, tok, _, _ = world()
+    calls = []
+    retrieve = lambda q, k: calls.append((q, k)) or [D1, D2, D0][:k]
+    script = hop_script(tok, "Where was Kel Odri born?", "Kel Odri was born in Velnor [2].")
+    model = Scripted(script, tok.vocab_size)
+    streamed = []
+    out = rag.generate(model, tok, rag.messages_for("Where is the birthplace of Kel?", [D0]), retrieve=retrieve,
+                       top_k=2, max_hops=1, on_token=lambda piece, kind: streamed.append((kind, piece)))
+    assert out["stop"] == "answer" and out["answer"] == "Kel Odri was born in Velnor [2]."
+    assert calls == [("Where was Kel Odri born?", 2)] and out["queries"] == ["Where was Kel Odri born?"]
+    assert [d["id"] for d in out["docs"]] == ["d0", "d1", "d2"]  # numbering continues: the hop's docs are [2], [3]
+    ids, mask = render_conversation(tok, out["messages"])
+    assert out["ids"] == ids and out["mask"] == mask  # exactly the training rendering, masks included
+    assert "[2] Kel Odri:" in tok.decode(ids) and "[3] Velnor:" in tok.decode(ids)
+    assert model.fed == out["ids"][:-1]  # every token went through the cache once (the last one is not needed)
+    assert "".join(p for k, p in streamed if k == "answer") == out["answer"]
+    assert "".join(p for k, p in streamed if k == "query") == "Where was Kel Odri born?"
+
+
+def test_loop_stopping_rules():
+    _, tok, _, _ = world()
+    script = hop_script(tok, "Where was Kel Odri born?", "Kel Odri was born in Velnor [2].")
+    msgs = rag.messages_for("Where is the birthplace of Kel?", [D0])
+    never = lambda q, k: (_ for _ in ()).throw(AssertionError("retrieved beyond max_hops"))
+    out = rag.generate(Scripted(script, tok.vocab_size), tok, msgs, retrieve=never, max_hops=0)
+    assert out["stop"] == "max_hops" and out["answer"] is None and out["queries"] == ["Where was Kel Odri born?"]
+    out = rag.generate(Scripted(tok.encode("Velnor"), tok.vocab_size), tok, msgs)
+    assert out["stop"] == "format" and out["answer"] is None and sum(out["mask"]) == 1
+    out = rag.generate(Scripted(script[-10:-1] * 5, tok.vocab_size), tok, msgs, max_new_tokens=4)
+    assert out["stop"] in ("format", "max_tokens")
+    long = [tok.special("<|assistant_start|>")] + tok.encode("Kel Odri was born in Velnor and Durn and more") * 3
+    out = rag.generate(Scripted(long, tok.vocab_size), tok, msgs, max_new_tokens=6)
+    assert out["stop"] == "max_tokens" and sum(out["mask"]) == 7
+    # context limit: the hop's documents do not fit and are dropped, then the answer runs out of room
+    prompt = len(render_conversation(tok, msgs)[0])
+    model = Scripted(script, tok.vocab_size)  # asserts that it is never fed beyond the cache
+    out = rag.generate(model, tok, msgs, retrieve=lambda q, k: [D1, D2], max_hops=2, max_len=prompt + 14, max_new_tokens=14)
+    assert out["stop"] == "context" and out["dropped"]["docs"] == 2 and len(model.fed) == prompt + 14
+    # the first prompt itself is cut to fit: lowest-ranked documents go first
+    two = rag.messages_for("Where is the birthplace of Kel?", [D1, D0])
+    room = len(render_conversation(tok, rag.messages_for("Where is the birthplace of Kel?", [D1]))[0]) + 8
+    out = rag.generate(Scripted(script[-12:], tok.vocab_size), tok, two, max_len=room, max_new_tokens=8)
+    assert out["dropped"]["docs"] == 1 and [d["id"] for d in out["docs"]] == ["d1"]
+    # an earlier turn goes before this turn's documents do
+    history = rag.messages_for("Who is Ama Pesk?", [D0], "Ama Pesk was born in Durn [1].")
+    room = len(render_conversation(tok, two)[0]) + 8
+    out = rag.generate(Scripted(script[-12:], tok.vocab_size), tok, history + two, max_len=room, max_new_tokens=8)
+    assert out["dropped"] == {"docs": 0, "turns": 1} and out["messages"][0]["content"] == "Where is the birthplace of Kel?"
+
+
+def test_loop_with_a_real_model_matches_full_forward():
+    """Cached prefill, one-token decode and a chunked prefill of appended documents give the tokens a full forward
+    over the final sequence would pick."""
+    _, tok, _, _ = world()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, vocab_size=tok.vocab_size, block_pattern="TM")).eval()
+    s = tok.special
+    with torch.no_grad():  # make the model open a query at once, and close it after 3 tokens, so the loop retrieves
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[s("<|query_start|>")] += 1.0
+    out = rag.generate(model, tok, rag.messages_for("Where was Kel Odri born?", [D0]), retrieve=lambda q, k: [D1, D2],
+                       max_hops=1, max_new_tokens=3)
+    assert out["stop"] == "max_tokens" or out["stop"] == "format"
+    seq = torch.tensor([out["ids"]])
+    with torch.no_grad():
+        full = model(seq)[0][0]
+    sampled = [i for i, m in enumerate(out["mask"]) if m]
+    assert all(full[i - 1].argmax().item() == out["ids"][i] for i in sampled)
+
+
+# -----------------------------------------------------------------------------
+# rag_train.py: the Transformer refusal, both data modes, and a fine-tune that learns
+
+def test_pure_transformer_is_refused_with_one_line():
+    data, *_ = world()
+    ckpt = checkpoint("T", os.path.join(TMP.name, "t.pt"))
+    r = rag_train(f"--init_from={ckpt}", f"--data_dir={data}", f"--out_dir={TMP.name}/t_rag")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert "pure Transformer" in r.stderr and "--allow_transformer=True" in r.stderr
+    assert not os.path.exists(f"{TMP.name}/t_rag/ckpt.pt")
+
+
+TINY_RAG = ["--seq_len=256", "--total_batch_size=1024", "--device_batch_size=2", "--max_iters=2", "--eval_interval=2",
+        "--k_max=3", "--eval_n=1", "--eval_ks=1", "--warmup_iters=1"]
+
+
+def test_dynamic_and_static_data_modes_train_identically():
+    data, tok, docs, qa = world()
+    ckpt = checkpoint("TM", os.path.join(TMP.name, "tm.pt"))
+    outs = {}
+    for mode in ("dynamic", "static"):
+        r = rag_train(f"--init_from={ckpt}", f"--data_dir={data}", f"--out_dir={TMP.name}/{mode}", f"--data_mode={mode}", *TINY_RAG)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs[mode] = torch.load(f"{TMP.name}/{mode}/ckpt.pt", weights_only=True)
+        res = json.load(open(f"{TMP.name}/{mode}/eval.json"))
+        assert res["rag"]["n"] == 1 and set(res["vs_k"]) == {"1"}
+    static = [json.loads(l) for l in open(os.path.join(data, "retrieved_bm25_top16.jsonl"))]
+    rag_world_qa = [json.loads(l) for l in open(os.path.join(data, "qa_rag.jsonl"))]
+    assert len(static) == sum(q["hops"] <= 1 for q in rag_world_qa)  # RAG examples come from the RAG world
+    assert all(not i.startswith("heldout") for r in static for i in r["retrieved"])  # the held-out world stays unseen
+    assert outs["static"]["stage"] == "rag" and outs["static"]["step"] == 2
+    a, b = outs["dynamic"]["model"], outs["static"]["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same batches, so the same weights
+    base = torch.load(ckpt, weights_only=True)["model"]
+    assert not all(torch.equal(a[k], base[k]) for k in a)  # and it did train
+
+
+def test_rename_entity_hides_the_name_everywhere():
+    _, tok, docs, qa = world()
+    q = next(q for q in qa if q["hops"] == 1 and q["gold_ids"][0].startswith("train-person"))
+    gold = docs[q["gold_ids"][0]]
+    words = sorted({w for d in docs.values() for w in d["title"].split()})
+    q2, (g2,) = rag.rename_entity(q, [gold], random.Random(0), words)
+    surname = q["entity"].split()[-1]
+    assert surname not in q2["question"] + g2["title"] + g2["text"] and q2["entity"] in q2["question"]
+    assert q2["answer"] == q["answer"] and q2["entity"] in g2["title"] and q["answer"] in g2["text"]
+    assert rag.score(q2, rag.target_answer(q2, [g2]), [g2])["em"] == 1.0
+
+
+def test_tiny_finetune_beats_chance():
+    """End to end on the tiny world: RAFT conversations -> a few seconds of fine-tuning a random tiny hybrid ->
+    held-out conversations. Accuracy here is teacher-forced next-token accuracy on what the assistant says: it must
+    beat chance (always the most frequent answer token) and the untrained model. (Exact match needs far more
+    training than a unit test has: see rag_train.py's evaluation.)"""
+    data, tok, docs, qa = world()
+    heldout = [json.loads(l) for l in open(os.path.join(data, "qa_heldout.jsonl"))]
+    pool = list(docs.values())
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_embd=64, n_head=2, n_kv_head=1, vocab_size=tok.vocab_size, block_pattern="TM"))
+
+    def batch(qs, rng):
+        rows = [rag.render_example(tok, q, rag.raft_docs(q, rng.sample(pool, 3), docs, rng, 2, p_no_gold=0.3)) for q in qs]
+        n = max(len(ids) for ids, _ in rows)
+        x = torch.tensor([ids[:-1] + [0] * (n - len(ids)) for ids, _ in rows])
+        y = torch.tensor([[t if m else -1 for t, m in zip(ids[1:], mask[1:])] + [-1] * (n - len(ids)) for ids, mask in rows])
+        return x, y
+
+    x_test, y_test = batch([q for q in heldout if q["hops"] <= 1][:48], random.Random(1))
+    answer_tokens = y_test[y_test >= 0]
+    chance = torch.bincount(answer_tokens).max().item() / len(answer_tokens)
+
+    def accuracy():
+        with torch.no_grad():
+            pred = model(x_test)[0].argmax(-1)
+        return (pred[y_test >= 0] == answer_tokens).float().mean().item()
+
+    before = accuracy()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = random.Random(0)
+    train = [q for q in qa if q["hops"] <= 1]
+    for _ in range(STEPS):
+        _, loss = model(*batch(rng.sample(train, 8), rng))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    after = accuracy()
+    print(f"answer-token accuracy: untrained {before:.3f}, chance {chance:.3f}, after {STEPS} steps {after:.3f}")
+    assert after > chance + 0.1 and after > before + 0.1, (before, chance, after)
+
+
+STEPS = 20  # fine-tuning steps of the end-to-end test
+
+
+# -----------------------------------------------------------------------------
+# refrag_train.py
+
+TMP_REFRAG = tempfile.TemporaryDirectory()
+
+
+@functools.cache
+def refrag_world():
+    """A tiny prepared world: its directory, tokenizer, documents by id, training QA records."""
+    out = os.path.join(TMP_REFRAG.name, "world")
+    prepare_world(out, seed=7, world_size=20, heldout_frac=0.5, n_renderings=2, vocab_size=600, val_frac=0.1)
+    tok = Tokenizer.load(os.path.join(out, "tokenizer.json"))
+    docs = {d["id"]: d for d in map(json.loads, open(os.path.join(out, "kb.jsonl")))}
+    qa = [json.loads(l) for l in open(os.path.join(out, "qa_train.jsonl"))]
+    return out, tok, docs, qa
+
+
+@functools.cache
+def refrag():
+    """refrag_train.py's functions and defaults, without running the stage."""
+    return script_defaults(os.path.join(HERE, "refrag_train.py"))
+
+
+def tiny_gpt(tok, pattern="TM"):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, block_size=64, vocab_size=tok.vocab_size,
+                         block_pattern=pattern))
+
+
+class ScriptedRefrag(torch.nn.Module):
+    """A stand-in for GPT that emits a fixed token script, one token per forward call."""
+
+    def __init__(self, script, vocab_size):
+        super().__init__()
+        self.script, self.vocab_size, self.dummy = list(script), vocab_size, torch.nn.Parameter(torch.zeros(1))
+
+    def init_cache(self, batch_size, max_len):
+        return type("Cache", (), {"pos": 0, "max_len": max_len})()
+
+    def forward(self, idx, cache=None):
+        cache.pos += idx.size(1)
+        logits = torch.zeros(1, idx.size(1), self.vocab_size)
+        logits[0, -1, self.script.pop(0) if self.script else 0] = 1.0
+        return logits, None
+
+
+def turn(tok, kind, text):
+    start, end = {"query": ("<|query_start|>", "<|query_end|>"), "answer": ("<|assistant_start|>", "<|assistant_end|>")}[kind]
+    return [tok.special(start)] + tok.encode(text) + [tok.special(end)]
+
+
+def two_hop():
+    _, _, docs, qa = refrag_world()
+    return next(q for q in qa if q["hops"] == 2), docs
+
+
+# -----------------------------------------------------------------------------
+# the gold conversations of the warm start
+
+def test_chain_conversation_queries_what_is_missing_and_masks_only_model_text():
+    _, tok, docs, qa = refrag_world()
+    q = next(q for q in qa if q["hops"] == 3)
+    distractors = [d for d in docs.values() if d["id"] not in q["gold_ids"]][:2]
+    first = docs[q["chain"][0]["doc_id"]]
+    # the question's retrieval finds step 1's document; the queries' retrievals miss theirs: the gold goes in
+    retrieve = lambda query, k: ([first] if query == q["question"] else []) + distractors[:k - (query == q["question"])]
+    msgs = refrag()["chain_messages"](q, retrieve, docs)
+    assert [m["role"] for m in msgs] == ["user", "documents", "query", "documents", "query", "documents", "assistant"]
+    assert [m["content"] for m in msgs if m["role"] == "query"] == [s["query"] for s in q["chain"][1:]]
+    seen = [d["id"] for m in msgs if m["role"] == "documents" for d in m["content"]]
+    assert seen[0] == first["id"] and seen[3] == q["chain"][1]["doc_id"] and seen[5] == q["chain"][2]["doc_id"]
+    assert msgs[-1]["content"] == prepare_answer(q, cite=6)  # the last gold document is [6]
+    ids, mask = render_conversation(tok, msgs)
+    learned = [t for t, m in zip(ids, mask) if m]
+    expected = sum((turn(tok, "query", s["query"]) for s in q["chain"][1:]), []) + turn(tok, "answer", msgs[-1]["content"])
+    assert learned == expected  # queries and the answer, never the question or a document
+
+
+def prepare_answer(qa, cite):
+    from prepare import answer_sentence
+    return answer_sentence(qa, cite=cite)
+
+
+def test_chain_conversation_single_hop_answers_at_once_unanswerable_abstains():
+    _, tok, docs, qa = refrag_world()
+    one = next(q for q in qa if q["hops"] == 1)
+    none = next(q for q in qa if q["hops"] == 0)
+    gold, other = docs[one["gold_ids"][0]], next(d for d in docs.values() if d["id"] not in one["gold_ids"])
+    msgs = refrag()["chain_messages"](one, lambda query, k: [other, gold], docs)
+    assert [m["role"] for m in msgs] == ["user", "documents", "assistant"] and msgs[-1]["content"] == prepare_answer(one, 2)
+    msgs = refrag()["chain_messages"](none, lambda query, k: [other, gold], docs)
+    assert [m["role"] for m in msgs] == ["user", "documents", "assistant"] and msgs[-1]["content"] == ABSTAIN
+
+
+def test_renamed_swaps_entity_names_consistently():
+    msgs = [{"role": "user", "content": "In what year was the employer of Kel Odri founded?"},
+            {"role": "documents", "content": [{"id": "p1", "title": "Kel Odri", "text": "Kel Odri works for Velnor Group."}]},
+            {"role": "query", "content": "When was Velnor Group founded?"},
+            {"role": "assistant", "content": "The company Kel Odri works for was founded in 1971 [2]."}]
+    import random
+    out = refrag()["renamed"](msgs, {"Kel", "Odri", "Velnor"}, random.Random(0))
+    kel, odri = out[1]["content"][0]["title"].split()
+    velnor = out[2]["content"].split()[2]
+    assert {kel, odri, velnor}.isdisjoint({"Kel", "Odri", "Velnor"}) and out[1]["content"][0]["id"] == "p1"
+    assert out[0]["content"] == f"In what year was the employer of {kel} {odri} founded?"
+    assert out[1]["content"][0]["text"] == f"{kel} {odri} works for {velnor} Group."
+    assert out[3]["content"] == f"The company {kel} {odri} works for was founded in 1971 [2]."  # facts stay
+    assert refrag()["renamed"](msgs, set(), random.Random(0)) == msgs
+
+
+# -----------------------------------------------------------------------------
+# the loop as RL drives it: stopping rules and masks
+
+def test_rollout_hops_then_answers_mask_is_exactly_the_sampled_tokens():
+    _, tok, _, _ = refrag_world()
+    q, docs = two_hop()
+    step0, step1 = (docs[s["doc_id"]] for s in q["chain"])
+    answer = prepare_answer(q, cite=2)
+    script = turn(tok, "query", q["chain"][1]["query"]) + turn(tok, "answer", answer)
+    calls = []
+    retrieve = lambda query, k: calls.append(query) or ([step0] if query == q["question"] else [step1])
+    out = refrag()["rollout"](ScriptedRefrag(script, tok.vocab_size), tok, q, retrieve, k=1, hops=3)
+    assert out["stop"] == "answer" and out["answer"] == answer and out["queries"] == [q["chain"][1]["query"]]
+    assert calls == [q["question"], q["chain"][1]["query"]]
+    assert [d["id"] for d in out["docs"]] == [step0["id"], step1["id"]]
+    assert [t for t, m in zip(out["ids"], out["mask"]) if m] == script  # the model's tokens, nothing else
+    ids, mask = render_conversation(tok, out["messages"])
+    assert out["ids"] == ids and out["mask"] == mask  # what RL pushes is what the warm start imitated
+    r, parts = refrag()["reward"](q, out)
+    assert parts == {"em": 1.0, "cite": 1.0, "format": 0.0, "hops": 1}
+
+
+def test_rollout_stops_at_max_hops_and_on_format():
+    _, tok, _, _ = refrag_world()
+    q, docs = two_hop()
+    retrieve = lambda query, k: [docs[q["chain"][0]["doc_id"]]]
+    queries = turn(tok, "query", "Where is it?") * 3
+    out = refrag()["rollout"](ScriptedRefrag(queries, tok.vocab_size), tok, q, retrieve, k=1, hops=2)
+    assert out["stop"] == "max_hops" and len(out["queries"]) == 3 and out["answer"] is None
+    assert len(out["docs"]) == 3  # the question's document and two hops; the third query is not served
+    out = refrag()["rollout"](ScriptedRefrag(tok.encode("Velnor"), tok.vocab_size), tok, q, retrieve, k=1, hops=2)
+    assert out["stop"] == "format" and sum(out["mask"]) == 1
+    g = refrag()
+    assert g["reward"](q, out)[0] == -g["w_format"]
+
+
+# -----------------------------------------------------------------------------
+# the reward and the advantages
+
+def test_reward_hand_made_cases():
+    g = refrag()
+    q, docs = two_hop()
+    d0, d1 = docs[q["chain"][0]["doc_id"]], docs[q["chain"][1]["doc_id"]]
+    run = lambda answer, stop="answer", n_queries=1: {"answer": answer, "stop": stop, "queries": ["q"] * n_queries,
+                                                       "docs": [rag.doc_dict(d0), rag.doc_dict(d1)]}
+    right, wrong_cite = prepare_answer(q, cite=2), prepare_answer(q, cite=1)
+    assert g["reward"](q, run(right)) == (g["w_em"] + g["w_cite"] - g["w_hop"], {"em": 1.0, "cite": 1.0, "format": 0.0, "hops": 1})
+    assert g["reward"](q, run(wrong_cite))[0] == g["w_em"] - g["w_hop"]  # [1] does not hold the answer
+    assert g["reward"](q, run(right, n_queries=3))[0] == g["w_em"] + g["w_cite"] - 3 * g["w_hop"]
+    wrong = right.replace(q["answer"], "Nowhere")
+    assert g["reward"](q, run(wrong)) == (g["w_cite"] - g["w_hop"], {"em": 0.0, "cite": 1.0, "format": 0.0, "hops": 1})
+    assert g["reward"](q, run(ABSTAIN))[0] == -g["w_hop"]  # the KB holds the answer: abstaining is wrong
+    assert g["reward"](q, run(None, "max_hops", 4))[0] == -g["w_format"] - 4 * g["w_hop"]
+    none = {**q, "answer": "", "gold_ids": [], "chain": []}
+    assert g["reward"](none, run(ABSTAIN, n_queries=0))[0] == g["w_em"]
+    assert g["reward"](none, run(right, n_queries=0))[0] == 0.0
+    assert g["advantages"]([1.0, 0.0, 0.0, 1.0]).tolist() == [0.5, -0.5, -0.5, 0.5]
+
+
+# -----------------------------------------------------------------------------
+# one policy-gradient step moves the rewarded rollout up and the punished one down
+
+def sampled_logp(model, out):
+    ids = torch.tensor([out["ids"]])
+    logp = torch.log_softmax(model(ids[:, :-1])[0][0], -1)
+    return sum(logp[i - 1, out["ids"][i]] for i, m in enumerate(out["mask"]) if m and i > 0)
+
+
+def test_policy_gradient_step_raises_rewarded_and_lowers_punished_rollout():
+    _, tok, _, _ = refrag_world()
+    q, docs = two_hop()
+    retrieve = lambda query, k: [docs[s["doc_id"]] for s in q["chain"]][:k]
+    good = refrag()["rollout"](ScriptedRefrag(turn(tok, "answer", prepare_answer(q, 2)), tok.vocab_size), tok, q, retrieve, k=2)
+    bad = refrag()["rollout"](ScriptedRefrag(turn(tok, "answer", ABSTAIN), tok.vocab_size), tok, q, retrieve, k=2)
+    model = tiny_gpt(tok)
+    adv = refrag()["advantages"]([refrag()["reward"](q, good)[0], refrag()["reward"](q, bad)[0]])
+    assert adv[0] > 0 > adv[1]
+    with torch.no_grad():
+        before = [sampled_logp(model, o).item() for o in (good, bad)]
+    loss = refrag()["pg_loss"](model, [good, bad], adv)
+    n = sum(good["mask"][1:]) + sum(bad["mask"][1:])
+    assert abs(loss.item() + (adv[0] * before[0] + adv[1] * before[1]) / n) < 1e-4  # -sum(A * log p) / tokens
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.5 * p.grad
+        after = [sampled_logp(model, o).item() for o in (good, bad)]
+    assert after[0] > before[0] + 1e-3 and after[1] < before[1] - 1e-3
+
+
+# -----------------------------------------------------------------------------
+# the stage end to end: refusal, sft -> rl, checkpoints, eval.json and the curve
+
+def refrag_checkpoint(pattern, path):
+    _, tok, _, _ = refrag_world()
+    model = tiny_gpt(tok, pattern)
+    save_checkpoint(path, {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config), "step": 0,
+                           "optimizer": [], "config": {}, "tokenizer": tok.to_json(), "val_loss": 0.0, "stage": "rag"})
+    return path
+
+
+def refrag_train(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "refrag_train.py"), *args], capture_output=True,
+                          text=True, cwd=HERE, timeout=300)
+
+
+def test_refrag_refuses_pure_transformer():
+    data, *_ = refrag_world()
+    r = refrag_train(f"--init_from={refrag_checkpoint('T', os.path.join(TMP_REFRAG.name, 't.pt'))}", f"--data_dir={data}",
+                     f"--out_dir={TMP_REFRAG.name}/t", "--baseline_ckpt=")
+    assert r.returncode == 1 and "pure Transformer" in r.stderr and "allow_transformer" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_sft_then_rl_end_to_end():
+    data, *_ = refrag_world()
+    base = refrag_checkpoint("TM", os.path.join(TMP_REFRAG.name, "hybrid.pt"))
+    small = [f"--data_dir={data}", "--eval_n=2", "--max_new_tokens=8", "--device=cpu", f"--baseline_ckpt={base}"]
+    r = refrag_train(f"--init_from={base}", f"--out_dir={TMP_REFRAG.name}/sft", "--sft_iters=2", "--sft_batch_size=2", *small)
+    assert r.returncode == 0, r.stderr[-800:]
+    r = refrag_train("--phase=rl", f"--init_from={TMP_REFRAG.name}/sft/ckpt.pt", f"--out_dir={TMP_REFRAG.name}/rl", "--rl_iters=2",
+                     "--questions_per_step=1", "--group_size=2", "--eval_interval=1", "--curve_n=1", *small)
+    assert r.returncode == 0, r.stderr[-800:]
+    steps = [l for l in r.stdout.splitlines() if l.startswith("step ") and "reward" in l]
+    assert len(steps) == 2 and all(f" | {k} " in steps[0] for k in ("reward", "acc", "hops", "format"))
+    ckpt = torch.load(f"{TMP_REFRAG.name}/rl/ckpt.pt", weights_only=True)
+    assert ckpt["stage"] == "refrag" and ckpt["step"] == 2 and len(ckpt["data_state"]["history"]) == 2 + 3
+    res = json.load(open(f"{TMP_REFRAG.name}/rl/eval.json"))["results"]
+    assert set(res) == {"single_shot", "warm_start", "rl"} and set(res["rl"]) == {"2", "3"}
+    assert res["single_shot"]["2"]["hops"] == 0.0 and res["rl"]["3"]["n"] == 2
+    assert open(f"{TMP_REFRAG.name}/rl/curve.svg").read().startswith("<svg")
+
+
+# -----------------------------------------------------------------------------
 # test runner: python test_all.py [substring ...]
 
 if __name__ == "__main__":
     chosen = sys.argv[1:]
     tests = [(n, f) for n, f in list(globals().items()) if n.startswith("test_") and callable(f)
              and (not chosen or any(c in n for c in chosen))]
-    passed, failed, t_all = 0, [], time.time()
+    passed, failed, skipped, t_all = 0, [], 0, time.time()
     for name, fn in tests:
         t0 = time.time()
         try:
@@ -222,10 +1844,16 @@ if __name__ == "__main__":
                 fn(**({"tmp_path": Path(tmp)} if "tmp_path" in inspect.signature(fn).parameters else {}))
             passed += 1
             print(f"PASS {name} ({time.time() - t0:.1f}s)", flush=True)
-        except Exception:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # pytest.skip raises a BaseException
+            if type(e).__name__ == "Skipped":
+                skipped += 1
+                print(f"SKIP {name}: {e}", flush=True)
+                continue
             import traceback
             failed.append(name)
             print(f"FAIL {name} ({time.time() - t0:.1f}s)\n{traceback.format_exc()}", flush=True)
     print(f"\n{len(tests)} tests in {time.time() - t_all:.0f}s" + (f"; failed: {', '.join(failed)}" if failed else ""))
-    print(f"{passed} passed, {len(failed)} failed")
+    print(f"{passed} passed, {len(failed)} failed" + (f", {skipped} skipped" if skipped else ""))
     sys.exit(1 if failed else 0)
