@@ -14,6 +14,7 @@ the question type's answer sentence (prepare.ANSWERS) about the asked-about enti
 what fills its answer slot. Any other sentence is a definite answer whose short answer is the whole sentence, so
 it scores EM 0 unless it is the bare answer. Records without "type"/"entity" (your own QA) use the whole sentence.
 """
+import os
 import re
 import string
 from collections import Counter
@@ -22,9 +23,23 @@ import torch
 
 from model import sample_next
 from prepare import ABSTAIN, ANSWERS, COMPANY_SUFFIXES, answer_sentence, render_conversation
+from retrieve import load_documents, read_jsonl
 
 # -----------------------------------------------------------------------------
 # conversations
+
+
+def load_world(data_dir):
+    """A prepared world: (kb documents, {id: document}, {"train"|"rag"|"heldout": QA records}).
+    A missing or malformed file is a ValueError / OSError naming it."""
+    def qa(split):
+        path = os.path.join(data_dir, f"qa_{split}.jsonl")
+        if not os.path.isfile(path):
+            raise ValueError(f"{path} not found: run `python prepare.py` first")
+        return [r for _, r in read_jsonl(path)]
+    docs = load_documents(os.path.join(data_dir, "kb.jsonl"))
+    return docs, {d.id: d for d in docs}, {split: qa(split) for split in ("train", "rag", "heldout")}
+
 
 def doc_dict(d):
     """retrieve.Document or dict -> {"id", "title", "text"}."""
@@ -320,7 +335,6 @@ def vs_k_svg(results, width=480, height=300, pad=50):
 
 if __name__ == "__main__":
     import json
-    import os
     import sys
     args = sys.argv[1:]
     svg = args.pop(args.index("--svg") + 1) if "--svg" in args else None

@@ -31,7 +31,7 @@ from common import (StepLog, all_reduce_mean, autocast, die, load_checkpoint, lr
 from configurator import ConfigError, configure
 from model import GPT
 from prepare import Tokenizer
-from retrieve import RETRIEVERS, load_documents, read_jsonl
+from retrieve import RETRIEVERS, read_jsonl
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -115,24 +115,13 @@ start_step = ckpt["step"] if init_from == "resume" and not eval_only else 0
 print0(f"model: {pattern} pattern, {model.num_params():,} parameters, from {ckpt_path} (stage {ckpt.get('stage')})")
 
 
-def load_qa(name):
-    path = os.path.join(data_dir, name)
-    if not os.path.isfile(path):
-        die(f"{path} not found: run `python prepare.py` first")
-    try:
-        return [r for _, r in read_jsonl(path)]
-    except ValueError as e:
-        die(e)
-
-
 try:
-    kb_docs = load_documents(os.path.join(data_dir, "kb.jsonl"))
+    kb_docs, by_id, qa_sets = rag.load_world(data_dir)
 except (ValueError, OSError) as e:
     die(e)
-by_id = {d.id: d for d in kb_docs}
-train_qa, heldout_qa = load_qa("qa_train.jsonl"), load_qa("qa_heldout.jsonl")
+train_qa, heldout_qa = qa_sets["train"], qa_sets["heldout"]
 # RAG examples ask about the RAG world (in the KB, never pretrained on), so answers must come from the documents
-rag_qa = [q for q in load_qa("qa_rag.jsonl") if q["hops"] <= 1]  # single-hop and unanswerable
+rag_qa = [q for q in qa_sets["rag"] if q["hops"] <= 1]  # single-hop and unanswerable
 closed_qa = [q for q in train_qa if q["hops"] == 1]        # closed-book: facts the base model pretrained on
 name_words = sorted({w for d in kb_docs if d.metadata.get("world") != "heldout" for w in d.title.split()})
 

@@ -38,7 +38,7 @@ from common import (StepLog, all_reduce_mean, autocast, die, load_checkpoint, lr
 from configurator import ConfigError, configure
 from model import GPT
 from prepare import COMPANY_SUFFIXES, NamePool, Tokenizer, render_conversation
-from retrieve import RETRIEVERS, load_documents, read_jsonl
+from retrieve import RETRIEVERS
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -227,23 +227,12 @@ warm_start = state.get("warm_start") if resuming or eval_only else init_from  # 
 print0(f"model: {model.pattern} pattern, {model.num_params():,} parameters, from {ckpt_path} (stage {ckpt.get('stage')})")
 
 
-def load_qa(name):
-    path = os.path.join(data_dir, name)
-    if not os.path.isfile(path):
-        die(f"{path} not found: run `python prepare.py` first")
-    try:
-        return [r for _, r in read_jsonl(path)]
-    except ValueError as e:
-        die(e)
-
-
 try:
-    kb_docs = load_documents(os.path.join(data_dir, "kb.jsonl"))
+    kb_docs, by_id, qa_sets = rag.load_world(data_dir)
 except (ValueError, OSError) as e:
     die(e)
-by_id = {d.id: d for d in kb_docs}
 train_names = {w for d in kb_docs if d.metadata.get("world") != "heldout" for w in d.title.split()} - set(COMPANY_SUFFIXES)
-train_qa, heldout_qa = load_qa("qa_train.jsonl"), load_qa("qa_heldout.jsonl")
+train_qa, heldout_qa = qa_sets["train"], qa_sets["heldout"]
 qa_by_hops = {h: [q for q in train_qa if q["hops"] == h] for h in range(4)}
 if any(mix[h] > 0 and not qa_by_hops[h] for h in range(4)) or not all(qa_by_hops[h] for h in rl_hop_set if h < 4):
     die(f"{data_dir}/qa_train.jsonl lacks questions with the hops that --hop_mix / --rl_hops ask for")
