@@ -96,6 +96,18 @@ def lr_at(step, max_iters, lr, warmup_iters, schedule="cosine", min_lr_frac=0.1,
     raise ValueError(f"lr_schedule must be 'cosine' or 'wsd', got {schedule!r}")
 
 
+def step_optimizers(optimizers, model, lr_scale, grad_clip):
+    """Clip, then step every optimizer with each param group's peak lr scaled by the schedule (Muon's and AdamW's
+    peaks differ, so the schedule is a scale, not an lr), then clear the grads."""
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group.setdefault("base_lr", group["lr"]) * lr_scale  # base_lr is saved in checkpoints
+        opt.step()
+    model.zero_grad(set_to_none=True)
+
+
 # -----------------------------------------------------------------------------
 # checkpoints: written to a temp file and renamed, so a crash mid-write leaves the previous one readable
 

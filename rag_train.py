@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import rag
 from common import (StepLog, all_reduce_mean, autocast, die, load_checkpoint, lr_at, peak_flops, print0,
-                    raw_state_dict, save_checkpoint, setup)
+                    raw_state_dict, save_checkpoint, setup, step_optimizers)
 from configurator import ConfigError, configure
 from model import GPT
 from prepare import Tokenizer
@@ -322,9 +322,6 @@ if total_batch_size % (seq_len * device_batch_size * world_size):
         f"{seq_len * device_batch_size * world_size}")
 grad_accum = rows_per_step // (device_batch_size * world_size)
 optimizers = model.configure_optimizers(learning_rate, weight_decay, (0.9, 0.95), device.split(":")[0])
-for opt in optimizers:
-    for group in opt.param_groups:
-        group["base_lr"] = group["lr"]
 if init_from == "resume":
     for opt, state in zip(optimizers, ckpt["optimizer"]):
         opt.load_state_dict(state)
@@ -353,9 +350,6 @@ def checkpoint(step, loss):
 t_start, loss_val = time.time(), None
 for step in range(start_step, max_iters):
     lr = lr_at(step, max_iters, learning_rate, warmup_iters, lr_schedule, min_lr_frac)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * lr / learning_rate
     loss_sum, n_tokens = torch.zeros((), device=device), 0
     for micro in range(grad_accum):
         x, y = get_batch(step, micro)
@@ -366,11 +360,7 @@ for step in range(start_step, max_iters):
             _, loss = model(x, y)
         (loss / grad_accum).backward()
         loss_sum += loss.detach()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-    for opt in optimizers:
-        opt.step()
-    model.zero_grad(set_to_none=True)
+    step_optimizers(optimizers, raw_model, lr / learning_rate, grad_clip)
     train_loss = all_reduce_mean(loss_sum / grad_accum, ddp).item()
     log(step, train_loss, lr, total_batch_size, loss_tokens=n_tokens * world_size)
     if (step + 1) % eval_interval == 0 or step + 1 == max_iters:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import rag
 from common import (StepLog, all_reduce_mean, autocast, die, load_checkpoint, lr_at, print0, raw_state_dict,
-                    save_checkpoint, setup)
+                    save_checkpoint, setup, step_optimizers)
 from configurator import ConfigError, configure
 from model import GPT
 from prepare import COMPANY_SUFFIXES, NamePool, Tokenizer, render_conversation
@@ -367,9 +367,6 @@ if per_rank < 1 or {"sft": sft_batch_size, "rl": questions_per_step}[phase] % wo
     die(f"{'sft_batch_size' if phase == 'sft' else 'questions_per_step'} must be a multiple of the {world_size} processes")
 init_model = GPT.from_checkpoint(ckpt).to(device).eval() if phase == "rl" and master else None  # the warm start, kept to compare
 optimizers = model.configure_optimizers(learning_rate, weight_decay, (0.9, 0.95), device.split(":")[0])
-for opt in optimizers:
-    for group in opt.param_groups:
-        group["base_lr"] = group["lr"]
 if resuming:
     for opt, state in zip(optimizers, ckpt["optimizer"]):
         opt.load_state_dict(state)
@@ -421,9 +418,6 @@ if phase == "rl" and start_step == 0:
     heldout_point(0)
 for step in range(start_step, max_iters):
     lr = lr_at(step, max_iters, learning_rate, warmup_iters, "cosine", min_lr_frac)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * lr / learning_rate
     if phase == "sft":
         x, y = sft_batch(step)
         with autocast(device):
@@ -451,11 +445,7 @@ for step in range(start_step, max_iters):
         r_mean, acc, hops, fmt = all_reduce_mean(means, ddp).tolist()
         extra = {"reward": r_mean, "acc": acc, "hops": hops, "format": fmt}
         history.append({"step": step + 1, "reward": r_mean, "acc": acc, "hops": hops, "format": fmt})
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-    for opt in optimizers:
-        opt.step()
-    model.zero_grad(set_to_none=True)
+    step_optimizers(optimizers, raw_model, lr / learning_rate, grad_clip)
     log(step, all_reduce_mean(loss.detach(), ddp).item(), lr, n_tokens * world_size, **extra)
     last = step + 1 == max_iters
     if phase == "rl" and ((step + 1) % eval_interval == 0 or last):

@@ -18,7 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (StepLog, all_reduce_mean, autocast, die, load_checkpoint, lr_at, peak_flops, print0,
-                    raw_state_dict, save_checkpoint, setup)
+                    raw_state_dict, save_checkpoint, setup, step_optimizers)
 from configurator import ConfigError, configure
 from model import GPT, GPTConfig
 
@@ -142,9 +142,6 @@ else:
 print0(f"model: {model.pattern} pattern, "
        f"{model.num_params():,} parameters, {grad_accum} micro-steps of {device_batch_size}x{block_size} per process")
 optimizers = model.configure_optimizers(learning_rate, weight_decay, (0.9, 0.95), device.split(":")[0], muon)
-for opt in optimizers:
-    for group in opt.param_groups:
-        group["base_lr"] = group["lr"]  # each group's peak lr (Muon and AdamW differ); the schedule scales it
 if init_from == "resume":
     for opt, state in zip(optimizers, ckpt["optimizer"]):
         opt.load_state_dict(state)
@@ -184,9 +181,6 @@ def checkpoint(step, val_loss):
 t_start, val_loss = time.time(), None
 for step in range(start_step, max_iters):
     lr = lr_at(step, max_iters, learning_rate, warmup_iters, lr_schedule, min_lr_frac)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * lr / learning_rate
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
         x, y = get_batch(step, micro)
@@ -196,11 +190,7 @@ for step in range(start_step, max_iters):
             _, loss = model(x, y)
         (loss / grad_accum).backward()
         loss_sum += loss.detach()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-    for opt in optimizers:
-        opt.step()
-    model.zero_grad(set_to_none=True)
+    step_optimizers(optimizers, raw_model, lr / learning_rate, grad_clip)
     train_loss = all_reduce_mean(loss_sum / grad_accum, ddp).item()
     log(step, train_loss, lr, total_batch_size)
     if wandb_log and master:
