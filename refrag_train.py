@@ -232,10 +232,11 @@ try:
 except (ValueError, OSError) as e:
     die(e)
 train_names = {w for d in kb_docs if d.metadata.get("world") != "heldout" for w in d.title.split()} - set(COMPANY_SUFFIXES)
-train_qa, heldout_qa = qa_sets["train"], qa_sets["heldout"]
-qa_by_hops = {h: [q for q in train_qa if q["hops"] == h] for h in range(4)}
+heldout_qa = qa_sets["heldout"]
+# chains about the RAG world (in the KB, never pretrained on): a bridge entity can only come from a document
+qa_by_hops = {h: [q for q in qa_sets["rag"] if q["hops"] == h] for h in range(4)}
 if any(mix[h] > 0 and not qa_by_hops[h] for h in range(4)) or not all(qa_by_hops[h] for h in rl_hop_set if h < 4):
-    die(f"{data_dir}/qa_train.jsonl lacks questions with the hops that --hop_mix / --rl_hops ask for")
+    die(f"{data_dir}/qa_rag.jsonl lacks questions with the hops that --hop_mix / --rl_hops ask for")
 
 
 def retriever_over(docs):
