@@ -5,6 +5,7 @@ refrag_train.py stay short and agree with each other.
 """
 import math
 import os
+import socket
 import sys
 import time
 
@@ -38,6 +39,12 @@ def setup(device="auto", seed=1337):
             local_rank = int(os.environ["LOCAL_RANK"])
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
+        if not device.startswith("cuda") and os.environ.get("LOCAL_WORLD_SIZE") == os.environ["WORLD_SIZE"]:
+            # one machine: gloo needs only loopback. Left to itself it uses the address the hostname resolves to,
+            # which in some containers cannot be connected to (a DDP run died there in CI).
+            loopback = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+            if loopback:
+                os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     torch.manual_seed(seed)
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:

@@ -56,7 +56,8 @@ def run(*args, ok=True, env=None, timeout=300):
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     if ok and p.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        # stderr last and in full: CI shows the end of the log
+        raise AssertionError(f"{' '.join(args)} failed (exit {p.returncode}):\n{p.stdout[-1500:]}\n{p.stderr[-4000:]}")
     return p
 
 
