@@ -40,8 +40,8 @@ def setup(device="auto", seed=1337):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
         if not device.startswith("cuda") and os.environ.get("LOCAL_WORLD_SIZE") == os.environ["WORLD_SIZE"]:
-            # one machine: gloo needs only loopback. Left to itself it uses the address the hostname resolves to,
-            # which in some containers cannot be connected to (a DDP run died there in CI).
+            # one machine: gloo needs only loopback, rather than whatever address the hostname resolves to (in some
+            # containers, one that cannot be connected to)
             loopback = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
             if loopback:
                 os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
@@ -55,6 +55,14 @@ def setup(device="auto", seed=1337):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return ddp, rank, world_size, device
+
+
+def teardown(ddp):
+    """Ranks leave together: rank 0 may still be writing a checkpoint or evaluating, and a gloo rank that exits
+    first can abort the whole run at exit ("terminate called without an active exception"; seen in the tests)."""
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def all_reduce_mean(x, ddp):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import rag
 from common import (StepLog, all_reduce_mean, autocast, die, load_checkpoint, lr_at, peak_flops, print0,
-                    raw_state_dict, save_checkpoint, setup, step_optimizers)
+                    raw_state_dict, save_checkpoint, setup, step_optimizers, teardown)
 from configurator import ConfigError, configure
 from model import GPT
 from prepare import Tokenizer
@@ -40,7 +40,7 @@ init_from = "out/tiny/ckpt.pt" # a train.py checkpoint, or "resume" (out_dir/ckp
 out_dir = "out/rag"
 eval_only = False              # evaluate out_dir/ckpt.pt and write out_dir/eval.json, no training
 allow_transformer = False      # baseline override: fine-tune a pure-T checkpoint too
-eval_interval = 50             # steps between held-out validation losses (and checkpoints)
+eval_interval = 100            # steps between held-out validation losses (and checkpoints)
 # data
 retriever = "bm25"             # simple | bm25 | dense | hybrid (retrieve.py), over the training world's documents
 data_mode = "dynamic"          # "dynamic": retrieve while building batches | "static": once, into a JSONL
@@ -49,14 +49,14 @@ seq_len = 1024                 # tokens per packed row
 k_max = 8                      # documents per RAG example: uniform in 1..k_max
 p_no_gold = 0.2                # share of RAG examples whose gold document is removed (answer: abstain)
 p_rename = 0.7                 # share of RAG examples whose entity gets an invented name (see rag.rename_entity)
-rag_weight = 0.8               # task mixture, per example
+rag_weight = 0.88              # task mixture, per example
 closed_book_weight = 0.1
-text_weight = 0.1
+text_weight = 0.02             # a text window is all loss tokens: at 0.1 it outweighed the answers
 text_len = 256                 # tokens per plain-text window
 # optimisation
 total_batch_size = 4096        # tokens per optimizer step (rows * seq_len), across processes and micro-steps
 device_batch_size = 4          # rows per micro-step per process
-max_iters = 150
+max_iters = 400
 learning_rate = 2e-3
 min_lr_frac = 0.1
 warmup_iters = 10
@@ -309,8 +309,7 @@ if eval_only:
         res = evaluate_heldout(model)
         report(res)
         write_eval(res)
-    if ddp:
-        dist.destroy_process_group()
+    teardown(ddp)
     raise SystemExit(0)
 
 # -----------------------------------------------------------------------------
@@ -375,5 +374,4 @@ if master:
     res = evaluate_heldout(raw_model)
     report(res)
     write_eval(res)
-if ddp:
-    dist.destroy_process_group()
+teardown(ddp)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import rag
 from common import (StepLog, all_reduce_mean, autocast, die, load_checkpoint, lr_at, print0, raw_state_dict,
-                    save_checkpoint, setup, step_optimizers)
+                    save_checkpoint, setup, step_optimizers, teardown)
 from configurator import ConfigError, configure
 from model import GPT
 from prepare import COMPANY_SUFFIXES, NamePool, Tokenizer, render_conversation
@@ -354,8 +354,7 @@ os.makedirs(out_dir, exist_ok=True)
 if eval_only:
     if master:
         final_eval(model)
-    if ddp:
-        dist.destroy_process_group()
+    teardown(ddp)
     raise SystemExit(0)
 
 # -----------------------------------------------------------------------------
@@ -460,5 +459,4 @@ for step in range(start_step, max_iters):
 print0(f"done: {max_iters - start_step} {phase} steps in {time.time() - t_start:.0f}s")
 if master:
     final_eval(raw_model)
-if ddp:
-    dist.destroy_process_group()
+teardown(ddp)
