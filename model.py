@@ -94,13 +94,17 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        # QK-norm alone caps a logit at sqrt(head_dim) (5.7 for 32-dim heads): too flat to pick one token out of
+        # hundreds, so small models could not copy from their context at all. A learnable query gain lifts the cap.
+        self.q_gain = nn.Parameter(torch.ones(self.head_dim))
 
     def forward(self, x, cos, sin, kv=None, pos=0):
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
+        q = F.rms_norm(apply_rotary(q, cos, sin), (self.head_dim,), self.q_gain)  # QK-norm
+        k = norm(apply_rotary(k, cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if kv is not None:  # write this chunk into the cache, attend to everything so far
             kv[0][:, :, pos:pos + T] = k
@@ -487,6 +491,7 @@ class GPT(nn.Module):
                 for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                     nn.init.uniform_(lin.weight, -s, s)
                 nn.init.zeros_(block.attn.c_proj.weight)  # each block starts as the identity
+                nn.init.ones_(block.attn.q_gain)
             else:
                 block.mixer.reset_parameters()
             if block.mlp is not None:
@@ -557,17 +562,19 @@ class GPT(nn.Module):
                 flops += 3 * (2 * Q * m.d_state + m.nheads * (2 * Q * m.headdim + 4 * m.headdim * m.d_state))
         return flops
 
-    def configure_optimizers(self, learning_rate, weight_decay, betas, device_type, muon=False):
-        """A list of optimizers. AdamW on everything, with no weight decay on vectors, A_log and D.
+    def configure_optimizers(self, learning_rate, weight_decay, betas, device_type, muon=False, embedding_lr_mult=1.0):
+        """A list of optimizers. AdamW on everything, with no weight decay on vectors, A_log, D, the embedding and the
+        LM head (as nanochat), the embedding at embedding_lr_mult * learning_rate (nanochat: 50x).
         muon=True: Muon for the 2-D hidden matrices (never embeddings, lm_head, A_log, D, biases, conv)."""
         named = dict(self.named_parameters())
         # by name, not by mamba-ssm's p._no_weight_decay flag, which to_empty() (meta-device init) drops
-        no_decay = {n for n, p in named.items() if p.ndim < 2 or n.endswith(("A_log", ".D"))}
+        no_decay = {n for n, p in named.items() if p.ndim < 2 or n.endswith(("A_log", ".D", "lm_head.weight"))}
         hidden_matrix = {n for n, p in named.items()
                          if p.ndim == 2 and n.startswith("transformer.h.") and n not in no_decay}
-        adam = [n for n in named if not (muon and n in hidden_matrix)]
+        adam = [n for n in named if not (muon and n in hidden_matrix) and n != "transformer.wte.weight"]
         groups = [dict(params=[named[n] for n in adam if n not in no_decay], weight_decay=weight_decay),
-                  dict(params=[named[n] for n in adam if n in no_decay], weight_decay=0.0)]
+                  dict(params=[named[n] for n in adam if n in no_decay], weight_decay=0.0),
+                  dict(params=[named["transformer.wte.weight"]], weight_decay=0.0, lr=learning_rate * embedding_lr_mult)]
         optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")]
         if muon:  # lr matched to AdamW's update size, so the same learning_rate works for both
             optimizers.append(torch.optim.Muon([named[n] for n in hidden_matrix], lr=learning_rate,

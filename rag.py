@@ -290,7 +290,8 @@ def generate(model, tok, messages, retrieve=None, top_k=4, max_hops=0, max_len=1
             before = tok.decode(content)
             content.append(t)
             if on_token:
-                on_token(tok.decode(content)[len(before):], kind)
+                piece = tok.decode(content)[len(before):]
+                on_token(piece if before else piece.lstrip(" "), kind)  # less the space every message opens with
             if len(content) >= max_new_tokens:
                 r["stop"] = "max_tokens"
                 return r

@@ -194,6 +194,28 @@ def test_unanswerable_questions_have_no_document():
             assert prepare.answer_sentence(q, cite=2) == prepare.ABSTAIN
 
 
+def test_reading_exercises_answer_from_their_own_passage():
+    """Every answer of a reading exercise is in the paragraphs before it, about an entity of the passage, and the
+    reading worlds share no name with the worlds of the KB (so they cannot leak a held-out fact)."""
+    train, heldout, rng, pool, first_names = prepare.make_worlds(3, 30, 0.2)
+    reading = prepare.make_world(random.Random(4), pool, first_names, "reading", 30)
+    items = [text for _, text in prepare.reading_items(reading, random.Random(5), 0.0)]
+    assert len(items) == sum(n for _, n in reading.kinds())
+    n_questions = 0
+    for text in items:
+        passage, *qas = text.split("\nQuestion: ")
+        assert 1 <= len(qas) <= 4 and 1 <= len(passage.split("\n")) <= 3
+        for qa in qas:
+            question, answer = qa.split("\nAnswer: ")
+            assert any(mentions(t.split(": ")[0], question) for t in passage.split("\n")), text
+            facts = [w for w in re.findall(r"[\w,]+", answer) if w[0].isupper() or w[0].isdigit()]
+            assert facts and all(mentions(w, passage) for w in facts if w != "The"), (facts, text)
+            n_questions += 1
+    assert n_questions > 1.5 * len(items)
+    names = lambda w: set(w.person) | set(w.company) | set(w.city) | set(w.country)
+    assert not names(reading) & (names(train) | names(heldout))
+
+
 def test_documents_vary_but_keep_their_facts():
     train, _, _, _, _ = prepare.make_worlds(1, 20, 0.2)
     texts = {prepare.render_doc(train, "person", 3, random.Random(r))[1] for r in range(20)}
@@ -253,12 +275,12 @@ def test_render_conversation_mask():
     ]
     ids, mask = prepare.render_conversation(tok, messages)
     parts = [([tok.bos_id], 0),
-             ([S("<|user_start|>")] + E("Where was Kelmar born?") + [S("<|user_end|>")], 0),
+             ([S("<|user_start|>")] + E(" Where was Kelmar born?") + [S("<|user_end|>")], 0),  # + dummy prefix
              ([S("<|doc_start|>")] + E("[1] A: x.") + [S("<|doc_end|>")], 0),
              ([S("<|doc_start|>")] + E("[2] B: y.") + [S("<|doc_end|>")], 0),
-             ([S("<|query_start|>")] + E("Velnor") + [S("<|query_end|>")], 1),
+             ([S("<|query_start|>")] + E(" Velnor") + [S("<|query_end|>")], 1),
              ([S("<|doc_start|>")] + E("[3] C: z.") + [S("<|doc_end|>")], 0),  # numbering continues
-             ([S("<|assistant_start|>")] + E("In Velnor [3].") + [S("<|assistant_end|>")], 1)]
+             ([S("<|assistant_start|>")] + E(" In Velnor [3].") + [S("<|assistant_end|>")], 1)]
     assert ids == [t for p, _ in parts for t in p]
     assert mask == [m for p, m in parts for _ in p]
     # the mask is 1 exactly on the query and the answer, their special tokens included
@@ -286,11 +308,17 @@ def test_bins_decode_to_the_corpus():
     for r in range(WORLD_ARGS["n_renderings"]):
         for is_val, text in prepare.corpus_items(train, random.Random(f"{WORLD_ARGS['seed']}-rendering-{r}"), WORLD_ARGS["val_frac"]):
             expected["val" if is_val else "train"].append(text)
+    n_reading = 0
     for split in ("train", "val"):
         docs = bin_docs(out, split)
-        assert docs == expected[split]
+        reading = [d for d in docs if not d.startswith("Question: ") and "\nQuestion: " in d]  # see reading_items
+        n_reading += len(reading)
+        assert [d for d in docs if d not in reading] == expected[split]
         ids, _ = read_bin(out, split)
         assert len(ids) == meta[f"n_{split}_tokens"] and len(docs) == meta[f"n_{split}_docs"]
+    reading_world = prepare.make_world(random.Random(0), prepare.NamePool(random.Random(0)), ["A"], "x",
+                                       round(WORLD_ARGS["world_size"] * prepare.config["reading_frac"]))
+    assert n_reading == WORLD_ARGS["n_renderings"] * sum(n for _, n in reading_world.kinds())
     n_val = len(expected["val"]) / (len(expected["val"]) + len(expected["train"]))
     assert 0.03 < n_val < 0.2
     assert any(t.startswith("Question: ") for t in expected["train"])
@@ -766,12 +794,17 @@ def check_optimizer_groups(model):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model(x, x)[1].backward()
     adamw.step(), muon.step()
-    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.grad is not None)
+    # (attention's c_proj starts at zero, so q_gain's first gradient is exactly zero)
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.grad is not None and p.grad.any())
+    wte = next(g for g in adamw.param_groups if any(p is model.transformer.wte.weight for p in g["params"]))
+    assert len(wte["params"]) == 1 and wte["weight_decay"] == 0 and wte["lr"] == 1e-3  # embedding_lr_mult=1
+    (emb_fast,) = model.configure_optimizers(1e-3, 0.1, (0.9, 0.95), "cpu", embedding_lr_mult=10)
+    assert emb_fast.param_groups[-1]["params"][0] is model.transformer.wte.weight and emb_fast.param_groups[-1]["lr"] == 1e-2
 
 
 def test_pure_transformer_state_dict_is_a_plain_gpt():
     sd = GPT(tiny_config("T", n_layer=2)).state_dict()
-    per_layer = ["attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.c_proj.weight",
+    per_layer = ["attn.q_gain", "attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.c_proj.weight",
                  "mlp.c_fc.weight", "mlp.c_proj.weight"]
     assert list(sd) == ["transformer.wte.weight"] + [f"transformer.h.{i}.{k}" for i in range(2) for k in per_layer] \
         + ["lm_head.weight"]
@@ -1316,10 +1349,10 @@ def test_rag_example_rendering_and_mask():
     pos = picked.index(gold) + 1
     ids, mask = rag.render_example(tok, q, picked)
     text = tok.decode(ids)
-    assert text.startswith("<|bos|><|user_start|>" + q["question"] + "<|user_end|><|doc_start|>[1] ")
+    assert text.startswith("<|bos|><|user_start|> " + q["question"] + "<|user_end|><|doc_start|>[1] ")
     assert f"<|doc_start|>[{pos}] {gold['title']}: {gold['text']}<|doc_end|>" in text and "[4]" not in text
     answer = tok.decode([t for t, m in zip(ids, mask) if m])
-    assert answer == f"<|assistant_start|>{rag.target_answer(q, picked)}<|assistant_end|>"
+    assert answer == f"<|assistant_start|> {rag.target_answer(q, picked)}<|assistant_end|>"
     assert answer.endswith(f" [{pos}].<|assistant_end|>") and q["answer"] in answer
     assert ids[-len(tok.encode(answer)) - 10:] and mask.index(1) == len(ids) - mask.count(1)  # mask is one final span
     # closed-book: no documents, no citation
@@ -1419,9 +1452,7 @@ class Scripted(torch.nn.Module):
 
 
 def hop_script(tok, query, answer):
-    s = tok.special
-    return ([s("<|query_start|>")] + tok.encode(query) + [s("<|query_end|>")] +
-            [s("<|assistant_start|>")] + tok.encode(answer) + [s("<|assistant_end|>")])
+    return turn(tok, "query", query) + turn(tok, "answer", answer)
 
 
 def test_multi_hop_loop_retrieves_appends_and_answers():
@@ -1625,7 +1656,7 @@ class ScriptedRefrag(torch.nn.Module):
 
 def turn(tok, kind, text):
     start, end = {"query": ("<|query_start|>", "<|query_end|>"), "answer": ("<|assistant_start|>", "<|assistant_end|>")}[kind]
-    return [tok.special(start)] + tok.encode(text) + [tok.special(end)]
+    return [tok.special(start)] + tok.encode(" " + text) + [tok.special(end)]  # messages open with a space
 
 
 def two_hop():
