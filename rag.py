@@ -297,6 +297,27 @@ def generate(model, tok, messages, retrieve=None, top_k=4, max_hops=0, max_len=1
                 return r
 
 # -----------------------------------------------------------------------------
+# can a base model read? python rag.py --reading out/tiny/ckpt.pt [data/world]
+
+@torch.no_grad()
+def reading_loss(model, tok, qas, by_id):
+    """Loss per token of the answer to a question asked right after its gold document, in the pretraining format
+    (prepare.reading_items), the entity given: a model that ignores the document pays the full price of every
+    name (10+ nats a token), one that copies pays almost nothing on them. Before any RAG fine-tuning."""
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    for q in qas:
+        d = by_id[q["gold_ids"][0]]
+        prompt = tok.encode(f"{d.title}: {d.text}\nQuestion: {q['question']}\nAnswer: {q['entity']}")
+        answer = tok.encode(answer_sentence(q)[len(q["entity"]):])
+        ids = torch.tensor([[tok.bos_id] + prompt + answer], device=device)
+        y = ids[:, 1:].clone()
+        y[:, :len(prompt)] = -1
+        total += model(ids[:, :-1], y, loss_reduction="none")[1].sum().item()
+        n += len(answer)
+    return total / n
+
+# -----------------------------------------------------------------------------
 # the accuracy-vs-k table and plot from rag_train.py's eval.json files:
 #   python rag.py out/rag_T/eval.json out/rag_M/eval.json out/rag/eval.json --svg out/acc_vs_k.svg
 
@@ -338,10 +359,27 @@ if __name__ == "__main__":
     import json
     import sys
     args = sys.argv[1:]
+    if args[:1] == ["--reading"] and len(args) in (2, 3):
+        import random
+        from common import load_checkpoint
+        from model import GPT
+        from prepare import Tokenizer
+        torch.set_num_threads(1)
+        try:
+            ckpt = load_checkpoint(args[1], "cpu")
+            _, by_id, qa = load_world(args[2] if len(args) == 3 else "data/world")
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        model, tok = GPT.from_checkpoint(ckpt).eval(), Tokenizer.from_json(ckpt["tokenizer"])
+        qas = [q for q in qa["heldout"] if q["hops"] == 1 and answer_sentence(q).startswith(q["entity"])]
+        qas = random.Random(0).sample(qas, min(100, len(qas)))
+        print(f"reading loss: {reading_loss(model, tok, qas, by_id):.3f} nats per answer token "
+              f"({len(qas)} held-out questions, each right after its document)")
+        sys.exit(0)
     svg = args.pop(args.index("--svg") + 1) if "--svg" in args else None
     args = [a for a in args if a != "--svg"]
     if not args:
-        sys.exit("usage: python rag.py EVAL_JSON [EVAL_JSON ...] [--svg OUT.svg]")
+        sys.exit("usage: python rag.py EVAL_JSON [EVAL_JSON ...] [--svg OUT.svg] | python rag.py --reading CKPT [DATA_DIR]")
     try:
         results = [json.load(open(p)) for p in args]
         if any("vs_k" not in r for r in results):

@@ -242,6 +242,9 @@ def run_set(model, name, items):
         rows.append(rag.score(qa, out["answer"], None if docs is None else out["docs"]))
     s = rag.summarize(rows)
     s["dropped_docs"] = dropped
+    types = sorted({qa.get("type", "") for qa, _ in items})
+    s["em_by_type"] = {t: rag.summarize([r for r, (qa, _) in zip(rows, items) if qa.get("type", "") == t])["em"]
+                       for t in types}
     return s
 
 
@@ -290,6 +293,9 @@ def report(res):
     print0("k              " + "  ".join(f"{k:>5}" for k in res["vs_k"]))
     print0("EM vs k (%)    " + "  ".join(pct(s["em"]) for s in res["vs_k"].values()))
     print0("recall@k (%)   " + "  ".join(pct(v) for v in res["recall"].values()))
+    first = next(iter(res["vs_k"].values()))  # the gold document alone (k=1): reading, by relation
+    print0("EM by relation, gold document only (%): " +
+           ", ".join(f"{t} {pct(v).strip()}" for t, v in first["em_by_type"].items()))
 
 
 eval_retriever = build_retriever(kb_docs) if master or not eval_only else None  # both worlds: the real KB

@@ -1400,6 +1400,30 @@ def test_read_answer_is_strict():
     assert rag.read_answer("Kel Odri is an engineer [1].", prof)[0] == "an engineer"
 
 
+def test_reading_loss_scores_only_the_answer():
+    """An untrained model (near-zero logits) pays ln(vocab) on every answer token; a model that is handed the
+    right next token (logits from the sequence itself) pays nothing: only answer tokens are counted."""
+    out, tok, _, _ = world()
+    _, by_id, qa = rag.load_world(out)
+    qas = [q for q in qa["heldout"] if q["hops"] == 1 and prepare.answer_sentence(q).startswith(q["entity"])][:10]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, block_size=256, vocab_size=tok.vocab_size))
+    assert abs(rag.reading_loss(model, tok, qas, by_id) - math.log(tok.vocab_size)) < 0.02
+
+    class Oracle(torch.nn.Module):  # knows every sequence it is asked about: logits peak on the true next token
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, y, loss_reduction):
+            full = torch.cat([x, y[:, -1:]], 1)  # y's last target is the sequence's last token
+            logits = torch.full((1, x.shape[1], tok.vocab_size), -30.0)
+            logits[0, torch.arange(x.shape[1]), full[0, 1:]] = 30.0
+            return logits, F.cross_entropy(logits.view(-1, tok.vocab_size), y.view(-1), ignore_index=-1,
+                                           reduction="none").view(y.shape)
+    assert rag.reading_loss(Oracle(), tok, qas, by_id) < 1e-6
+
+
 def test_score_hand_made_cases():
     docs = [D0, D1, D2]
     right = rag.score(QA, "Kel Odri was born in Velnor [2].", docs)
