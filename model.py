@@ -95,7 +95,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         # QK-norm alone caps a logit at sqrt(head_dim) (5.7 for 32-dim heads): too flat to pick one token out of
-        # hundreds, so small models could not copy from their context at all. A learnable query gain lifts the cap.
+        # hundreds, which copying from the context needs. A learnable query gain lifts the cap.
         self.q_gain = nn.Parameter(torch.ones(self.head_dim))
 
     def forward(self, x, cos, sin, kv=None, pos=0):
