@@ -161,7 +161,8 @@ def score(qa, text, docs=None):
     docs: the documents that were in context, in numbering order (None = closed-book).
     The expected answer is qa's answer when it is knowable (closed-book, or its gold documents are in
     context), else abstaining. hallucinated = a definite answer that is wrong, or any definite answer where
-    abstaining is right. citation_ok = every cited number points to a document containing qa's answer."""
+    abstaining is right. citation_ok = every cited number points to a document containing qa's answer.
+    distracted = a hallucinated answer that some document in context states (a distractor's fact)."""
     short, cites = read_answer(text or "<no answer>", qa)
     gold = qa["answer"] if docs is None or has_gold(qa, docs) else ""
     pred = short or ""
@@ -173,6 +174,8 @@ def score(qa, text, docs=None):
         gold_ids = set(qa["gold_ids"])
         r["citation_ok"] = float(bool(cites) and all(ok))
         r["citation_gold"] = float(bool(cites) and all(1 <= c <= len(docs) and doc_dict(docs[c - 1])["id"] in gold_ids for c in cites))
+        # a wrong answer that another document in context states: read from the wrong document, not made up
+        r["distracted"] = float(bool(r["hallucinated"]) and any(doc_holds(d, short) for d in docs))
     return r
 
 

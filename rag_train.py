@@ -40,13 +40,13 @@ init_from = "out/tiny/ckpt.pt" # a train.py checkpoint, or "resume" (out_dir/ckp
 out_dir = "out/rag"
 eval_only = False              # evaluate out_dir/ckpt.pt and write out_dir/eval.json, no training
 allow_transformer = False      # baseline override: fine-tune a pure-T checkpoint too
-eval_interval = 100            # steps between held-out validation losses (and checkpoints)
+eval_interval = 500            # steps between held-out validation losses (and checkpoints)
 # data
 retriever = "bm25"             # simple | bm25 | dense | hybrid (retrieve.py), over the training world's documents
 data_mode = "dynamic"          # "dynamic": retrieve while building batches | "static": once, into a JSONL
 retrieve_depth = 16            # ranked documents kept per question: the distractors come from these
 seq_len = 1024                 # tokens per packed row
-k_max = 8                      # documents per RAG example: uniform in 1..k_max
+k_max = 4                      # documents per RAG example: uniform in 1..k_max
 p_no_gold = 0.2                # share of RAG examples whose gold document is removed (answer: abstain)
 p_rename = 0.7                 # share of RAG examples whose entity gets an invented name (see rag.rename_entity)
 rag_weight = 0.88              # task mixture, per example
@@ -56,8 +56,8 @@ text_len = 256                 # tokens per plain-text window
 # optimisation
 total_batch_size = 4096        # tokens per optimizer step (rows * seq_len), across processes and micro-steps
 device_batch_size = 4          # rows per micro-step per process
-max_iters = 400
-learning_rate = 2e-3
+max_iters = 2000
+learning_rate = 6e-3
 min_lr_frac = 0.1
 warmup_iters = 10
 lr_schedule = "cosine"
@@ -285,11 +285,11 @@ def report(res):
     pct = lambda v: "  -  " if v is None else f"{100 * v:5.1f}"
     print0(f"held-out world, {res['n_single']} single-hop + {res['n_unanswerable']} unanswerable questions, "
            f"{res['pattern']} model, {res['retriever']} retriever, k={res['eval_k']}")
-    print0("set            EM     F1   halluc  abstain  cite   (%)")
+    print0("set            EM     F1   halluc  abstain  cite  distracted (%)")
     for name in ("closed_book", "rag", "gold_removed", "unanswerable"):
         s = res[name]
         print0(f"{name:<13} {pct(s['em'])}  {pct(s['f1'])}  {pct(s['hallucinated'])}   {pct(s['abstained'])}  "
-               f"{pct(s.get('citation_ok'))}")
+               f"{pct(s.get('citation_ok'))}  {pct(s.get('distracted'))}")
     print0("k              " + "  ".join(f"{k:>5}" for k in res["vs_k"]))
     print0("EM vs k (%)    " + "  ".join(pct(s["em"]) for s in res["vs_k"].values()))
     print0("recall@k (%)   " + "  ".join(pct(v) for v in res["recall"].values()))

@@ -60,7 +60,7 @@ sft_iters = 150
 sft_batch_size = 16            # conversations per step, across processes
 sft_learning_rate = 1e-3
 hop_mix = "0.1,0.2,0.4,0.3"    # shares of training questions with 0 (unanswerable), 1, 2, 3 hops
-rename_p = 0.5                 # share of conversations whose entity names are swapped for invented ones: the model
+rename_p = 0.5                 # share of conversations (sft) and questions (rl) whose names are swapped for invented ones: the model
                                # pretrained on the training world, so only then must it read a bridge, not recall it
 # rl
 rl_iters = 40
@@ -108,15 +108,38 @@ def chain_messages(qa, retrieve, by_id):
     return messages + [{"role": "assistant", "content": rag.target_answer(qa, seen)}]
 
 
+def renamer(names, rng):
+    """(forward, back): forward swaps every word of `names` in a text for an invented word, the same one each
+    time; back maps invented words to the real ones."""
+    pool, fresh, real = NamePool(rng), {}, {}
+    word = re.compile(r"\b[A-Z][a-z]+\b")
+
+    def invent(w):
+        if w not in fresh:
+            fresh[w] = pool.word()
+            real[fresh[w]] = w
+        return fresh[w]
+    forward = lambda text: word.sub(lambda m: invent(m[0]) if m[0] in names else m[0], text)
+    back = lambda text: word.sub(lambda m: real.get(m[0], m[0]), text)
+    return forward, back
+
+
 def renamed(messages, names, rng):
     """messages with every word of the known entity names replaced by a fresh invented word, consistently."""
-    text = json.dumps(messages)
-    present = sorted({w for w in re.findall(r"[A-Z][a-z]+", text) if w in names}, key=len, reverse=True)
-    if not present:
-        return messages
-    pool = NamePool(rng)
-    fresh = {w: pool.word() for w in present}
-    return json.loads(re.sub(r"\b(" + "|".join(present) + r")\b", lambda m: fresh[m.group(0)], text))
+    forward, _ = renamer(names, rng)
+    return json.loads(forward(json.dumps(messages)))
+
+
+def renamed_world(qa, retrieve, names, rng):
+    """(qa, retrieve) of a world whose names are invented: the question and answer renamed, queries mapped back
+    to the real names before retrieval and the documents found renamed forward. RL on recalled facts would
+    teach recall; here, as on held-out questions, the answer can only come from what the loop retrieves."""
+    forward, back = renamer(names, rng)
+    qa = {**qa, **{k: forward(qa[k]) for k in ("question", "answer", "entity")}}
+    def retrieve_renamed(query, k):
+        return [{**d, "title": forward(d["title"]), "text": forward(d["text"])}
+                for d in map(rag.doc_dict, retrieve(back(query), k))]
+    return qa, retrieve_renamed
 
 
 def rollout(model, tok, qa, retrieve, k=None, hops=None, temp=0.0, generator=None):
@@ -429,9 +452,11 @@ for step in range(start_step, max_iters):
         generator.manual_seed(seed * 100_003 + step * 1_009 + rank)
         loss, n_tokens, parts = torch.zeros((), device=device), 0, []
         for i in range(per_rank):
-            qa = rng.choice(rl_pool)
+            qa, retrieve = rng.choice(rl_pool), train_retrieve
+            if rng.random() < rename_p:
+                qa, retrieve = renamed_world(qa, retrieve, train_names, rng)
             raw_model.eval()
-            outs = [rollout(raw_model, tok, qa, train_retrieve, temp=temperature, generator=generator) for _ in range(group_size)]
+            outs = [rollout(raw_model, tok, qa, retrieve, temp=temperature, generator=generator) for _ in range(group_size)]
             raw_model.train()
             scored = [reward(qa, o) for o in outs]
             parts += [{**p, "reward": r} for r, p in scored]

@@ -1427,7 +1427,8 @@ def test_reading_loss_scores_only_the_answer():
 def test_score_hand_made_cases():
     docs = [D0, D1, D2]
     right = rag.score(QA, "Kel Odri was born in Velnor [2].", docs)
-    assert right == {"em": 1.0, "f1": 1.0, "abstained": 0.0, "hallucinated": 0.0, "citation_ok": 1.0, "citation_gold": 1.0}
+    assert right == {"em": 1.0, "f1": 1.0, "abstained": 0.0, "hallucinated": 0.0, "citation_ok": 1.0, "citation_gold": 1.0,
+                     "distracted": 0.0}
     cites_city_doc = rag.score(QA, "Kel Odri was born in Velnor [3].", docs)  # holds the answer, but is not gold
     assert cites_city_doc["citation_ok"] == 1.0 and cites_city_doc["citation_gold"] == 0.0
     wrong_cite = rag.score(QA, "Kel Odri was born in Velnor [1].", docs)
@@ -1436,6 +1437,8 @@ def test_score_hand_made_cases():
     assert rag.score(QA, "Kel Odri was born in Velnor.", docs)["citation_ok"] == 0.0       # no citation
     wrong = rag.score(QA, "Kel Odri was born in Durn [1].", docs)
     assert wrong["em"] == 0.0 and wrong["f1"] == 0.0 and wrong["hallucinated"] == 1.0
+    assert wrong["distracted"] == 1.0  # Durn is Ama Pesk's birthplace, in D0
+    assert rag.score(QA, "Kel Odri was born in Pelmar [1].", docs)["distracted"] == 0.0  # in no document
     partial = rag.score(QA, "Kel Odri was born in Velnor City [2].", docs)
     assert partial["em"] == 0.0 and abs(partial["f1"] - 2 / 3) < 1e-9 and partial["hallucinated"] == 1.0
     timid = rag.score(QA, ABSTAIN, docs)  # the answer was there
@@ -1740,6 +1743,26 @@ def test_renamed_swaps_entity_names_consistently():
     assert out[1]["content"][0]["text"] == f"{kel} {odri} works for {velnor} Group."
     assert out[3]["content"] == f"The company {kel} {odri} works for was founded in 1971 [2]."  # facts stay
     assert refrag()["renamed"](msgs, set(), random.Random(0)) == msgs
+
+
+def test_renamed_world_retrieves_real_documents_under_invented_names():
+    """RL on invented names: queries written with the invented names find the real documents, which come back
+    renamed the same way, so the question is answerable only from what is retrieved."""
+    import random
+    kb = {"Kel Odri": {"id": "p1", "title": "Kel Odri", "text": "Kel Odri works for Velnor Group."},
+          "Velnor Group": {"id": "c1", "title": "Velnor Group", "text": "Velnor Group was founded in 1971."}}
+    asked = []
+    retrieve = lambda query, k: asked.append(query) or [d for t, d in kb.items() if t in query][:k]
+    qa = {"question": "When was the employer of Kel Odri founded?", "answer": "1971", "entity": "Kel Odri"}
+    qa2, retrieve2 = refrag()["renamed_world"](qa, retrieve, {"Kel", "Odri", "Velnor"}, random.Random(0))
+    kel, odri = qa2["entity"].split()
+    assert {kel, odri}.isdisjoint({"Kel", "Odri"}) and qa2["question"] == f"When was the employer of {kel} {odri} founded?"
+    [person] = retrieve2(f"Where does {kel} {odri} work?", 1)
+    assert asked[-1] == "Where does Kel Odri work?" and person["id"] == "p1"
+    velnor = person["text"].split()[4]
+    assert person["text"] == f"{kel} {odri} works for {velnor} Group." and velnor != "Velnor"
+    [company] = retrieve2(f"When was {velnor} Group founded?", 1)
+    assert company["id"] == "c1" and company["title"] == f"{velnor} Group" and qa2["answer"] == "1971"
 
 
 # -----------------------------------------------------------------------------
