@@ -293,8 +293,8 @@ def report(res):
     print0("k              " + "  ".join(f"{k:>5}" for k in res["vs_k"]))
     print0("EM vs k (%)    " + "  ".join(pct(s["em"]) for s in res["vs_k"].values()))
     print0("recall@k (%)   " + "  ".join(pct(v) for v in res["recall"].values()))
-    first = next(iter(res["vs_k"].values()))  # the gold document alone (k=1): reading, by relation
-    print0("EM by relation, gold document only (%): " +
+    k, first = next(iter(res["vs_k"].items()))  # eval_ks's first k; at k=1 the gold document alone: reading
+    print0(f"EM by relation, gold document among k={k} (%): " +
            ", ".join(f"{t} {pct(v).strip()}" for t, v in first["em_by_type"].items()))
 
 

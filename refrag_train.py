@@ -136,6 +136,7 @@ def renamed_world(qa, retrieve, names, rng):
     teach recall; here, as on held-out questions, the answer can only come from what the loop retrieves."""
     forward, back = renamer(names, rng)
     qa = {**qa, **{k: forward(qa[k]) for k in ("question", "answer", "entity")}}
+
     def retrieve_renamed(query, k):
         return [{**d, "title": forward(d["title"]), "text": forward(d["text"])}
                 for d in map(rag.doc_dict, retrieve(back(query), k))]
