@@ -1855,6 +1855,32 @@ def test_policy_gradient_step_raises_rewarded_and_lowers_punished_rollout():
     assert after[0] > before[0] + 1e-3 and after[1] < before[1] - 1e-3
 
 
+def test_kl_penalty_is_zero_at_the_warm_start_and_pulls_back_to_it():
+    _, tok, _, _ = world()
+    q, docs = two_hop()
+    retrieve = lambda query, k: [docs[s["doc_id"]] for s in q["chain"]][:k]
+    out = refrag()["rollout"](ScriptedRefrag(turn(tok, "answer", prepare_answer(q, 2)), tok.vocab_size), tok, q, retrieve, k=2)
+    ref, model = tiny_gpt(tok), tiny_gpt(tok)
+    no_adv, g = torch.zeros(1), refrag()
+    g["kl_coef"] = 0.5
+    try:
+        assert g["pg_loss"](model, [out], no_adv, ref=ref).item() == 0.0  # the policy is its reference
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        loss = g["pg_loss"](model, [out], no_adv, ref=ref)
+        assert loss.item() > 1e-4
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.5 * p.grad
+        assert g["pg_loss"](model, [out], no_adv, ref=ref).item() < loss.item()  # the step moved back toward ref
+        g["kl_coef"] = 0.0
+        assert g["pg_loss"](model, [out], no_adv, ref=ref).item() == 0.0
+    finally:
+        g["kl_coef"] = 0.0
+
+
 # -----------------------------------------------------------------------------
 # the stage end to end: refusal, sft -> rl, checkpoints, eval.json and the curve
 
