@@ -372,10 +372,10 @@ def final_eval(trained):
     if baseline_ckpt:
         variants["single_shot"] = (load_model(baseline_ckpt, "baseline_ckpt")[0], single_shot_k, 0)
     if phase == "rl":
-        if resuming or eval_only:
+        if eval_only:
             variants["warm_start"] = (load_model(warm_start, "the warm start")[0], top_k, max_hops) if warm_start else None
         else:
-            variants["warm_start"] = (init_model, top_k, max_hops)
+            variants["warm_start"] = (init_model, top_k, max_hops) if init_model is not None else None
     variants[{"sft": "warm_start", "rl": "rl"}[phase]] = (trained, top_k, max_hops)
     res, seconds = evaluate_all({k: v for k, v in variants.items() if v is not None})
     write_json(os.path.join(out_dir, "eval.json"), {"checkpoint": os.path.join(out_dir, "ckpt.pt"), "pattern": trained.pattern,
@@ -398,8 +398,14 @@ learning_rate = {"sft": sft_learning_rate, "rl": rl_learning_rate}[phase]
 per_rank = {"sft": sft_batch_size, "rl": questions_per_step}[phase] // world_size
 if per_rank < 1 or {"sft": sft_batch_size, "rl": questions_per_step}[phase] % world_size:
     die(f"{'sft_batch_size' if phase == 'sft' else 'questions_per_step'} must be a multiple of the {world_size} processes")
-# the warm start, kept to compare (and as the KL reference)
-init_model = GPT.from_checkpoint(ckpt).to(device).eval() if phase == "rl" and (master or kl_coef) else None
+init_model = None  # the warm start: compared with at the end, and RL's KL reference
+if phase == "rl" and (master or kl_coef):
+    if not resuming:
+        init_model = GPT.from_checkpoint(ckpt).to(device).eval()
+    elif warm_start:  # a resumed run reloads it from where RL started, so the KL term is the same as before
+        init_model = load_model(warm_start, "the warm start")[0].eval()
+    elif kl_coef:
+        die(f"{ckpt_path}: records no warm start, which kl_coef > 0 needs as its reference")
 optimizers = model.configure_optimizers(learning_rate, weight_decay, (0.9, 0.95), device.split(":")[0])
 if resuming:
     for opt, state in zip(optimizers, ckpt["optimizer"]):

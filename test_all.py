@@ -1924,6 +1924,34 @@ def test_sft_then_rl_end_to_end():
     assert open(f"{TMP_REFRAG.name}/rl/curve.svg").read().startswith("<svg")
 
 
+def test_rl_resume_after_kill_continues_exactly():
+    """RL killed right after a checkpoint and resumed ends with the same weights and logs as an uninterrupted run:
+    the KL reference is the warm start again, not the checkpoint resumed from."""
+    data, *_ = world()
+    base = refrag_checkpoint("TM", os.path.join(TMP_REFRAG.name, "hybrid.pt"))
+    # the random tiny model's rollouts all fail alike (advantage 0); weight decay moves it off the warm start, so
+    # the KL term is live and a wrong reference after the resume changes the updates
+    args = ["refrag_train.py", "--phase=rl", f"--init_from={base}", f"--data_dir={data}", "--baseline_ckpt=", "--device=cpu",
+            "--rl_iters=30", "--eval_interval=2", "--curve_n=0", "--eval_n=1", "--questions_per_step=1", "--group_size=2",
+            "--max_new_tokens=8", "--rl_learning_rate=1e-2", "--warmup_iters=1", "--weight_decay=0.1", "--kl_coef=1.0"]
+    # a step's line without its timings: loss, lr, reward, accuracy, hops, format failures
+    steps = lambda out: {int(m[1]): m[2] + m[3] for m in re.finditer(r"^step (\d+)/\d+ \| (loss .*?) \| [\d,]+ tok/s(.*?)\| eta", out, re.M)}
+    full = steps(refrag_train(*args[1:], f"--out_dir={TMP_REFRAG.name}/resume_a").stdout)
+    proc = subprocess.Popen([sys.executable, *args, f"--out_dir={TMP_REFRAG.name}/resume_b"], cwd=HERE, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("saved") and "at step 2" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    assert proc.wait() == -signal.SIGKILL
+    r = refrag_train(*args[1:], f"--out_dir={TMP_REFRAG.name}/resume_b", "--init_from=resume")
+    assert r.returncode == 0, r.stderr[-800:]
+    resumed = steps(r.stdout)
+    assert len(full) == 30 and resumed and min(resumed) > 2 and resumed == {s: full[s] for s in resumed}, (resumed, full)
+    a, b = (torch.load(f"{TMP_REFRAG.name}/resume_{x}/ckpt.pt", weights_only=True)["model"] for x in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # -----------------------------------------------------------------------------
 # test runner: python test_all.py [substring ...]
 
