@@ -1,6 +1,7 @@
 """
 Chat with a checkpoint, optionally grounded in a knowledge base: it retrieves documents for every question,
-streams the answer, and lists the sources under it.
+streams the answer, and lists the sources under it. An answer that cites one of several documents is checked by
+asking again with that document alone (rag.reread; --no-reread turns it off).
 
     python chat.py --kb data/world/kb.jsonl -p "Where was Kelmar Odrissi born?"     # one question
     python chat.py --ckpt out/rag/ckpt.pt --kb kb/ --top_k 4                        # a conversation (REPL)
@@ -58,6 +59,8 @@ def main():
     parser.add_argument("--top_k", type=int, default=4, help="documents retrieved per question / query")
     parser.add_argument("--retriever", default="bm25", choices=list(RETRIEVERS), help="index for a .jsonl --kb")
     parser.add_argument("--hops", type=int, default=0, help="queries the model may write to retrieve more")
+    parser.add_argument("--reread", action=argparse.BooleanOptionalAction, default=True,
+                        help="single-shot RAG: ask again with the one document the answer cites (rag.reread)")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -94,6 +97,12 @@ def main():
                            top_k=args.top_k, max_hops=args.hops, max_len=max_len, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, on_token=on_token, on_retrieve=on_retrieve)
         print()
+        if args.reread:
+            first = out["answer"]
+            out = rag.reread(model, tok, out, max_len=max_len, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature)
+            if out.get("reread") and out["answer"] != first:
+                print(f"read again with [{out['reread']}] alone: {out['answer']}")
         if (out["dropped"]["docs"] or out["dropped"]["turns"]) and not warned:
             print(f"(context limit {max_len} tokens: dropped the lowest-ranked documents / oldest turns to fit)")
             warned = True

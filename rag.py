@@ -7,7 +7,8 @@ Retrieval-augmented generation, shared by rag_train.py, refrag_train.py and chat
   and a share of examples with the gold document removed, where the right answer is to abstain
 - metrics: SQuAD exact match and token F1, hallucination, abstention and citation accuracy
 - the generation loop: the model answers, or writes a query that the loop retrieves documents for, appends
-  (chunked prefill into the same cache) and continues, until an answer, max_hops, or the context limit
+  (chunked prefill into the same cache) and continues, until an answer, max_hops, or the context limit;
+  then, optionally, cite-then-read: the answer is asked again with the one document it cites
 
 How an answer is read (strictly): citations "[n]" are taken out; what is left must be ABSTAIN (an abstention) or
 the question type's answer sentence (prepare.ANSWERS) about the asked-about entity, and the short answer is
@@ -299,6 +300,26 @@ def generate(model, tok, messages, retrieve=None, top_k=4, max_hops=0, max_len=1
                 r["stop"] = "max_tokens"
                 return r
 
+def reread(model, tok, out, **kw):
+    """Cite, then read: a single-shot answer (out, from generate) that cites exactly one of several documents is
+    asked again with that document alone, and the new answer takes the old one's number. The model cites the
+    document about the asked-about entity more often than it copies its fact from it (README: RAG), and it reads
+    one document far better than several; when the cited document alone does not hold the answer, it abstains.
+    kw: generate's options. -> out with answer and messages replaced (and "reread": the document's number)."""
+    short, cites = read_answer(out["answer"] or "")
+    docs = out["docs"]
+    if out["stop"] != "answer" or out["queries"] or short is None or len(set(cites)) != 1 or len(docs) < 2 \
+            or not 1 <= cites[0] <= len(docs):
+        return out
+    n = cites[0]
+    question = next(m["content"] for m in reversed(out["messages"]) if m["role"] == "user")
+    second = generate(model, tok, messages_for(question, [docs[n - 1]]), **kw)
+    if second["stop"] != "answer":
+        return out
+    answer = CITATION.sub(f" [{n}]", second["answer"])
+    return {**out, "answer": answer, "messages": out["messages"][:-1] + [{"role": "assistant", "content": answer}],
+            "reread": n}
+
 # -----------------------------------------------------------------------------
 # can a base model read? python rag.py --reading out/tiny/ckpt.pt [data/world]
 
@@ -321,40 +342,100 @@ def reading_loss(model, tok, qas, by_id):
     return total / n
 
 # -----------------------------------------------------------------------------
+# does a model pick the right document? python rag.py --choice CKPT [DATA_DIR]
+
+def choice_items(qas, candidates, by_id, answers):
+    """(qa, gold document, distractor, the distractor's answer): for each single-hop qa the first of its candidate
+    documents that is about another entity and answers the same question type differently.
+    answers: {(document id, question type): answer}."""
+    items = []
+    for q, docs in zip(qas, candidates):
+        for d in docs:
+            a = answers.get((d.id, q["type"]))
+            if d.id not in q["gold_ids"] and a is not None and a != q["answer"]:
+                items.append((q, by_id[q["gold_ids"][0]], d, a))
+                break
+    return items
+
+
+@torch.no_grad()
+def choice_accuracy(model, tok, items):
+    """-> (whole, fact): shares of trials in which the model finds its answer from the gold document likelier than
+    the same sentence with the distractor's fact, with only those two documents in context, each item tried with
+    the gold document first and second. whole: the sentences as the model should write them, each citing the
+    document its fact comes from; fact: only the tokens before the citation. 50% = no better than a coin; neither
+    depends on sampling or on copying the rest of the sentence right."""
+    device = next(model.parameters()).device
+
+    def logps(msgs):  # log-probability of each assistant token
+        ids, mask = render_conversation(tok, msgs)
+        x = torch.tensor([ids[:-1]], device=device)
+        y = torch.tensor([[t if m else -1 for t, m in zip(ids[1:], mask[1:])]], device=device)
+        return [-v for v, m in zip(model(x, y, loss_reduction="none")[1].view(-1).tolist(), mask[1:]) if m]
+    whole, fact = [], []
+    for q, gold, other, other_answer in items:
+        for docs in ([gold, other], [other, gold]):
+            msgs = messages_for(q["question"], docs)
+            scores = []
+            for qa, d in ((q, gold), ({**q, "answer": other_answer}, other)):
+                lp = logps(msgs + [{"role": "assistant", "content": answer_sentence(qa, cite=docs.index(d) + 1)}])
+                n_fact = 1 + len(tok.encode(" " + answer_sentence(qa)[:-1]))  # <|assistant_start|>, the sentence
+                scores.append((sum(lp), sum(lp[:n_fact])))
+            whole.append(scores[0][0] > scores[1][0])
+            fact.append(scores[0][1] > scores[1][1])
+    n = max(1, len(whole))
+    return sum(whole) / n, sum(fact) / n
+
+# -----------------------------------------------------------------------------
 # the accuracy-vs-k table and plot from rag_train.py's eval.json files:
 #   python rag.py out/rag_T/eval.json out/rag_M/eval.json out/rag/eval.json --svg out/acc_vs_k.svg
 
+def curves(results):
+    """(label, params, {k: EM}) for each eval.json: one pass, and cite-then-read where it was measured."""
+    out = []
+    for r in results:
+        for key, label in (("vs_k", r["pattern"]), ("vs_k_reread", r["pattern"] + ", reread")):
+            if key in r:
+                out.append((label, r["params"], {int(k): s["em"] for k, s in r[key].items()}))
+    return out
+
+
 def vs_k_table(results):
-    """Markdown table: one row per eval.json, EM (%) with k documents in context."""
+    """Markdown table: a row per eval.json (and its cite-then-read sweep), EM (%) with k documents in context."""
     ks = sorted({int(k) for r in results for k in r["vs_k"]})
     lines = ["| model | params | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
-    for r in results:
-        cells = [f"{100 * r['vs_k'][str(k)]['em']:.1f}" if str(k) in r["vs_k"] else "" for k in ks]
-        lines.append(f"| {r['pattern']} | {r['params']:,} | " + " | ".join(cells) + " |")
+    for label, params, em in curves(results):
+        cells = [f"{100 * em[k]:.1f}" if k in em else "" for k in ks]
+        lines.append(f"| {label} | {params:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def vs_k_svg(results, width=480, height=300, pad=50):
-    """A line per model: EM against k on a log2 axis. Plain SVG: no plotting library needed."""
+def vs_k_svg(results, width=600, height=300, pad=50, legend=130):
+    """A line per model (dashed: cite, then read): EM against k on a log2 axis. Plain SVG: no plotting library."""
     ks = sorted({int(k) for r in results for k in r["vs_k"]})
-    x = lambda k: pad + (width - 2 * pad) * (ks.index(k) / max(1, len(ks) - 1))
+    x = lambda k: pad + (width - pad - legend) * (ks.index(k) / max(1, len(ks) - 1))
     y = lambda v: height - pad - (height - 2 * pad) * v
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
            f'<rect width="{width}" height="{height}" fill="white"/>',
            f'<text x="{width / 2}" y="20" text-anchor="middle">held-out exact match vs documents in context</text>']
     for v in (0, 0.25, 0.5, 0.75, 1.0):
-        out.append(f'<line x1="{pad}" x2="{width - pad}" y1="{y(v)}" y2="{y(v)}" stroke="#ddd"/>'
+        out.append(f'<line x1="{pad}" x2="{width - legend}" y1="{y(v)}" y2="{y(v)}" stroke="#ddd"/>'
                    f'<text x="{pad - 6}" y="{y(v) + 4}" text-anchor="end">{100 * v:.0f}%</text>')
     for k in ks:
         out.append(f'<text x="{x(k)}" y="{height - pad + 16}" text-anchor="middle">{k}</text>')
-    out.append(f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">k (documents)</text>')
+    out.append(f'<text x="{(width - legend + pad) / 2}" y="{height - 12}" text-anchor="middle">k (documents)</text>')
+    line = 0
     for i, r in enumerate(results):
         c = colors[i % len(colors)]
-        pts = [(x(k), y(r["vs_k"][str(k)]["em"])) for k in ks if str(k) in r["vs_k"]]
-        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in pts)}"/>')
-        out += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{c}"/>' for a, b in pts]
-        out.append(f'<text x="{width - pad + 4}" y="{pad + 16 * i}" fill="{c}">{r["pattern"]}</text>')
+        for key, label, dash in (("vs_k", r["pattern"], ""), ("vs_k_reread", r["pattern"] + ", reread", ' stroke-dasharray="5,3"')):
+            if key not in r:
+                continue
+            pts = [(x(int(k)), y(s["em"])) for k, s in r[key].items() if int(k) in ks]
+            out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2"{dash} points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in pts)}"/>')
+            out += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{c}"/>' for a, b in pts]
+            out.append(f'<text x="{width - legend + 8}" y="{pad + 16 * line}" fill="{c}">{label}</text>')
+            line += 1
     return "\n".join(out + ["</svg>"])
 
 
@@ -362,27 +443,46 @@ if __name__ == "__main__":
     import json
     import sys
     args = sys.argv[1:]
-    if args[:1] == ["--reading"] and len(args) in (2, 3):
+    if args[:1] in (["--reading"], ["--choice"]) and len(args) in (2, 3):
         import random
         from common import load_checkpoint
         from model import GPT
         from prepare import Tokenizer
+        from retrieve import BM25Retriever
         torch.set_num_threads(1)
         try:
             ckpt = load_checkpoint(args[1], "cpu")
-            _, by_id, qa = load_world(args[2] if len(args) == 3 else "data/world")
+            docs, by_id, qa = load_world(args[2] if len(args) == 3 else "data/world")
         except (OSError, ValueError) as e:
             sys.exit(f"error: {e}")
         model, tok = GPT.from_checkpoint(ckpt).eval(), Tokenizer.from_json(ckpt["tokenizer"])
-        qas = [q for q in qa["heldout"] if q["hops"] == 1 and answer_sentence(q).startswith(q["entity"])]
-        qas = random.Random(0).sample(qas, min(100, len(qas)))
-        print(f"reading loss: {reading_loss(model, tok, qas, by_id):.3f} nats per answer token "
-              f"({len(qas)} held-out questions, each right after its document)")
+        if args[0] == "--reading":
+            qas = [q for q in qa["heldout"] if q["hops"] == 1 and answer_sentence(q).startswith(q["entity"])]
+            qas = random.Random(0).sample(qas, min(100, len(qas)))
+            print(f"reading loss: {reading_loss(model, tok, qas, by_id):.3f} nats per answer token "
+                  f"({len(qas)} held-out questions, each right after its document)")
+            sys.exit(0)
+        rng = random.Random(0)
+        qas = [q for q in qa["heldout"] if q["hops"] == 1]
+        qas = rng.sample(qas, min(300, len(qas)))
+        answers = {(q["gold_ids"][0], q["type"]): q["answer"] for s in qa.values() for q in s if q["hops"] == 1}
+        bm25 = BM25Retriever()
+        bm25.add_documents(docs)
+        ranked = [[d for d, _ in hits] for hits in bm25.retrieve_batch([q["question"] for q in qas], 16)]
+        heldout = [d for d in docs if d.metadata.get("world") == "heldout"]
+        strangers = lambda q: [d for d in heldout if not set(d.title.split()) & set(by_id[q["gold_ids"][0]].title.split())]
+        unrelated = [rng.sample(strangers(q), len(strangers(q))) for q in qas]
+        for name, candidates in (("BM25's best distractor (mostly a namesake)", ranked), ("an unrelated entity", unrelated)):
+            items = choice_items(qas, candidates, by_id, answers)
+            whole, fact = choice_accuracy(model, tok, items)
+            print(f"gold document vs {name}: the model prefers the gold answer in {100 * whole:.1f}% of "
+                  f"{2 * len(items)} trials, its fact alone (the tokens before the citation) in {100 * fact:.1f}% "
+                  "(chance 50%)")
         sys.exit(0)
     svg = args.pop(args.index("--svg") + 1) if "--svg" in args else None
     args = [a for a in args if a != "--svg"]
     if not args:
-        sys.exit("usage: python rag.py EVAL_JSON [EVAL_JSON ...] [--svg OUT.svg] | python rag.py --reading CKPT [DATA_DIR]")
+        sys.exit("usage: python rag.py EVAL_JSON [EVAL_JSON ...] [--svg OUT.svg] | python rag.py --reading|--choice CKPT [DATA_DIR]")
     try:
         results = [json.load(open(p)) for p in args]
         if any("vs_k" not in r for r in results):

@@ -233,11 +233,13 @@ def val_loss(model):
     return torch.stack(losses).mean().item()
 
 
-def run_set(model, name, items):
-    """items: (qa, docs or None); generates an answer for each and scores it."""
+def run_set(model, name, items, reread=False):
+    """items: (qa, docs or None); generates an answer for each (cite, then read again: rag.reread) and scores it."""
     rows, dropped = [], 0
     for qa, docs in tqdm(items, desc=f"eval {name}", unit="q", leave=False, mininterval=2):
         out = rag.generate(model, tok, rag.messages_for(qa["question"], docs), max_len=eval_max_len)
+        if reread:
+            out = rag.reread(model, tok, out, max_len=eval_max_len)
         dropped += out["dropped"]["docs"]
         rows.append(rag.score(qa, out["answer"], None if docs is None else out["docs"]))
     s = rag.summarize(rows)
@@ -263,12 +265,15 @@ def evaluate_heldout(model):
            "retriever": retriever, "eval_k": eval_k, "n_single": len(single), "n_unanswerable": len(unanswerable),
            "recall": {k: sum(rag.has_gold(q, h[:k]) for q, h in zip(single, hits)) / len(single) for k in ks}}
     res["closed_book"] = run_set(model, "closed-book", [(q, None) for q in single])
-    res["rag"] = run_set(model, "rag", [(q, h[:eval_k]) for q, h in zip(single, hits)])
-    res["gold_removed"] = run_set(model, "gold removed", [(q, no_gold(q, h)[:eval_k]) for q, h in zip(single, hits)])
-    res["unanswerable"] = run_set(model, "unanswerable", [(q, h) for q, h in zip(unanswerable, hits_un)])
+    sets = {"rag": [(q, h[:eval_k]) for q, h in zip(single, hits)],
+            "gold_removed": [(q, no_gold(q, h)[:eval_k]) for q, h in zip(single, hits)],
+            "unanswerable": [(q, h) for q, h in zip(unanswerable, hits_un)]}
+    for name, items in sets.items():  # each answered in one pass, and in two (cite, then read: rag.reread)
+        res[name] = run_set(model, name, items)
+        res[name + "_reread"] = run_set(model, name + " reread", items, reread=True)
     # accuracy vs documents in context: the gold document among the k-1 best-ranked distractors, at a random
     # position, so the sweep measures reading, not retrieval (recall is reported above)
-    res["vs_k"] = {}
+    res["vs_k"], res["vs_k_reread"] = {}, {}
     for k in ks:
         items = []
         for q, h in zip(single, hits):
@@ -276,6 +281,7 @@ def evaluate_heldout(model):
             random.Random(f"{seed}-{q['id']}-{k}").shuffle(docs)
             items.append((q, docs))
         res["vs_k"][k] = run_set(model, f"k={k}", items)
+        res["vs_k_reread"][k] = run_set(model, f"k={k} reread", items, reread=True)
     res["seconds"] = time.time() - t0
     model.train()
     return res
@@ -285,14 +291,16 @@ def report(res):
     pct = lambda v: "  -  " if v is None else f"{100 * v:5.1f}"
     print0(f"held-out world, {res['n_single']} single-hop + {res['n_unanswerable']} unanswerable questions, "
            f"{res['pattern']} model, {res['retriever']} retriever, k={res['eval_k']}")
-    print0("set            EM     F1   halluc  abstain  cite  distracted (%)")
-    for name in ("closed_book", "rag", "gold_removed", "unanswerable"):
+    print0("set                   EM     F1   halluc  abstain  cite  distracted (%)  (_reread: cite, then read)")
+    for name in ("closed_book", "rag", "gold_removed", "unanswerable", "rag_reread", "gold_removed_reread",
+                 "unanswerable_reread"):
         s = res[name]
-        print0(f"{name:<13} {pct(s['em'])}  {pct(s['f1'])}  {pct(s['hallucinated'])}   {pct(s['abstained'])}  "
+        print0(f"{name:<20} {pct(s['em'])}  {pct(s['f1'])}  {pct(s['hallucinated'])}   {pct(s['abstained'])}  "
                f"{pct(s.get('citation_ok'))}  {pct(s.get('distracted'))}")
-    print0("k              " + "  ".join(f"{k:>5}" for k in res["vs_k"]))
-    print0("EM vs k (%)    " + "  ".join(pct(s["em"]) for s in res["vs_k"].values()))
-    print0("recall@k (%)   " + "  ".join(pct(v) for v in res["recall"].values()))
+    print0("k                     " + "  ".join(f"{k:>5}" for k in res["vs_k"]))
+    print0("EM vs k (%)           " + "  ".join(pct(s["em"]) for s in res["vs_k"].values()))
+    print0("EM vs k, reread (%)   " + "  ".join(pct(s["em"]) for s in res["vs_k_reread"].values()))
+    print0("recall@k (%)          " + "  ".join(pct(v) for v in res["recall"].values()))
     k, first = next(iter(res["vs_k"].items()))  # eval_ks's first k; at k=1 the gold document alone: reading
     print0(f"EM by relation, gold document among k={k} (%): " +
            ", ".join(f"{t} {pct(v).strip()}" for t, v in first["em_by_type"].items()))

@@ -1424,6 +1424,79 @@ def test_reading_loss_scores_only_the_answer():
     assert rag.reading_loss(Oracle(), tok, qas, by_id) < 1e-6
 
 
+def test_choice_accuracy_compares_the_gold_fact_with_a_distractors():
+    """choice_items pairs each question with the first candidate about another entity that answers its question
+    type differently; choice_accuracy tries both document orders and counts a trial only when the gold sentence
+    is the likelier: a model drawn to the gold answer's tokens scores 100%, one drawn to the distractor's 0%, and
+    one drawn to the number 1 wins the whole answer when gold is [1], never the fact alone."""
+    out, tok, _, _ = world()
+    docs, by_id, qa = rag.load_world(out)
+    answers = {(q["gold_ids"][0], q["type"]): q["answer"] for s in qa.values() for q in s if q["hops"] == 1}
+    qas = [q for q in qa["heldout"] if q["hops"] == 1 and q["type"] == "born_in"][:12]
+    people = [d for d in docs if d.metadata["type"] == "person"]
+    items = rag.choice_items(qas, [people] * len(qas), by_id, answers)
+    assert len(items) == len(qas)
+    for q, gold, other, a in items:
+        assert gold.id == q["gold_ids"][0] and other.id != gold.id and a == answers[(other.id, "born_in")] != q["answer"]
+
+    class Drawn(torch.nn.Module):  # +30 on the logits of one string's tokens, everywhere
+        def __init__(self, s):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.ids = tok.encode(" " + s)
+
+        def forward(self, x, y, loss_reduction):
+            logits = torch.zeros(1, x.shape[1], tok.vocab_size)
+            logits[..., self.ids] = 30.0
+            return logits, F.cross_entropy(logits.view(-1, tok.vocab_size), y.view(-1), ignore_index=-1,
+                                           reduction="none").view(y.shape)
+    disjoint = [it for it in items if not set(tok.encode(" " + it[0]["answer"])) & set(tok.encode(" " + it[3]))]
+    assert len(disjoint) >= 3
+    for it in disjoint:
+        assert rag.choice_accuracy(Drawn(it[0]["answer"]), tok, [it]) == (1.0, 1.0)
+        assert rag.choice_accuracy(Drawn(it[3]), tok, [it]) == (0.0, 0.0)
+
+    class Cites(Drawn):  # drawn to the gold document's number only: the whole answers differ, the facts tie
+        def __init__(self, n):
+            super().__init__("")
+            self.ids = tok.encode(f"[{n}]")[1:2]
+    same_length = [it for it in items if len(tok.encode(" " + it[0]["answer"])) == len(tok.encode(" " + it[3]))]
+    assert same_length
+    whole, fact = rag.choice_accuracy(Cites(1), tok, same_length[:1])
+    assert whole == 0.5 and fact == 0.0  # the trial with the gold document first is won on the citation alone
+
+
+def test_reread_asks_again_with_the_cited_document_alone():
+    """rag.reread re-asks the question with only the document the answer cites and renumbers the new answer's
+    citation to it; abstentions, several citations, a citation out of range, a single document, a multi-hop
+    answer and an unfinished second pass leave the first answer as it was."""
+    asked, second = [], {"stop": "answer", "answer": "Kel Odri was born in Velnor [1]."}
+
+    def fake_generate(model, tok, messages, **kw):  # the second pass, without a model
+        asked.append(messages)
+        return second
+    real_generate, rag.generate = rag.generate, fake_generate
+    try:
+        docs = [D0, D1, D2]
+        first = {"stop": "answer", "answer": "Kel Odri was born in Durn [2].", "queries": [], "docs": docs,
+                 "messages": rag.messages_for(QA["question"], docs, "Kel Odri was born in Durn [2].")}
+        out = rag.reread(None, None, first, max_len=64)
+        assert asked == [rag.messages_for(QA["question"], [D1])]
+        assert out["answer"] == "Kel Odri was born in Velnor [2]." and out["reread"] == 2
+        assert out["messages"] == rag.messages_for(QA["question"], docs, "Kel Odri was born in Velnor [2].")
+        for answer, changes in [(ABSTAIN, {}), ("Kel Odri was born in Durn [1][2].", {}),
+                                ("Kel Odri was born in Durn [4].", {}), ("Kel Odri was born in Durn [1].", {"docs": [D0]}),
+                                ("Kel Odri was born in Durn [1].", {"queries": ["q"]}),
+                                ("Kel Odri was born in Durn", {"stop": "max_tokens"})]:
+            case = {**first, "answer": answer, **changes}
+            assert rag.reread(None, None, case) is case
+        assert len(asked) == 1
+        second = {"stop": "max_tokens", "answer": None}
+        assert rag.reread(None, None, first) is first
+    finally:
+        rag.generate = real_generate
+
+
 def test_score_hand_made_cases():
     docs = [D0, D1, D2]
     right = rag.score(QA, "Kel Odri was born in Velnor [2].", docs)
@@ -1569,6 +1642,27 @@ TINY_RAG = ["--seq_len=256", "--total_batch_size=1024", "--device_batch_size=2",
         "--k_max=3", "--eval_n=1", "--eval_ks=1", "--warmup_iters=1"]
 
 
+def test_chat_lists_the_sources_it_read_and_fails_in_one_line():
+    """chat.py -p retrieves, answers (or says why it could not) and lists the documents it read, numbered as the
+    model saw them; when the context is too small it drops the lowest-ranked documents and says so once; a
+    missing KB or checkpoint is one line on stderr, no traceback."""
+    data, _, _, _ = world()
+    kb = os.path.join(data, "kb.jsonl")
+    question = next(q for q in map(json.loads, open(os.path.join(data, "qa_heldout.jsonl"))) if q["hops"] == 1)["question"]
+    bm25 = retrieve.BM25Retriever()
+    bm25.add_documents(retrieve.load_documents(kb))
+    top3 = [d.id for d, _ in bm25.retrieve(question, 3)]
+    for block_size, n_read in ((512, 3), (128, 1)):
+        ckpt = checkpoint("TM", os.path.join(TMP.name, f"chat{block_size}.pt"), block_size=block_size)
+        lines = run("chat.py", "--ckpt", ckpt, "--kb", kb, "-p", question, "--top_k", "3", "--max_new_tokens", "4").stdout.splitlines()
+        sources = [l.split("] ")[1].split(":")[0] for l in lines[lines.index("sources:") + 1:]]
+        assert sources == top3[:n_read]  # the best-ranked first, the rest dropped to fit
+        assert sum("context limit" in l for l in lines) == (n_read < 3)
+    for bad in (["--ckpt", ckpt, "--kb", "/nonexistent/kb"], ["--ckpt", "/nonexistent/ckpt.pt", "--kb", kb]):
+        p = run("chat.py", *bad, "-p", question, ok=False)
+        assert p.returncode != 0 and "/nonexistent/" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
 def test_dynamic_and_static_data_modes_train_identically():
     data, tok, docs, qa = world()
     ckpt = checkpoint("TM", os.path.join(TMP.name, "tm.pt"))
@@ -1579,6 +1673,7 @@ def test_dynamic_and_static_data_modes_train_identically():
         outs[mode] = torch.load(f"{TMP.name}/{mode}/ckpt.pt", weights_only=True)
         res = json.load(open(f"{TMP.name}/{mode}/eval.json"))
         assert res["rag"]["n"] == 1 and set(res["vs_k"]) == {"1"}
+        assert res["rag_reread"]["n"] == 1 and set(res["vs_k_reread"]) == {"1"}  # cite-then-read beside one pass
     static = [json.loads(l) for l in open(os.path.join(data, "retrieved_bm25_top16.jsonl"))]
     rag_world_qa = [json.loads(l) for l in open(os.path.join(data, "qa_rag.jsonl"))]
     assert len(static) == sum(q["hops"] <= 1 for q in rag_world_qa)  # RAG examples come from the RAG world
