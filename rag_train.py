@@ -219,7 +219,8 @@ def subsample(qas, name):
 def val_loss(model):
     """Assistant-token loss on held-out RAG conversations (a fixed set): the training-time signal."""
     rng = random.Random(f"{seed}-val")
-    qas = subsample([q for q in heldout_qa if q["hops"] <= 1], "val")[:64]
+    qas = [q for q in heldout_qa if q["hops"] <= 1]
+    qas = random.Random(f"{seed}-val").sample(qas, min(100, len(qas)))[:64]  # fixed whatever eval_n is
     retrieved = val_retriever.retrieve_batch([q["question"] for q in qas], retrieve_depth)
     model.eval()
     losses = []
