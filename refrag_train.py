@@ -4,7 +4,7 @@ retrieved for a question; when they do not hold the answer it writes a follow-up
 and answers citing the document that holds the fact, after at most max_hops queries. The loop is rag.generate,
 the same one `chat.py --hops N` runs. Two phases, each its own run and checkpoint:
 
-    python refrag_train.py                      # sft: out/rag/ckpt.pt -> out/refrag_sft/ckpt.pt
+    python refrag_train.py                      # sft: out/rag2/ckpt.pt -> out/refrag_sft/ckpt.pt
     python refrag_train.py --phase=rl           # rl:  out/refrag_sft/ckpt.pt -> out/refrag/ckpt.pt
     python refrag_train.py --phase=rl --eval_only=True
     torchrun --standalone --nproc_per_node=8 refrag_train.py configs/refrag_tiny.py
@@ -45,9 +45,9 @@ from retrieve import RETRIEVERS
 # I/O
 data_dir = "data/world"        # kb.jsonl, qa_train.jsonl, qa_heldout.jsonl from prepare.py
 phase = "sft"                  # "sft" (imitate the gold query chains) | "rl" (rewards)
-init_from = ""                 # "" = the previous stage (sft: out/rag/ckpt.pt, rl: out/refrag_sft/ckpt.pt) | path | "resume"
+init_from = ""                 # "" = the previous stage (sft: out/rag2/ckpt.pt, rl: out/refrag_sft/ckpt.pt) | path | "resume"
 out_dir = ""                   # "" = out/refrag_sft (sft) | out/refrag (rl)
-baseline_ckpt = "out/rag/ckpt.pt"  # evaluated as single-shot RAG next to ours ("" = skip)
+baseline_ckpt = "out/rag2/ckpt.pt"  # evaluated as single-shot RAG next to ours ("" = skip)
 eval_only = False              # evaluate out_dir/ckpt.pt again, no training
 allow_transformer = False      # baseline override: train a pure-T checkpoint too
 # the loop
@@ -201,7 +201,7 @@ if phase not in ("sft", "rl"):
     die(f"--phase: must be 'sft' or 'rl', got {phase!r}")
 if retriever not in RETRIEVERS:
     die(f"--retriever: must be one of {', '.join(RETRIEVERS)}, got {retriever!r}")
-init_from = init_from or {"sft": "out/rag/ckpt.pt", "rl": "out/refrag_sft/ckpt.pt"}[phase]
+init_from = init_from or {"sft": "out/rag2/ckpt.pt", "rl": "out/refrag_sft/ckpt.pt"}[phase]
 out_dir = out_dir or {"sft": "out/refrag_sft", "rl": "out/refrag"}[phase]
 config.update(init_from=init_from, out_dir=out_dir)
 

@@ -1,7 +1,7 @@
-# Multi-hop warm start on the tiny CPU hybrid (the chain train.py -> rag_train.py -> this), sized for 2 CPU cores:
+# Multi-hop warm start on the tiny CPU hybrid (the chain train.py -> rag_train.py x 2 -> this), sized for 2 CPU cores:
 # ~3 minutes of training and ~2 of evaluation.  python refrag_train.py configs/refrag_tiny.py, then configs/refrag_rl_tiny.py
 phase = "sft"
-init_from = "out/rag/ckpt.pt"
+init_from = "out/rag2/ckpt.pt"        # the two-stage RAG model (run_pipeline.sh)
 out_dir = "out/refrag_sft"
 sft_iters = 400
 sft_batch_size = 8
