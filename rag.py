@@ -391,12 +391,13 @@ def choice_accuracy(model, tok, items):
 #   python rag.py out/rag_T/eval.json out/rag_M/eval.json out/rag/eval.json --svg out/acc_vs_k.svg
 
 def curves(results):
-    """(label, params, {k: EM}) for each eval.json: one pass, and cite-then-read where it was measured."""
+    """(index of its eval.json, label, params, {k: EM}, reread?) for each eval.json: one pass, and cite-then-read
+    where it was measured."""
     out = []
-    for r in results:
+    for i, r in enumerate(results):
         for key, label in (("vs_k", r["pattern"]), ("vs_k_reread", r["pattern"] + ", reread")):
             if key in r:
-                out.append((label, r["params"], {int(k): s["em"] for k, s in r[key].items()}))
+                out.append((i, label, r["params"], {int(k): s["em"] for k, s in r[key].items()}, key == "vs_k_reread"))
     return out
 
 
@@ -404,7 +405,7 @@ def vs_k_table(results):
     """Markdown table: a row per eval.json (and its cite-then-read sweep), EM (%) with k documents in context."""
     ks = sorted({int(k) for r in results for k in r["vs_k"]})
     lines = ["| model | params | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
-    for label, params, em in curves(results):
+    for _, label, params, em, _ in curves(results):
         cells = [f"{100 * em[k]:.1f}" if k in em else "" for k in ks]
         lines.append(f"| {label} | {params:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -425,17 +426,12 @@ def vs_k_svg(results, width=600, height=300, pad=50, legend=130):
     for k in ks:
         out.append(f'<text x="{x(k)}" y="{height - pad + 16}" text-anchor="middle">{k}</text>')
     out.append(f'<text x="{(width - legend + pad) / 2}" y="{height - 12}" text-anchor="middle">k (documents)</text>')
-    line = 0
-    for i, r in enumerate(results):
-        c = colors[i % len(colors)]
-        for key, label, dash in (("vs_k", r["pattern"], ""), ("vs_k_reread", r["pattern"] + ", reread", ' stroke-dasharray="5,3"')):
-            if key not in r:
-                continue
-            pts = [(x(int(k)), y(s["em"])) for k, s in r[key].items() if int(k) in ks]
-            out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2"{dash} points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in pts)}"/>')
-            out += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{c}"/>' for a, b in pts]
-            out.append(f'<text x="{width - legend + 8}" y="{pad + 16 * line}" fill="{c}">{label}</text>')
-            line += 1
+    for line, (i, label, _, em, reread) in enumerate(curves(results)):
+        c, dash = colors[i % len(colors)], ' stroke-dasharray="5,3"' if reread else ""
+        pts = [(x(k), y(v)) for k, v in em.items() if k in ks]
+        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2"{dash} points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in pts)}"/>')
+        out += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{c}"/>' for a, b in pts]
+        out.append(f'<text x="{width - legend + 8}" y="{pad + 16 * line}" fill="{c}">{label}</text>')
     return "\n".join(out + ["</svg>"])
 
 
@@ -470,8 +466,8 @@ if __name__ == "__main__":
         bm25.add_documents(docs)
         ranked = [[d for d, _ in hits] for hits in bm25.retrieve_batch([q["question"] for q in qas], 16)]
         heldout = [d for d in docs if d.metadata.get("world") == "heldout"]
-        strangers = lambda q: [d for d in heldout if not set(d.title.split()) & set(by_id[q["gold_ids"][0]].title.split())]
-        unrelated = [rng.sample(strangers(q), len(strangers(q))) for q in qas]
+        strangers = [[d for d in heldout if not set(d.title.split()) & set(by_id[q["gold_ids"][0]].title.split())] for q in qas]
+        unrelated = [rng.sample(s, len(s)) for s in strangers]
         for name, candidates in (("BM25's best distractor (mostly a namesake)", ranked), ("an unrelated entity", unrelated)):
             items = choice_items(qas, candidates, by_id, answers)
             whole, fact = choice_accuracy(model, tok, items)
