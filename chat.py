@@ -4,8 +4,8 @@ streams the answer, and lists the sources under it. An answer that cites one of 
 asking again with that document alone (rag.reread; --no-reread turns it off).
 
     python chat.py --kb data/world/kb.jsonl -p "Where was Kelmar Odrissi born?"     # one question
-    python chat.py --ckpt out/rag/ckpt.pt --kb kb/ --top_k 4                        # a conversation (REPL)
-    python chat.py --kb data/world/kb.jsonl --hops 3 -p "In which country was the founder of X born?"
+    python chat.py --kb kb/ --top_k 4                                               # a conversation (REPL)
+    python chat.py --ckpt out/refrag/ckpt.pt --kb data/world/kb.jsonl --hops 3 --top_k 1 -p "In which country was the founder of X born?"
     python chat.py --ckpt out/tiny/ckpt.pt                                          # plain chat, no documents
 
 --kb is a KB directory from retrieve.py (its own retriever) or a documents .jsonl (indexed now with --retriever).
@@ -53,7 +53,7 @@ def load_retriever(path, kind):
 
 def main():
     parser = argparse.ArgumentParser(description="Chat with a checkpoint, grounded in a knowledge base.")
-    parser.add_argument("--ckpt", default="out/rag/ckpt.pt", help="checkpoint from train.py / rag_train.py")
+    parser.add_argument("--ckpt", default="out/rag2/ckpt.pt", help="train.py / rag_train.py / refrag_train.py checkpoint")
     parser.add_argument("--kb", help="KB directory or documents .jsonl; without it, plain chat")
     parser.add_argument("-p", "--prompt", help="answer this one question and exit")
     parser.add_argument("--top_k", type=int, default=4, help="documents retrieved per question / query")

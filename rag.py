@@ -137,14 +137,16 @@ def token_f1(pred, gold):
     return 2 * precision * recall / (precision + recall)
 
 
-def read_answer(text, qa=None):
-    """(short answer, cited numbers) of a model's answer sentence; short answer None = abstained."""
+def read_answer(text, qa=None, any_name=False):
+    """(short answer, cited numbers) of a model's answer sentence; short answer None = abstained. The short answer
+    is the template's answer slot when the sentence names qa's entity exactly (any_name: whatever name it gives),
+    else the whole sentence."""
     cites = [int(c) for c in CITATION.findall(text)]
     sentence = CITATION.sub("", text).strip()
     if normalize(sentence) == normalize(ABSTAIN):
         return None, cites
     if qa is not None and qa.get("type") in ANSWERS and qa.get("entity"):
-        slot = re.escape(ANSWERS[qa["type"]]).replace(re.escape("{e}"), re.escape(qa["entity"]))
+        slot = re.escape(ANSWERS[qa["type"]]).replace(re.escape("{e}"), ".+?" if any_name else re.escape(qa["entity"]))
         slot = slot.replace(re.escape("{a}"), "(.+)").replace(re.escape("{aa}"), "(.+)")
         m = re.fullmatch(slot, sentence)
         if m:
@@ -162,13 +164,17 @@ def score(qa, text, docs=None):
     docs: the documents that were in context, in numbering order (None = closed-book).
     The expected answer is qa's answer when it is knowable (closed-book, or its gold documents are in
     context), else abstaining. hallucinated = a definite answer that is wrong, or any definite answer where
-    abstaining is right. citation_ok = every cited number points to a document containing qa's answer.
-    distracted = a hallucinated answer that some document in context states (a distractor's fact)."""
+    abstaining is right. em_answer = em of the answer slot alone, SQuAD's answer-span convention: the name the
+    sentence restates (`Kelmar was born in`) may be misspelt. citation_ok = every cited number points to a document
+    containing qa's answer. distracted = a hallucinated answer that some document in context states (a
+    distractor's fact)."""
     short, cites = read_answer(text or "<no answer>", qa)
     gold = qa["answer"] if docs is None or has_gold(qa, docs) else ""
     pred = short or ""
     em = exact_match(pred, gold) if (short is None) == (not gold) else 0.0
-    r = {"em": em, "f1": token_f1(pred, gold), "abstained": float(short is None),
+    slot = read_answer(text or "<no answer>", qa, any_name=True)[0]
+    r = {"em": em, "em_answer": exact_match(slot or "", gold) if (slot is None) == (not gold) else 0.0,
+         "f1": token_f1(pred, gold), "abstained": float(short is None),
          "hallucinated": float(short is not None and (not gold or not em))}
     if docs is not None and short is not None:
         ok = [1 <= c <= len(docs) and doc_holds(docs[c - 1], qa["answer"]) for c in cites]

@@ -23,6 +23,7 @@ context, for single-shot RAG with baseline_ckpt (top-k on the question, no hops)
 Writes out_dir/eval.json, and for rl the reward/accuracy curve out_dir/curve.svg.
 """
 import json
+import math
 import os
 import random
 import re
@@ -192,6 +193,12 @@ def pg_loss(model, outs, adv, device="cpu", ref=None):
     return loss.sum() / (y >= 0).sum().clamp(min=1)
 
 
+def sign_test(fixed, broken):
+    """Two-sided exact sign test: how likely a split at least this uneven is if changes go either way at 50%."""
+    n = fixed + broken
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(fixed, broken) + 1)) / 2 ** n) if n else 1.0
+
+
 # -----------------------------------------------------------------------------
 try:
     config = configure(globals())
@@ -310,7 +317,7 @@ def evaluate(model, qas, k=None, hops=None, desc="eval"):
             example = {"question": qa["question"], "gold": qa["answer"], "queries": out["queries"],
                        "docs": [d["id"] for d in out["docs"]], "answer": out["answer"], "stop": out["stop"]}
     model.train()
-    return {**rag.summarize(rows), "example": example}
+    return {**rag.summarize(rows), "example": example, "em_each": [r["em"] for r in rows]}
 
 
 def evaluate_all(variants):
@@ -326,6 +333,12 @@ def evaluate_all(variants):
             recall = " ".join(f"{100 * s[f'recall_{i + 1}']:5.1f}" for i in range(h))
             print0(f"{name:<14} {h:>4} {s['n']:>4}  {100 * s['em']:5.1f}  {100 * s['cite']:5.1f}  {100 * s['format']:5.1f}"
                    f"   {s['hops']:5.2f}   {recall}")
+    if "warm_start" in res and "rl" in res:  # paired on the same questions: a sign test on the ones that changed
+        for h in eval_sets:
+            pairs = list(zip(res["warm_start"][h]["em_each"], res["rl"][h]["em_each"]))
+            fixed, broken = sum(a < b for a, b in pairs), sum(a > b for a, b in pairs)
+            print0(f"RL vs warm start, {h}-hop: {fixed} questions fixed, {broken} broken "
+                   f"(two-sided sign test p = {sign_test(fixed, broken):.3f})")
     for name, by_h in res.items():
         print0(f"example ({name}): {json.dumps(next(iter(by_h.values()))['example'])}")
     return res, time.time() - t0

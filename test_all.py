@@ -1500,8 +1500,10 @@ def test_reread_asks_again_with_the_cited_document_alone():
 def test_score_hand_made_cases():
     docs = [D0, D1, D2]
     right = rag.score(QA, "Kel Odri was born in Velnor [2].", docs)
-    assert right == {"em": 1.0, "f1": 1.0, "abstained": 0.0, "hallucinated": 0.0, "citation_ok": 1.0, "citation_gold": 1.0,
-                     "distracted": 0.0}
+    assert right == {"em": 1.0, "em_answer": 1.0, "f1": 1.0, "abstained": 0.0, "hallucinated": 0.0, "citation_ok": 1.0,
+                     "citation_gold": 1.0, "distracted": 0.0}
+    misnamed = rag.score(QA, "Kel Odro was born in Velnor [2].", docs)  # the right fact, the person misspelt
+    assert misnamed["em"] == 0.0 and misnamed["em_answer"] == 1.0 and misnamed["hallucinated"] == 1.0
     cites_city_doc = rag.score(QA, "Kel Odri was born in Velnor [3].", docs)  # holds the answer, but is not gold
     assert cites_city_doc["citation_ok"] == 1.0 and cites_city_doc["citation_gold"] == 0.0
     wrong_cite = rag.score(QA, "Kel Odri was born in Velnor [1].", docs)
@@ -1509,7 +1511,7 @@ def test_score_hand_made_cases():
     assert rag.score(QA, "Kel Odri was born in Velnor [9].", docs)["citation_ok"] == 0.0  # out of range
     assert rag.score(QA, "Kel Odri was born in Velnor.", docs)["citation_ok"] == 0.0       # no citation
     wrong = rag.score(QA, "Kel Odri was born in Durn [1].", docs)
-    assert wrong["em"] == 0.0 and wrong["f1"] == 0.0 and wrong["hallucinated"] == 1.0
+    assert wrong["em"] == wrong["em_answer"] == 0.0 and wrong["f1"] == 0.0 and wrong["hallucinated"] == 1.0
     assert wrong["distracted"] == 1.0  # Durn is Ama Pesk's birthplace, in D0
     assert rag.score(QA, "Kel Odri was born in Pelmar [1].", docs)["distracted"] == 0.0  # in no document
     partial = rag.score(QA, "Kel Odri was born in Velnor City [2].", docs)
@@ -1517,11 +1519,12 @@ def test_score_hand_made_cases():
     timid = rag.score(QA, ABSTAIN, docs)  # the answer was there
     assert timid["abstained"] == 1.0 and timid["em"] == 0.0 and timid["hallucinated"] == 0.0 and "citation_ok" not in timid
     # gold document absent: abstaining is right, any definite answer (even the true one) is a hallucination
-    assert rag.score(QA, ABSTAIN, [D0, D2]) == {"em": 1.0, "f1": 1.0, "abstained": 1.0, "hallucinated": 0.0}
+    assert rag.score(QA, ABSTAIN, [D0, D2]) == {"em": 1.0, "em_answer": 1.0, "f1": 1.0, "abstained": 1.0, "hallucinated": 0.0}
     lucky = rag.score(QA, "Kel Odri was born in Velnor [2].", [D0, D2])
-    assert lucky["hallucinated"] == 1.0 and lucky["em"] == 0.0
+    assert lucky["hallucinated"] == 1.0 and lucky["em"] == lucky["em_answer"] == 0.0
     # closed-book: no citations expected; no answer at all counts as a wrong definite answer
-    assert rag.score(QA, "Kel Odri was born in Velnor.", None) == {"em": 1.0, "f1": 1.0, "abstained": 0.0, "hallucinated": 0.0}
+    assert rag.score(QA, "Kel Odri was born in Velnor.", None) == {"em": 1.0, "em_answer": 1.0, "f1": 1.0, "abstained": 0.0,
+                                                               "hallucinated": 0.0}
     assert rag.score(QA, None, None)["hallucinated"] == 1.0
     s = rag.summarize([right, timid, lucky])
     assert s["n"] == 3 and abs(s["em"] - 1 / 3) < 1e-9 and s["citation_ok"] == 1.0 and abs(s["hallucinated"] - 1 / 3) < 1e-9
@@ -1822,6 +1825,13 @@ def test_chain_conversation_single_hop_answers_at_once_unanswerable_abstains():
     assert [m["role"] for m in msgs] == ["user", "documents", "assistant"] and msgs[-1]["content"] == prepare_answer(one, 2)
     msgs = refrag()["chain_messages"](none, lambda query, k: [other, gold], docs)
     assert [m["role"] for m in msgs] == ["user", "documents", "assistant"] and msgs[-1]["content"] == ABSTAIN
+
+
+def test_sign_test_on_hand_made_splits():
+    sign_test = refrag()["sign_test"]
+    assert sign_test(8, 0) == sign_test(0, 8) == 2 / 256  # all eight changes one way
+    assert abs(sign_test(7, 3) - 2 * (1 + 10 + 45 + 120) / 1024) < 1e-12
+    assert sign_test(5, 5) == sign_test(0, 0) == 1.0
 
 
 def test_renamed_swaps_entity_names_consistently():
