@@ -5,7 +5,8 @@ asking again with that document alone (rag.reread; --no-reread turns it off).
 
     python chat.py --kb data/world/kb.jsonl -p "Where was Kelmar Odrissi born?"     # one question
     python chat.py --kb kb/ --top_k 4                                               # a conversation (REPL)
-    python chat.py --ckpt out/refrag/ckpt.pt --kb data/world/kb.jsonl --hops 3 --top_k 1 -p "In which country was the founder of X born?"
+    python chat.py --ckpt out/refrag/ckpt.pt --kb data/world/kb.jsonl --hops 3 --top_k 1 \
+        -p "In which country was the founder of X born?"                            # multi-hop (refrag_train.py)
     python chat.py --ckpt out/tiny/ckpt.pt                                          # plain chat, no documents
 
 --kb is a KB directory from retrieve.py (its own retriever) or a documents .jsonl (indexed now with --retriever).

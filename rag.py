@@ -168,12 +168,13 @@ def score(qa, text, docs=None):
     sentence restates (`Kelmar was born in`) may be misspelt. citation_ok = every cited number points to a document
     containing qa's answer. distracted = a hallucinated answer that some document in context states (a
     distractor's fact)."""
-    short, cites = read_answer(text or "<no answer>", qa)
+    text = text or "<no answer>"
+    short, cites = read_answer(text, qa)
     gold = qa["answer"] if docs is None or has_gold(qa, docs) else ""
+    em_of = lambda s: exact_match(s or "", gold) if (s is None) == (not gold) else 0.0  # None = abstained
     pred = short or ""
-    em = exact_match(pred, gold) if (short is None) == (not gold) else 0.0
-    slot = read_answer(text or "<no answer>", qa, any_name=True)[0]
-    r = {"em": em, "em_answer": exact_match(slot or "", gold) if (slot is None) == (not gold) else 0.0,
+    em = em_of(short)
+    r = {"em": em, "em_answer": em_of(read_answer(text, qa, any_name=True)[0]),
          "f1": token_f1(pred, gold), "abstained": float(short is None),
          "hallucinated": float(short is not None and (not gold or not em))}
     if docs is not None and short is not None:
