@@ -23,7 +23,8 @@ from collections import Counter
 import torch
 
 from model import sample_next
-from prepare import ABSTAIN, ANSWERS, COMPANY_SUFFIXES, answer_sentence, render_conversation
+from prepare import (ABSTAIN, ANSWERS, COMPANY_SUFFIXES, COUNTRY_SUFFIXES, NamePool, answer_sentence,
+                     render_conversation)
 from retrieve import load_documents, read_jsonl
 
 # -----------------------------------------------------------------------------
@@ -93,16 +94,37 @@ def raft_docs(qa, retrieved, by_id, rng, k, p_no_gold):
     rng.shuffle(docs)
     return docs
 
-def rename_entity(qa, docs, rng, words):
-    """(qa, docs) with the asked-about entity renamed everywhere (question, answer, every document) to an invented
-    name spliced from two of `words`. For a name it never saw in pre-training the model cannot answer from memory
-    and must read, which is the situation of every held-out question; without this, training-world questions are
-    answered from memory and "unfamiliar name" becomes a cue to abstain."""
-    names = {}
-    for w in qa["entity"].split():
-        if w not in COMPANY_SUFFIXES and w not in names:
-            a, b = rng.sample(words, 2)
-            names[w] = a[:max(2, len(a) // 2)] + b[len(b) // 2:].lower()
+ENTITY_KIND = {"born_in": "person", "born_year": "person", "works_for": "person", "profession": "person",
+               "founded_by": "company", "founded_year": "company", "hq": "company", "industry": "company",
+               "located_in": "city", "population": "city", "capital": "country"}  # single-hop question types
+ANSWER_KIND = {"born_in": "city", "works_for": "company", "founded_by": "person", "hq": "city",
+               "located_in": "country", "capital": "city"}  # single-hop relations whose answer is a name
+
+
+def rename_names(qa, docs, rng, first_names):
+    """(qa, docs) with the asked-about entity, and the answer when it is a name, renamed everywhere (question,
+    answer, every document) to fresh names from the world's own generator; a person gets a first name from the
+    shared pool (first_names) and an invented surname, as held-out people have. Then the model can answer only
+    by reading, which is the situation of every held-out question: without renaming, training-world questions
+    are answered from memory and "unfamiliar name" becomes a cue to abstain; with the entity alone renamed, the
+    few hundred answers come back so often that held-out answers are written as blends of them."""
+    pool, names = NamePool(rng), {}
+
+    def rename(name, kind):
+        words = name.split()
+        if kind == "person" and len(words) == 2:
+            names.setdefault(words[0], rng.choice(first_names))
+            names.setdefault(words[1], pool.word())
+        elif kind == "country":
+            names.setdefault(name, pool.word(next((s for s in COUNTRY_SUFFIXES if name.endswith(s)), "")))
+        else:  # a city, or a company's stem (its suffix stays)
+            for w in words:
+                if w not in COMPANY_SUFFIXES:
+                    names.setdefault(w, pool.word())
+    rename(qa["entity"], ENTITY_KIND.get(qa["type"]))
+    if qa["type"] in ANSWER_KIND and qa["answer"]:
+        rename(qa["answer"], ANSWER_KIND[qa["type"]])
+    names = {k: v for k, v in names.items() if k != v}
     if not names:
         return qa, docs
     pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")

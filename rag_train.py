@@ -48,7 +48,7 @@ retrieve_depth = 16            # ranked documents kept per question: the distrac
 seq_len = 1024                 # tokens per packed row
 k_max = 4                      # documents per RAG example: uniform in 1..k_max
 p_no_gold = 0.2                # share of RAG examples whose gold document is removed (answer: abstain)
-p_rename = 0.7                 # share of RAG examples whose entity gets an invented name (see rag.rename_entity)
+p_rename = 0.7                 # share of RAG examples whose names are swapped for fresh ones (rag.rename_names)
 rag_weight = 0.88              # task mixture, per example
 closed_book_weight = 0.1
 text_weight = 0.02             # a text window is all loss tokens: at 0.1 it outweighed the answers
@@ -123,7 +123,8 @@ train_qa, heldout_qa = qa_sets["train"], qa_sets["heldout"]
 # RAG examples ask about the RAG world (in the KB, never pretrained on), so answers must come from the documents
 rag_qa = [q for q in qa_sets["rag"] if q["hops"] <= 1]  # single-hop and unanswerable
 closed_qa = [q for q in train_qa if q["hops"] == 1]        # closed-book: facts the base model pretrained on
-name_words = sorted({w for d in kb_docs if d.metadata.get("world") != "heldout" for w in d.title.split()})
+first_names = sorted({d.title.split()[0] for d in kb_docs  # the shared pool, as held-out people's first names
+                      if d.metadata.get("world") != "heldout" and d.metadata.get("type") == "person"})
 
 
 def build_retriever(docs):
@@ -175,7 +176,7 @@ def example(rng):
         qa = rng.choice(rag_qa)
         docs = rag.raft_docs(qa, retrieved_for(qa), by_id, rng, rng.randint(1, k_max), p_no_gold)
         if rng.random() < p_rename:
-            qa, docs = rag.rename_entity(qa, docs, rng, name_words)
+            qa, docs = rag.rename_names(qa, docs, rng, first_names)
         return rag.render_example(tok, qa, docs)
     if task == "closed":
         return rag.render_example(tok, rng.choice(closed_qa))

@@ -2,7 +2,7 @@
 # The whole tiny CPU pipeline in one command: synthetic world -> pre-train the hybrid -> RAG fine-tune in two
 # stages (2,000 steps at 6e-3, then the same 2,000 batches again at 3e-3), each with its held-out evaluation
 # (out/rag/eval.json, out/rag2/eval.json) -> one cited answer from chat.py. About 1.5 hours on 2 CPU cores
-# (measured with one torch thread: train.py 11 minutes, each rag_train.py 27 plus about 8 of evaluation on every
+# (measured with one torch thread: train.py 11 minutes, each rag_train.py 30-33 plus about 7 of evaluation on every
 # held-out question); compare adds about 1.7 hours (two more pre-trainings and first RAG stages).
 #
 #   bash run_pipeline.sh            # the pipeline

@@ -38,7 +38,7 @@ import retrieve
 from common import save_checkpoint
 from configurator import script_defaults
 from model import GPT, GPTConfig, Mamba, Mamba2, chunked_scan, layer_pattern, sample_next, selective_scan, ssd_scan
-from prepare import ABSTAIN, Tokenizer, prepare_world, render_conversation
+from prepare import ABSTAIN, COUNTRY_SUFFIXES, Tokenizer, prepare_world, render_conversation
 from retrieve import (BM25Retriever, DenseRetriever, Document, HybridRetriever, RETRIEVERS, SimpleRetriever, evaluate,
                       load_documents, load_kb, mrr, ndcg_at_k, precision_at_k, recall_at_k, tokenize)
 
@@ -1688,16 +1688,24 @@ def test_dynamic_and_static_data_modes_train_identically():
     assert not all(torch.equal(a[k], base[k]) for k in a)  # and it did train
 
 
-def test_rename_entity_hides_the_name_everywhere():
+def test_rename_names_hides_the_names_everywhere():
+    """The asked-about person gets a fresh name shaped like a held-out one (a pool first name, an invented
+    surname) in the question and every document, and a name answer is renamed the same way; a year is kept."""
     _, tok, docs, qa = world()
-    q = next(q for q in qa if q["hops"] == 1 and q["gold_ids"][0].startswith("train-person"))
-    gold = docs[q["gold_ids"][0]]
-    words = sorted({w for d in docs.values() for w in d["title"].split()})
-    q2, (g2,) = rag.rename_entity(q, [gold], random.Random(0), words)
-    surname = q["entity"].split()[-1]
-    assert surname not in q2["question"] + g2["title"] + g2["text"] and q2["entity"] in q2["question"]
-    assert q2["answer"] == q["answer"] and q2["entity"] in g2["title"] and q["answer"] in g2["text"]
-    assert rag.score(q2, rag.target_answer(q2, [g2]), [g2])["em"] == 1.0
+    first_names = sorted({d["title"].split()[0] for d in docs.values() if d["metadata"]["type"] == "person"})
+    for qtype in ("born_in", "born_year"):
+        q = next(q for q in qa if q["type"] == qtype and q["gold_ids"][0].startswith("train-person"))
+        gold = docs[q["gold_ids"][0]]
+        q2, (g2,) = rag.rename_names(q, [gold], random.Random(0), first_names)
+        surname = q["entity"].split()[-1]
+        assert surname not in q2["question"] + g2["title"] + g2["text"] and q2["entity"] in q2["question"]
+        assert q2["entity"].split()[0] in first_names and q2["entity"] in g2["title"]
+        assert (q2["answer"] != q["answer"]) == (qtype == "born_in") and q2["answer"] in g2["text"]
+        assert (q["answer"] in g2["text"]) == (qtype == "born_year")
+        assert rag.score(q2, rag.target_answer(q2, [g2]), [g2])["em"] == 1.0
+    q = next(q for q in qa if q["type"] == "capital")  # a country keeps its suffix
+    q2, _ = rag.rename_names(q, [docs[q["gold_ids"][0]]], random.Random(0), first_names)
+    assert q2["entity"] != q["entity"] and any(q["entity"].endswith(s) and q2["entity"].endswith(s) for s in COUNTRY_SUFFIXES)
 
 
 def test_tiny_finetune_beats_chance():
