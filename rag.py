@@ -96,7 +96,8 @@ def raft_docs(qa, retrieved, by_id, rng, k, p_no_gold):
 
 ENTITY_KIND = {"born_in": "person", "born_year": "person", "works_for": "person", "profession": "person",
                "founded_by": "company", "founded_year": "company", "hq": "company", "industry": "company",
-               "located_in": "city", "population": "city", "capital": "country"}  # single-hop question types
+               "located_in": "city", "population": "city", "capital": "country"}
+# (single-hop question types only: an unanswerable question of a multi-hop type gets every word of its name invented)
 ANSWER_KIND = {"born_in": "city", "works_for": "company", "founded_by": "person", "hq": "city",
                "located_in": "country", "capital": "city"}  # single-hop relations whose answer is a name
 
