@@ -23,8 +23,8 @@ from collections import Counter
 import torch
 
 from model import sample_next
-from prepare import (ABSTAIN, ANSWERS, COMPANY_SUFFIXES, COUNTRY_SUFFIXES, NamePool, answer_sentence,
-                     render_conversation)
+from prepare import (ABSTAIN, ANSWERS, COMPANY_SUFFIXES, COUNTRY_SUFFIXES, MULTI_HOP, QUESTIONS, NamePool,
+                     answer_sentence, render_conversation)
 from retrieve import load_documents, read_jsonl
 
 # -----------------------------------------------------------------------------
@@ -94,10 +94,10 @@ def raft_docs(qa, retrieved, by_id, rng, k, p_no_gold):
     rng.shuffle(docs)
     return docs
 
-ENTITY_KIND = {"born_in": "person", "born_year": "person", "works_for": "person", "profession": "person",
-               "founded_by": "company", "founded_year": "company", "hq": "company", "industry": "company",
-               "located_in": "city", "population": "city", "capital": "country"}
-# (single-hop question types only: an unanswerable question of a multi-hop type gets every word of its name invented)
+
+# the kind of entity each single-hop question type asks about (an unanswerable question of a multi-hop type is left
+# out, so every word of its name is invented)
+ENTITY_KIND = {qtype: kind for kind, types in QUESTIONS.items() for qtype in types if qtype not in MULTI_HOP[kind]}
 ANSWER_KIND = {"born_in": "city", "works_for": "company", "founded_by": "person", "hq": "city",
                "located_in": "country", "capital": "city"}  # single-hop relations whose answer is a name
 
