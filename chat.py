@@ -54,7 +54,8 @@ def load_retriever(path, kind):
 
 def main():
     parser = argparse.ArgumentParser(description="Chat with a checkpoint, grounded in a knowledge base.")
-    parser.add_argument("--ckpt", default="out/rag2/ckpt.pt", help="train.py / rag_train.py / refrag_train.py checkpoint")
+    parser.add_argument("--ckpt", help="train.py / rag_train.py / refrag_train.py checkpoint (default: the newest "
+                        "RAG model run_pipeline.sh makes, out/rag2/ckpt.pt, else out/rag/ckpt.pt)")
     parser.add_argument("--kb", help="KB directory or documents .jsonl; without it, plain chat")
     parser.add_argument("-p", "--prompt", help="answer this one question and exit")
     parser.add_argument("--top_k", type=int, default=4, help="documents retrieved per question / query")
@@ -66,6 +67,7 @@ def main():
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    args.ckpt = args.ckpt or ("out/rag2/ckpt.pt" if os.path.exists("out/rag2/ckpt.pt") else "out/rag/ckpt.pt")
     if args.top_k < 1 or args.hops < 0:
         sys.exit("error: --top_k must be >= 1 and --hops >= 0")
     try:

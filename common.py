@@ -47,10 +47,6 @@ def setup(device="auto", seed=1337):
                 os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     torch.manual_seed(seed)
-    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # small models gain little from intra-op threads and lose a lot when cores are shared: the tiny config
-        # ran at 6,840 tok/s on one thread and 700 on two on a busy 2-core machine. OMP_NUM_THREADS=N overrides.
-        torch.set_num_threads(1)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
