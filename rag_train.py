@@ -235,15 +235,21 @@ def val_loss(model):
     return torch.stack(losses).mean().item()
 
 
-def run_set(model, name, items, reread=False):
-    """items: (qa, docs or None); generates an answer for each (cite, then read again: rag.reread) and scores it."""
-    rows, dropped = [], 0
+def run_set(model, name, items, reread=True):
+    """items: (qa, docs or None); generates an answer for each and scores it. -> the summary of the one-pass answers,
+    and (reread) of the same answers after cite-then-read (rag.reread), which starts from them."""
+    rows, rows_reread, dropped = [], [], 0
     for qa, docs in tqdm(items, desc=f"eval {name}", unit="q", leave=False, mininterval=2):
         out = rag.generate(model, tok, rag.messages_for(qa["question"], docs), max_len=eval_max_len)
-        if reread:
-            out = rag.reread(model, tok, out, max_len=eval_max_len)
         dropped += out["dropped"]["docs"]
         rows.append(rag.score(qa, out["answer"], None if docs is None else out["docs"]))
+        if reread:
+            out = rag.reread(model, tok, out, max_len=eval_max_len)
+            rows_reread.append(rag.score(qa, out["answer"], None if docs is None else out["docs"]))
+    return summarize(rows, items, dropped), summarize(rows_reread, items, dropped) if reread else None
+
+
+def summarize(rows, items, dropped):
     s = rag.summarize(rows)
     s["dropped_docs"] = dropped
     types = sorted({qa.get("type", "") for qa, _ in items})
@@ -266,13 +272,12 @@ def evaluate_heldout(model):
     res = {"checkpoint": os.path.join(out_dir, "ckpt.pt"), "pattern": pattern, "params": model.num_params(),
            "retriever": retriever, "eval_k": eval_k, "n_single": len(single), "n_unanswerable": len(unanswerable),
            "recall": {k: sum(rag.has_gold(q, h[:k]) for q, h in zip(single, hits)) / len(single) for k in ks}}
-    res["closed_book"] = run_set(model, "closed-book", [(q, None) for q in single])
+    res["closed_book"], _ = run_set(model, "closed-book", [(q, None) for q in single], reread=False)
     sets = {"rag": [(q, h[:eval_k]) for q, h in zip(single, hits)],
             "gold_removed": [(q, no_gold(q, h)[:eval_k]) for q, h in zip(single, hits)],
             "unanswerable": [(q, h) for q, h in zip(unanswerable, hits_un)]}
     for name, items in sets.items():  # each answered in one pass, and in two (cite, then read: rag.reread)
-        res[name] = run_set(model, name, items)
-        res[name + "_reread"] = run_set(model, name + " reread", items, reread=True)
+        res[name], res[name + "_reread"] = run_set(model, name, items)
     # accuracy vs documents in context: the gold document among the k-1 best-ranked distractors, at a random
     # position, so the sweep measures reading, not retrieval (recall is reported above)
     res["vs_k"], res["vs_k_reread"] = {}, {}
@@ -282,8 +287,7 @@ def evaluate_heldout(model):
             docs = [by_id[q["gold_ids"][0]]] + no_gold(q, h)[:k - 1]
             random.Random(f"{seed}-{q['id']}-{k}").shuffle(docs)
             items.append((q, docs))
-        res["vs_k"][k] = run_set(model, f"k={k}", items)
-        res["vs_k_reread"][k] = run_set(model, f"k={k} reread", items, reread=True)
+        res["vs_k"][k], res["vs_k_reread"][k] = run_set(model, f"k={k}", items)
     res["seconds"] = time.time() - t0
     model.train()
     return res

@@ -45,7 +45,9 @@ from retrieve import (BM25Retriever, DenseRetriever, Document, HybridRetriever, 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# tiny models gain nothing from a second thread, and on a busy machine OpenMP threads spin-wait on each other
+# tiny models gain nothing from a second thread, and on a busy machine OpenMP threads spin-wait on each other;
+# the scripts the tests start inherit the one thread
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 HERE = str(ROOT)
 
