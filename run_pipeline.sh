@@ -5,7 +5,7 @@
 #
 #   bash run_pipeline.sh            # the pipeline
 #   bash run_pipeline.sh full       # the README's RAG model instead: the first RAG stage at 2,000 steps, then the
-#                                   # second (the same 2,000 batches again at 3e-3, out/rag2); about 55 minutes
+#                                   # second (the same 2,000 batches again at 3e-3, out/rag2); about 53 minutes
 #   bash run_pipeline.sh compare    # then T, M and the hybrid at ~equal size (1.06M / 1.11M / 1.12M parameters):
 #                                   # accuracy vs documents in context, a markdown table and acc_vs_k.svg (the README's
 #                                   # plot); two more pre-trainings and first RAG stages, about 1 hour
