@@ -432,7 +432,7 @@ if "build_one" in what:  # one (type, size), alone in this process, so that peak
 if "build" in what:
     rows = []
     for kind, n in [("simple", 10_000), ("bm25", 10_000), ("bm25s", 10_000), ("simple", 100_000), ("bm25", 100_000),
-                    ("bm25s", 100_000), ("bm25", 1_000_000), ("bm25s", 1_000_000), ("encode", 1_000),
+                    ("bm25s", 100_000), ("bm25", 1_000_000), ("bm25s", 1_000_000), ("encode", 10_000),
                     ("flat", 100_000), ("hnsw", 100_000)]:
         p = subprocess.run([sys.executable, __file__, "--what=build_one", f"--kind={kind}", f"--n={n}",
                             f"--threads={args.threads}"], capture_output=True, text=True)
