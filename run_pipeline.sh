@@ -14,18 +14,19 @@ set -euo pipefail
 cd "$(dirname "$0")"
 if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
 TRAIN_ARGS=${TRAIN_ARGS:-}
-case "${1:-}" in
+mode=${1:-}
+case "$mode" in
     ""|full|compare) ;;
-    *) echo "usage: bash run_pipeline.sh [full|compare] (got '$1')" >&2; exit 2 ;;
+    *) echo "usage: bash run_pipeline.sh [full|compare] (got '$mode')" >&2; exit 2 ;;
 esac
 
 python prepare.py
 python train.py --out_dir=out/tiny $TRAIN_ARGS
 # 1,500 RAG steps keep the pipeline within 30 minutes; full and compare run configs/rag_tiny.py's 2,000, the README's runs
-rag_steps=$([ -z "${1:-}" ] && echo 1500 || echo 2000)
+rag_steps=$([ -z "$mode" ] && echo 1500 || echo 2000)
 python rag_train.py configs/rag_tiny.py --init_from=out/tiny/ckpt.pt --out_dir=out/rag --max_iters=$rag_steps
 ckpt=out/rag/ckpt.pt
-if [ "${1:-}" = "full" ]; then
+if [ "$mode" = full ]; then
     python rag_train.py configs/rag_tiny.py --init_from=out/rag/ckpt.pt --out_dir=out/rag2 --learning_rate=3e-3
     ckpt=out/rag2/ckpt.pt
 fi
@@ -33,7 +34,7 @@ question=$(python -c "import json; print(next(q['question'] for q in map(json.lo
 echo "> $question"
 python chat.py --ckpt $ckpt --kb data/world/kb.jsonl -p "$question"
 
-if [ "${1:-}" = "compare" ]; then
+if [ "$mode" = compare ]; then
     python train.py --out_dir=out/tiny_T --block_pattern=T --n_layer=3 $TRAIN_ARGS
     python train.py --out_dir=out/tiny_M --block_pattern=M --n_layer=5 $TRAIN_ARGS
     python rag_train.py configs/rag_tiny.py --init_from=out/tiny_T/ckpt.pt --out_dir=out/rag_T --allow_transformer=True
