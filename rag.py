@@ -1,19 +1,23 @@
 """
-Retrieval-augmented generation, shared by rag_train.py, refrag_train.py and chat.py:
+Retrieval-augmented generation on any data directory (prepare.py's layout), shared by rag_train.py,
+refrag_train.py and chat.py:
 
+- data: kb.jsonl and FlashRAG-style QA files ({"id", "question", "golden_answers", "gold_ids"?, "queries"?}),
+  checked line by line before any training starts
 - conversations: a question, the documents in context (numbered [1..k] across the whole conversation), and the
-  answer the model should give: the fact with the number of the document that holds it, or prepare.ABSTAIN
+  answer the model should give: the short answer (or the record's "response" sentence) citing the document that
+  holds it, or tokenizer.ABSTAIN
 - RAFT-style examples (Zhang et al. 2024): the gold document at a random position among retrieved distractors,
-  and a share of examples with the gold document removed, where the right answer is to abstain
-- metrics: SQuAD exact match and token F1, hallucination, abstention and citation accuracy
+  and a share of examples with the gold document removed, where the right answer is to abstain. The gold documents
+  are the record's gold_ids or, when it names none, the retrieved documents that contain a golden answer.
+- metrics: SQuAD exact match and token F1 against the best golden answer, hallucination, abstention, citations
 - the generation loop: the model answers, or writes a query that the loop retrieves documents for, appends
   (chunked prefill into the same cache) and continues, until an answer, max_hops, or the context limit;
   then, optionally, cite-then-read: the answer is asked again with the one document it cites
 
-How an answer is read (strictly): citations "[n]" are taken out; what is left must be ABSTAIN (an abstention) or
-the question type's answer sentence (prepare.ANSWERS) about the asked-about entity, and the short answer is
-what fills its answer slot. Any other sentence is a definite answer whose short answer is the whole sentence, so
-it scores EM 0 unless it is the bare answer. Records without "type"/"entity" (your own QA) use the whole sentence.
+How an answer is read: citations "[n]" are taken out; what is left must be ABSTAIN (an abstention) or a definite
+answer. When the record has a "response" (an answer sentence, as the world's), the short answer is the part of
+the sentence where the response has its golden answer, if the rest matches; otherwise the whole text is the answer.
 """
 import os
 import re
@@ -23,24 +27,62 @@ from collections import Counter
 import torch
 
 from model import sample_next
-from prepare import (ABSTAIN, ANSWERS, COMPANY_SUFFIXES, COUNTRY_SUFFIXES, MULTI_HOP, QUESTIONS, NamePool,
-                     answer_sentence, render_conversation)
 from retrieve import load_documents, read_jsonl
+from tokenizer import ABSTAIN, render_conversation
 
 # -----------------------------------------------------------------------------
-# conversations
+# data
 
 
-def load_world(data_dir):
-    """A prepared world: (kb documents, {id: document}, {"train"|"rag"|"heldout": QA records}).
-    A missing or malformed file is a ValueError / OSError naming it."""
-    def qa(split):
+def load_qa(path, by_id):
+    """QA records of a JSONL file; every malformed line is a ValueError naming the file and line."""
+    qas = []
+    for lineno, r in read_jsonl(path):
+        where = f"{path} line {lineno}"
+        if not isinstance(r.get("question"), str) or not r["question"].strip():
+            raise ValueError(f"{where}: missing or empty 'question'")
+        if not isinstance(r.get("golden_answers"), list) or not all(isinstance(a, (str, int, float)) for a in r["golden_answers"]):
+            raise ValueError(f"{where}: 'golden_answers' must be a list of answers ([] = unanswerable)")
+        for key in ("gold_ids", "queries"):
+            if key in r and (not isinstance(r[key], list) or not all(isinstance(v, (str, int)) for v in r[key])):
+                raise ValueError(f"{where}: '{key}' must be a list of strings")
+        r = {**r, "id": str(r.get("id", lineno)), "golden_answers": [str(a) for a in r["golden_answers"]]}
+        if "gold_ids" in r:
+            r["gold_ids"] = [str(g) for g in r["gold_ids"]]
+            missing = [g for g in r["gold_ids"] if g not in by_id]
+            if missing:
+                raise ValueError(f"{where}: gold_ids entry {missing[0]!r} is not in the knowledge base")
+        qas.append(r)
+    return qas
+
+
+def load_data(data_dir, splits=("train", "heldout")):
+    """(kb documents, {id: document}, {split: QA records}) of a data directory; qa_closed.jsonl is optional (the
+    world's closed-book questions). A missing, empty or malformed file is a ValueError naming it."""
+    kb = os.path.join(data_dir, "kb.jsonl")
+    if not os.path.isfile(kb):
+        raise ValueError(f"{kb} not found: a data directory holds kb.jsonl, qa_train.jsonl and qa_heldout.jsonl "
+                         "(`python prepare.py` writes the synthetic world's)")
+    docs = load_documents(kb)
+    if not docs:
+        raise ValueError(f"{kb}: the knowledge base is empty")
+    by_id, qa = {d.id: d for d in docs}, {}
+    for split in splits + ("closed",):
         path = os.path.join(data_dir, f"qa_{split}.jsonl")
-        if not os.path.isfile(path):
-            raise ValueError(f"{path} not found: run `python prepare.py` first")
-        return [r for _, r in read_jsonl(path)]
-    docs = load_documents(os.path.join(data_dir, "kb.jsonl"))
-    return docs, {d.id: d for d in docs}, {split: qa(split) for split in ("train", "rag", "heldout")}
+        if split != "closed" or os.path.isfile(path):
+            if not os.path.isfile(path):
+                raise ValueError(f"{path} not found")
+            qa[split] = load_qa(path, by_id)
+            if not qa[split] and split != "closed":
+                raise ValueError(f"{path}: no questions")
+    if "heldout" in qa:  # a held-out set about other documents than these is a mix-up, not an evaluation
+        answers = [q["golden_answers"] for q in qa["heldout"] if q["golden_answers"] and "gold_ids" not in q]
+        if answers and len(answers) == len([q for q in qa["heldout"] if q["golden_answers"]]):
+            text = " " + " ".join(normalize(d.title + " " + d.text) for d in docs) + " "
+            if not any(f" {normalize(a)} " in text for g in answers[:1000] for a in g):
+                raise ValueError(f"{data_dir}/qa_heldout.jsonl: no golden answer occurs in {kb}: the held-out set "
+                                 "shares no document with the knowledge base")
+    return docs, by_id, qa
 
 
 def doc_dict(d):
@@ -50,21 +92,42 @@ def doc_dict(d):
     return {"id": d.id, "title": d.title, "text": d.text}
 
 
+def single_hop(qa):
+    """Answerable from one document (or unanswerable): what single-shot RAG trains and is evaluated on."""
+    return len(qa.get("gold_ids", [])) <= 1
+
+
+def is_gold(qa, doc):
+    """doc supports qa: one of its gold_ids, or, when the record names none, it contains a golden answer."""
+    return doc_dict(doc)["id"] in qa["gold_ids"] if "gold_ids" in qa else doc_holds(doc, qa["golden_answers"])
+
+
 def has_gold(qa, docs):
-    """True when every gold document of qa is among docs (single-shot can answer only then)."""
-    ids = {doc_dict(d)["id"] for d in docs}
-    return bool(qa["gold_ids"]) and all(g in ids for g in qa["gold_ids"])
+    """True when the documents hold qa's answer: every gold document is among them (single-shot can answer only
+    then), or, without gold_ids, one of them contains a golden answer."""
+    if "gold_ids" in qa:
+        ids = {doc_dict(d)["id"] for d in docs}
+        return bool(qa["gold_ids"]) and all(g in ids for g in qa["gold_ids"])
+    return bool(qa["golden_answers"]) and any(is_gold(qa, d) for d in docs)
+
+
+def with_citation(text, n):
+    """'The answer.' -> 'The answer [n].'; 'answer' -> 'answer [n]'."""
+    return f"{text[:-1]} [{n}]." if text.endswith(".") else f"{text} [{n}]"
 
 
 def target_answer(qa, docs):
-    """What the model should say: closed-book (docs None) the plain fact; with documents the fact citing the
+    """What the model should say: closed-book (docs None) the answer; with documents the answer citing the
     document that holds it (the last of the chain), or ABSTAIN when the documents do not hold it."""
-    if docs is None:
-        return answer_sentence(qa)
-    if not has_gold(qa, docs):
+    if not qa["golden_answers"] or (docs is not None and not has_gold(qa, docs)):
         return ABSTAIN
-    ids = [doc_dict(d)["id"] for d in docs]
-    return answer_sentence(qa, cite=ids.index(qa["gold_ids"][-1]) + 1)
+    answer = qa.get("response") or qa["golden_answers"][0]
+    if docs is None:
+        return answer
+    gold = [i for i, d in enumerate(docs) if is_gold(qa, d)]
+    if "gold_ids" in qa:
+        gold = [[doc_dict(d)["id"] for d in docs].index(qa["gold_ids"][-1])]
+    return with_citation(answer, gold[0] + 1)
 
 
 def messages_for(question, docs=None, answer=None):
@@ -85,53 +148,17 @@ def render_example(tok, qa, docs=None):
 
 def raft_docs(qa, retrieved, by_id, rng, k, p_no_gold):
     """k documents for qa, RAFT-style: the gold ones (dropped with probability p_no_gold) and the best-ranked
-    retrieved distractors, shuffled so the gold position varies. retrieved: ranked Documents; by_id: id -> Document."""
-    gold = [by_id[g] for g in qa["gold_ids"] if g in by_id] if rng.random() >= p_no_gold else []
-    gold = gold[:k]
-    gold_ids = set(qa["gold_ids"])
-    distractors = [d for d in retrieved if doc_dict(d)["id"] not in gold_ids][:k - len(gold)]
+    retrieved distractors, shuffled so the gold position varies. retrieved: ranked Documents; by_id: id -> Document.
+    Without gold_ids the gold document is the best-ranked retrieved one that contains a golden answer."""
+    if "gold_ids" in qa:
+        gold = [by_id[g] for g in qa["gold_ids"] if g in by_id]
+    else:
+        gold = [d for d in retrieved if is_gold(qa, d)][:1]
+    gold = gold[:k] if rng.random() >= p_no_gold else []
+    distractors = [d for d in retrieved if not is_gold(qa, d)][:k - len(gold)]
     docs = gold + distractors
     rng.shuffle(docs)
     return docs
-
-
-# the kind of entity each single-hop question type asks about (an unanswerable question of a multi-hop type is left
-# out, so every word of its name is invented)
-ENTITY_KIND = {qtype: kind for kind, types in QUESTIONS.items() for qtype in types if qtype not in MULTI_HOP[kind]}
-ANSWER_KIND = {"born_in": "city", "works_for": "company", "founded_by": "person", "hq": "city",
-               "located_in": "country", "capital": "city"}  # single-hop relations whose answer is a name
-
-
-def rename_names(qa, docs, rng, first_names):
-    """(qa, docs) with the asked-about entity, and the answer when it is a name, renamed everywhere (question,
-    answer, every document) to fresh names from the world's own generator; a person gets a first name from the
-    shared pool (first_names) and an invented surname, as held-out people have. Then the model can answer only
-    by reading, which is the situation of every held-out question: without renaming, training-world questions
-    are answered from memory and "unfamiliar name" becomes a cue to abstain; with the entity alone renamed, the
-    few hundred answers come back so often that held-out answers are written as blends of them."""
-    pool, names = NamePool(rng), {}
-
-    def rename(name, kind):
-        words = name.split()
-        if kind == "person" and len(words) == 2:
-            names.setdefault(words[0], rng.choice(first_names))
-            names.setdefault(words[1], pool.word())
-        elif kind == "country":
-            names.setdefault(name, pool.word(next((s for s in COUNTRY_SUFFIXES if name.endswith(s)), "")))
-        else:  # a city, or a company's stem (its suffix stays)
-            for w in words:
-                if w not in COMPANY_SUFFIXES:
-                    names.setdefault(w, pool.word())
-    rename(qa["entity"], ENTITY_KIND.get(qa["type"]))
-    if qa["type"] in ANSWER_KIND and qa["answer"]:
-        rename(qa["answer"], ANSWER_KIND[qa["type"]])
-    names = {k: v for k, v in names.items() if k != v}
-    if not names:
-        return qa, docs
-    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
-    sub = lambda s: pattern.sub(lambda m: names[m.group(1)], s)
-    qa = {**qa, "question": sub(qa["question"]), "entity": sub(qa["entity"]), "answer": sub(qa["answer"])}
-    return qa, [{**doc_dict(d), "title": sub(doc_dict(d)["title"]), "text": sub(doc_dict(d)["text"])} for d in docs]
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -161,50 +188,53 @@ def token_f1(pred, gold):
 
 
 def read_answer(text, qa=None, any_name=False):
-    """(short answer, cited numbers) of a model's answer sentence; short answer None = abstained. The short answer
-    is the template's answer slot when the sentence names qa's entity exactly (any_name: whatever name it gives),
-    else the whole sentence."""
+    """(short answer, cited numbers) of a model's answer; short answer None = abstained. With a record that has an
+    answer sentence ("response"), the short answer is what stands where the response has its golden answer, when
+    the rest of the sentence matches (any_name: whatever the sentence calls the record's "entity"); else the text."""
     cites = [int(c) for c in CITATION.findall(text)]
     sentence = CITATION.sub("", text).strip()
     if normalize(sentence) == normalize(ABSTAIN):
         return None, cites
-    if qa is not None and qa.get("type") in ANSWERS and qa.get("entity"):
-        slot = re.escape(ANSWERS[qa["type"]]).replace(re.escape("{e}"), ".+?" if any_name else re.escape(qa["entity"]))
-        slot = slot.replace(re.escape("{a}"), "(.+)").replace(re.escape("{aa}"), "(.+)")
-        m = re.fullmatch(slot, sentence)
+    if qa is not None and qa.get("response") and qa["golden_answers"]:
+        head, _, tail = qa["response"].rpartition(qa["golden_answers"][0])
+        head, tail = re.escape(head), re.escape(tail)
+        if any_name and qa.get("entity"):
+            head = head.replace(re.escape(qa["entity"]), ".+?")
+        m = re.fullmatch(f"{head}(.+){tail}", sentence)
         if m:
             return m.group(1), cites
     return sentence, cites
 
 
-def doc_holds(doc, answer):
+def doc_holds(doc, answers):
+    """doc's title or text contains one of the answers (SQuAD-normalised, whole words)."""
     d = doc_dict(doc)
-    return bool(answer) and f" {normalize(answer)} " in f" {normalize(d['title'] + ' ' + d['text'])} "
+    text = f" {normalize(d['title'] + ' ' + d['text'])} "
+    return any(normalize(a) and f" {normalize(a)} " in text for a in ([answers] if isinstance(answers, str) else answers))
 
 
 def score(qa, text, docs=None):
     """Scores one answer (text None = the model gave none: counts as a wrong definite answer).
     docs: the documents that were in context, in numbering order (None = closed-book).
-    The expected answer is qa's answer when it is knowable (closed-book, or its gold documents are in
-    context), else abstaining. hallucinated = a definite answer that is wrong, or any definite answer where
-    abstaining is right. em_answer = em of the answer slot alone, SQuAD's answer-span convention: the name the
-    sentence restates (`Kelmar was born in`) may be misspelt. citation_ok = every cited number points to a document
-    containing qa's answer. distracted = a hallucinated answer that some document in context states (a
-    distractor's fact)."""
+    The expected answer is one of qa's golden answers when it is knowable (closed-book, or its gold documents are in
+    context), else abstaining. em / f1: the best over the golden answers. hallucinated = a definite answer that is
+    wrong, or any definite answer where abstaining is right. em_answer = em of the answer slot alone, SQuAD's
+    answer-span convention: the name the sentence restates may be misspelt. citation_ok = every cited number points
+    to a document containing a golden answer; citation_gold = to a gold document. distracted = a hallucinated answer
+    that some document in context states (a distractor's fact)."""
     text = text or "<no answer>"
     short, cites = read_answer(text, qa)
-    gold = qa["answer"] if docs is None or has_gold(qa, docs) else ""
-    em_of = lambda s: exact_match(s or "", gold) if (s is None) == (not gold) else 0.0  # None = abstained
-    pred = short or ""
+    gold = qa["golden_answers"] if docs is None or has_gold(qa, docs) else []
+    best = lambda f, s: max(f(s, g) for g in gold)
+    em_of = lambda s: float(s is None) if not gold else 0.0 if s is None else best(exact_match, s)  # None = abstained
     em = em_of(short)
     r = {"em": em, "em_answer": em_of(read_answer(text, qa, any_name=True)[0]),
-         "f1": token_f1(pred, gold), "abstained": float(short is None),
+         "f1": token_f1(short or "", "") if not gold else best(token_f1, short or ""), "abstained": float(short is None),
          "hallucinated": float(short is not None and (not gold or not em))}
     if docs is not None and short is not None:
-        ok = [1 <= c <= len(docs) and doc_holds(docs[c - 1], qa["answer"]) for c in cites]
-        gold_ids = set(qa["gold_ids"])
-        r["citation_ok"] = float(bool(cites) and all(ok))
-        r["citation_gold"] = float(bool(cites) and all(1 <= c <= len(docs) and doc_dict(docs[c - 1])["id"] in gold_ids for c in cites))
+        inside = lambda c: 1 <= c <= len(docs)
+        r["citation_ok"] = float(bool(cites) and all(inside(c) and doc_holds(docs[c - 1], qa["golden_answers"]) for c in cites))
+        r["citation_gold"] = float(bool(cites) and all(inside(c) and is_gold(qa, docs[c - 1]) for c in cites))
         # a wrong answer that another document in context states: read from the wrong document, not made up
         r["distracted"] = float(bool(r["hallucinated"]) and any(doc_holds(d, short) for d in docs))
     return r
@@ -246,7 +276,7 @@ def fit(tok, messages, max_len, reserve):
 
 def docs_tokens(tok, before, docs):
     """Tokens of documents `docs` appended after the documents `before`: numbered on from len(before) + 1,
-    exactly as prepare.render_conversation renders them."""
+    exactly as tokenizer.render_conversation renders them."""
     head, _ = render_conversation(tok, [{"role": "documents", "content": before}])
     full, _ = render_conversation(tok, [{"role": "documents", "content": before + docs}])
     return full[len(head):]
@@ -356,14 +386,14 @@ def reread(model, tok, out, **kw):
 @torch.no_grad()
 def reading_loss(model, tok, qas, by_id):
     """Loss per token of the answer to a question asked right after its gold document, in the pretraining format
-    (prepare.reading_items), the entity given: a model that ignores the document pays the full price of every
+    (world.reading_items), the entity given: a model that ignores the document pays the full price of every
     name (10+ nats a token), one that copies pays almost nothing on them. Before any RAG fine-tuning."""
     device = next(model.parameters()).device
     total, n = 0.0, 0
     for q in qas:
         d = by_id[q["gold_ids"][0]]
         prompt = tok.encode(f"{d.title}: {d.text}\nQuestion: {q['question']}\nAnswer: {q['entity']}")
-        answer = tok.encode(answer_sentence(q)[len(q["entity"]):])
+        answer = tok.encode(q["response"][len(q["entity"]):])
         ids = torch.tensor([[tok.bos_id] + prompt + answer], device=device)
         y = ids[:, 1:].clone()
         y[:, :len(prompt)] = -1
@@ -382,10 +412,16 @@ def choice_items(qas, candidates, by_id, answers):
     for q, docs in zip(qas, candidates):
         for d in docs:
             a = answers.get((d.id, q["type"]))
-            if d.id not in q["gold_ids"] and a is not None and a != q["answer"]:
+            if d.id not in q["gold_ids"] and a is not None and a != q["golden_answers"][0]:
                 items.append((q, by_id[q["gold_ids"][0]], d, a))
                 break
     return items
+
+
+def swap_answer(qa, answer):
+    """qa's answer sentence with another answer in its answer slot."""
+    head, _, tail = qa["response"].rpartition(qa["golden_answers"][0])
+    return head + answer + tail
 
 
 @torch.no_grad()
@@ -407,9 +443,9 @@ def choice_accuracy(model, tok, items):
         for docs in ([gold, other], [other, gold]):
             msgs = messages_for(q["question"], docs)
             scores = []
-            for qa, d in ((q, gold), ({**q, "answer": other_answer}, other)):
-                lp = logps(msgs + [{"role": "assistant", "content": answer_sentence(qa, cite=docs.index(d) + 1)}])
-                n_fact = 1 + len(tok.encode(" " + answer_sentence(qa)[:-1]))  # <|assistant_start|>, the sentence
+            for sentence, d in ((q["response"], gold), (swap_answer(q, other_answer), other)):
+                lp = logps(msgs + [{"role": "assistant", "content": with_citation(sentence, docs.index(d) + 1)}])
+                n_fact = 1 + len(tok.encode(" " + sentence[:-1]))  # <|assistant_start|>, the sentence
                 scores.append((sum(lp), sum(lp[:n_fact])))
             whole.append(scores[0][0] > scores[1][0])
             fact.append(scores[0][1] > scores[1][1])
@@ -473,25 +509,25 @@ if __name__ == "__main__":
         import random
         from common import load_checkpoint
         from model import GPT
-        from prepare import Tokenizer
         from retrieve import BM25Retriever
+        from tokenizer import Tokenizer
         torch.set_num_threads(1)
         try:
             ckpt = load_checkpoint(args[1], "cpu")
-            docs, by_id, qa = load_world(args[2] if len(args) == 3 else "data/world")
+            docs, by_id, qa = load_data(args[2] if len(args) == 3 else "data/world")
         except (OSError, ValueError) as e:
             sys.exit(f"error: {e}")
         model, tok = GPT.from_checkpoint(ckpt).eval(), Tokenizer.from_json(ckpt["tokenizer"])
         if args[0] == "--reading":
-            qas = [q for q in qa["heldout"] if q["hops"] == 1 and answer_sentence(q).startswith(q["entity"])]
+            qas = [q for q in qa["heldout"] if q.get("hops") == 1 and q["response"].startswith(q["entity"])]
             qas = random.Random(0).sample(qas, min(100, len(qas)))
             print(f"reading loss: {reading_loss(model, tok, qas, by_id):.3f} nats per answer token "
                   f"({len(qas)} held-out questions, each right after its document)")
             sys.exit(0)
         rng = random.Random(0)
-        qas = [q for q in qa["heldout"] if q["hops"] == 1]
+        qas = [q for q in qa["heldout"] if q.get("hops") == 1]
         qas = rng.sample(qas, min(300, len(qas)))
-        answers = {(q["gold_ids"][0], q["type"]): q["answer"] for s in qa.values() for q in s if q["hops"] == 1}
+        answers = {(q["gold_ids"][0], q["type"]): q["golden_answers"][0] for s in qa.values() for q in s if q.get("hops") == 1}
         bm25 = BM25Retriever()
         bm25.add_documents(docs)
         ranked = [[d for d, _ in hits] for hits in bm25.retrieve_batch([q["question"] for q in qas], 16)]

@@ -1,15 +1,17 @@
 """
 Fine-tune a train.py checkpoint to answer from retrieved documents, cite them, and abstain when they do not hold
-the answer; then measure it on the held-out world, whose facts the model never saw.
+the answer; then measure it on the held-out questions, about documents no training stage saw.
 
     python rag_train.py                                   # tiny CPU defaults: out/tiny/ckpt.pt -> out/rag/ckpt.pt
+    python rag_train.py --data_dir=data/vera --init_from=out/vera/ckpt.pt --out_dir=out/vera_rag   # your data
     python rag_train.py configs/rag_tiny.py --data_mode=static --retriever=dense
     python rag_train.py --eval_only=True                  # evaluate out_dir/ckpt.pt again
     torchrun --standalone --nproc_per_node=8 rag_train.py ...
 
-Every training row packs conversations of a task mixture: RAG QA on training-world questions (RAFT-style
-documents, see rag.py), closed-book QA on the training world, and plain text windows from train.bin, so the
-model keeps what it knew. Loss only on what the assistant says (and on plain text). Data modes: "dynamic"
+data_dir is any data directory (prepare.py's layout: kb.jsonl, qa_train.jsonl, qa_heldout.jsonl). Every training
+row packs conversations of a task mixture: RAG QA on qa_train's questions (RAFT-style documents, see rag.py),
+closed-book QA on qa_closed.jsonl where there is one (the world's pretrained facts), and plain text windows from
+train.bin (data_dir's, else the one the checkpoint was pretrained on), so the model keeps what it knew. Loss only on what the assistant says (and on plain text). Data modes: "dynamic"
 retrieves while building batches, "static" retrieves every training question once into a JSONL and reuses it.
 RAG is for models with Mamba blocks: a pure-T checkpoint is refused unless allow_transformer=True, the override
 for the Transformer baseline of the accuracy-vs-k comparison. The evaluation writes out_dir/eval.json.
@@ -30,25 +32,26 @@ from common import (StepLog, all_reduce_mean, autocast, die, load_checkpoint, lr
                     raw_state_dict, save_checkpoint, setup, step_optimizers, teardown)
 from configurator import ConfigError, configure
 from model import GPT
-from prepare import Tokenizer
+import world
 from retrieve import RETRIEVERS, read_jsonl
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # I/O
-data_dir = "data/world"        # kb.jsonl, qa_{train,rag,heldout}.jsonl, train.bin from prepare.py
+data_dir = "data/world"        # kb.jsonl, qa_train.jsonl, qa_heldout.jsonl (prepare.py's layout)
 init_from = "out/tiny/ckpt.pt" # a train.py checkpoint, or "resume" (out_dir/ckpt.pt)
 out_dir = "out/rag"
 eval_only = False              # evaluate out_dir/ckpt.pt and write out_dir/eval.json, no training
 allow_transformer = False      # baseline override: fine-tune a pure-T checkpoint too
 eval_interval = 500            # steps between held-out validation losses (and checkpoints)
 # data
-retriever = "bm25"             # simple | bm25 | dense | hybrid (retrieve.py), over the training world's documents
+retriever = "bm25"             # simple | bm25 | dense | hybrid (retrieve.py); training never retrieves held-out documents
 data_mode = "dynamic"          # "dynamic": retrieve while building batches | "static": once, into a JSONL
 retrieve_depth = 16            # ranked documents kept per question: the distractors come from these
 seq_len = 1024                 # tokens per packed row
 k_max = 4                      # documents per RAG example: uniform in 1..k_max
 p_no_gold = 0.2                # share of RAG examples whose gold document is removed (answer: abstain)
-p_rename = 0.7                 # share of RAG examples whose names are swapped for fresh ones (rag.rename_names)
+p_rename = 0.7                 # the world's RAG examples: share whose names are swapped for fresh ones (world.rename_names)
 rag_weight = 0.88              # task mixture, per example
 closed_book_weight = 0.1
 text_weight = 0.02             # a text window is all loss tokens: at 0.1 it outweighed the answers
@@ -106,25 +109,25 @@ if "tokenizer" not in ckpt:
     die(f"{ckpt_path} has no tokenizer")
 tok = Tokenizer.from_json(ckpt["tokenizer"])
 data_tok = os.path.join(data_dir, "tokenizer.json")
-if not os.path.isfile(data_tok):
-    die(f"no prepared data in {data_dir}/ (tokenizer.json missing): run `python prepare.py` first")
-if open(data_tok).read() != ckpt["tokenizer"]:
+if os.path.isfile(data_tok) and open(data_tok).read() != ckpt["tokenizer"]:
     die(f"{data_dir}/tokenizer.json differs from {ckpt_path}'s tokenizer: the checkpoint was trained on other data")
+pretrain_dir = (ckpt.get("config") or {}).get("data_dir", "")  # where its train.bin is, for the text windows
 model_args = ckpt["model_args"]
 start_step = ckpt["step"] if init_from == "resume" and not eval_only else 0
 print0(f"model: {pattern} pattern, {model.num_params():,} parameters, from {ckpt_path} (stage {ckpt.get('stage')})")
 
 
 try:
-    kb_docs, by_id, qa_sets = rag.load_world(data_dir)
+    kb_docs, by_id, qa_sets = rag.load_data(data_dir, ("heldout",) if eval_only else ("train", "heldout"))
 except (ValueError, OSError) as e:
     die(e)
-train_qa, heldout_qa = qa_sets["train"], qa_sets["heldout"]
-# RAG examples ask about the RAG world (in the KB, never pretrained on), so answers must come from the documents
-rag_qa = [q for q in qa_sets["rag"] if q["hops"] <= 1]  # single-hop and unanswerable
-closed_qa = [q for q in train_qa if q["hops"] == 1]        # closed-book: facts the base model pretrained on
-first_names = sorted({d.title.split()[0] for d in kb_docs  # the shared pool, as held-out people's first names
-                      if d.metadata.get("world") != "heldout" and d.metadata.get("type") == "person"})
+heldout_qa = qa_sets["heldout"]
+# the world's RAG examples ask about the RAG world (in the KB, never pretrained on), so answers come from documents
+rag_qa = [q for q in qa_sets.get("train", []) if rag.single_hop(q)]  # single-hop and unanswerable
+closed_qa = [q for q in qa_sets.get("closed", []) if q["golden_answers"] and rag.single_hop(q)]  # pretrained facts
+first_names = world.first_names(kb_docs) if any("entity" in q for q in rag_qa) else []
+heldout_docs = {g for q in heldout_qa for g in q.get("gold_ids", [])}  # never in a training example
+train_docs = [d for d in kb_docs if d.id not in heldout_docs]
 
 
 def build_retriever(docs):
@@ -141,7 +144,7 @@ def static_retrievals(questions):
     """{qa id: [doc ids]}, from {data_dir}/retrieved_{retriever}_top{depth}.jsonl, written once (rank 0)."""
     path = os.path.join(data_dir, f"retrieved_{retriever}_top{retrieve_depth}.jsonl")
     if master and not os.path.isfile(path):
-        train_retriever = build_retriever([d for d in kb_docs if d.metadata.get("world") != "heldout"])
+        train_retriever = build_retriever(train_docs)
         with open(path + ".tmp", "w") as f:
             for i in tqdm(range(0, len(questions), 256), desc=f"retrieving ({retriever})", unit="batch"):
                 batch = questions[i:i + 256]
@@ -157,16 +160,24 @@ def static_retrievals(questions):
     return table
 
 
-n_tasks = (rag_weight, closed_book_weight, text_weight)
+text_dir = next((d for d in (data_dir, pretrain_dir) if d and os.path.isfile(os.path.join(d, "train.bin"))), None)
+if not closed_qa and closed_book_weight:
+    print0(f"no closed-book questions ({data_dir}/qa_closed.jsonl): closed_book_weight is 0")
+if text_dir is None and text_weight:
+    print0(f"no train.bin in {data_dir}/ or the checkpoint's data_dir {pretrain_dir!r}: text_weight is 0")
+n_tasks = (rag_weight, closed_book_weight if closed_qa else 0, text_weight if text_dir else 0)
 if not eval_only:
+    if not rag_qa:
+        die(f"{data_dir}/qa_train.jsonl has no single-hop or unanswerable question to fine-tune on")
     if data_mode == "static":
         table = static_retrievals(rag_qa)
         retrieved_for = lambda q: [by_id[i] for i in table[q["id"]]]
     else:
-        train_retriever = build_retriever([d for d in kb_docs if d.metadata.get("world") != "heldout"])
+        train_retriever = build_retriever(train_docs)
         retrieved_for = lambda q: [d for d, _ in train_retriever.retrieve(q["question"], retrieve_depth)]
-    meta = json.load(open(os.path.join(data_dir, "meta.json")))
-    train_data = np.memmap(os.path.join(data_dir, "train.bin"), dtype=meta["dtype"], mode="r")
+    if text_dir:
+        meta = json.load(open(os.path.join(text_dir, "meta.json")))
+        train_data = np.memmap(os.path.join(text_dir, "train.bin"), dtype=meta["dtype"], mode="r")
 
 
 def example(rng):
@@ -175,8 +186,8 @@ def example(rng):
     if task == "rag":
         qa = rng.choice(rag_qa)
         docs = rag.raft_docs(qa, retrieved_for(qa), by_id, rng, rng.randint(1, k_max), p_no_gold)
-        if rng.random() < p_rename:
-            qa, docs = rag.rename_names(qa, docs, rng, first_names)
+        if rng.random() < p_rename and "entity" in qa:
+            qa, docs = world.rename_names(qa, docs, rng, first_names)
         return rag.render_example(tok, qa, docs)
     if task == "closed":
         return rag.render_example(tok, rng.choice(closed_qa))
@@ -220,7 +231,7 @@ def subsample(qas, name):
 def val_loss(model):
     """Assistant-token loss on held-out RAG conversations (a fixed set): the training-time signal."""
     rng = random.Random(f"{seed}-val")
-    qas = [q for q in heldout_qa if q["hops"] <= 1]
+    qas = [q for q in heldout_qa if rag.single_hop(q)]
     qas = random.Random(f"{seed}-val").sample(qas, min(100, len(qas)))[:64]  # fixed whatever eval_n is
     retrieved = val_retriever.retrieve_batch([q["question"] for q in qas], retrieve_depth)
     model.eval()
@@ -263,12 +274,12 @@ def evaluate_heldout(model):
     model.eval()
     t0 = time.time()
     ks = [int(k) for k in eval_ks.split(",")]
-    single = subsample([q for q in heldout_qa if q["hops"] == 1], "single")
-    unanswerable = subsample([q for q in heldout_qa if q["hops"] == 0], "unanswerable")
+    single = subsample([q for q in heldout_qa if q["golden_answers"] and rag.single_hop(q)], "single")
+    unanswerable = subsample([q for q in heldout_qa if not q["golden_answers"]], "unanswerable")
     depth = max(ks + [eval_k + 1, retrieve_depth])
     hits = [[d for d, _ in h] for h in eval_retriever.retrieve_batch([q["question"] for q in single], depth)]
     hits_un = [[d for d, _ in h] for h in eval_retriever.retrieve_batch([q["question"] for q in unanswerable], eval_k)]
-    no_gold = lambda q, h: [d for d in h if d.id not in q["gold_ids"]]
+    no_gold = lambda q, h: [d for d in h if not rag.is_gold(q, d)]
     res = {"checkpoint": os.path.join(out_dir, "ckpt.pt"), "pattern": pattern, "params": model.num_params(),
            "retriever": retriever, "eval_k": eval_k, "n_single": len(single), "n_unanswerable": len(unanswerable),
            "recall": {k: sum(rag.has_gold(q, h[:k]) for q, h in zip(single, hits)) / len(single) for k in ks}}
@@ -284,7 +295,10 @@ def evaluate_heldout(model):
     for k in ks:
         items = []
         for q, h in zip(single, hits):
-            docs = [by_id[q["gold_ids"][0]]] + no_gold(q, h)[:k - 1]
+            gold = [by_id[g] for g in q["gold_ids"][:1]] if "gold_ids" in q else [d for d in h if rag.is_gold(q, d)][:1]
+            if not gold:
+                continue  # no document found holds its answer: nothing to read
+            docs = gold + no_gold(q, h)[:k - 1]
             random.Random(f"{seed}-{q['id']}-{k}").shuffle(docs)
             items.append((q, docs))
         res["vs_k"][k], res["vs_k_reread"][k] = run_set(model, f"k={k}", items)

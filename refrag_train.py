@@ -9,7 +9,10 @@ the same one `chat.py --hops N` runs. Two phases, each its own run and checkpoin
     python refrag_train.py --phase=rl --eval_only=True
     torchrun --standalone --nproc_per_node=8 refrag_train.py configs/refrag_tiny.py
 
-sft: imitation of the world's gold query chains, interleaved with retrieval as in IRCoT: the question and the
+Any data directory works (prepare.py's layout). sft needs gold query chains: the records' "queries", one per
+gold document in gold_ids (the world has them); rl needs only each question and its golden answers.
+
+sft: imitation of the gold query chains, interleaved with retrieval as in IRCoT: the question and the
   documents retrieved for it, then for each chain step whose document is not in context yet its query and the
   documents retrieved for it (the gold one made sure of), then the answer citing the last gold document. Single-hop
   questions are answered at once (the question's own retrieval holds their document, as in rag_train.py and in
@@ -39,12 +42,13 @@ from common import (StepLog, all_reduce_mean, autocast, die, load_checkpoint, lr
                     save_checkpoint, setup, step_optimizers, teardown)
 from configurator import ConfigError, configure
 from model import GPT
-from prepare import COMPANY_SUFFIXES, NamePool, Tokenizer, render_conversation
 from retrieve import RETRIEVERS
+from tokenizer import Tokenizer, render_conversation
+from world import COMPANY_SUFFIXES, NamePool
 
 # -----------------------------------------------------------------------------
 # I/O
-data_dir = "data/world"        # kb.jsonl, qa_train.jsonl, qa_heldout.jsonl from prepare.py
+data_dir = "data/world"        # kb.jsonl, qa_train.jsonl, qa_heldout.jsonl (prepare.py's layout)
 phase = "sft"                  # "sft" (imitate the gold query chains) | "rl" (rewards)
 init_from = ""                 # "" = the previous stage (sft: out/rag2/ckpt.pt, rl: out/refrag_sft/ckpt.pt) | path | "resume"
 out_dir = ""                   # "" = out/refrag_sft (sft) | out/refrag (rl)
@@ -100,13 +104,13 @@ def chain_messages(qa, retrieve, by_id):
     """The gold conversation of a training question. retrieve(query, k) -> ranked docs; by_id: id -> doc."""
     docs = [rag.doc_dict(d) for d in retrieve(qa["question"], top_k)]
     messages, seen = rag.messages_for(qa["question"], docs), list(docs)
-    for step in qa["chain"]:
-        if step["doc_id"] in {d["id"] for d in seen}:
+    for query, doc_id in zip(qa.get("queries", []), qa.get("gold_ids", [])):
+        if doc_id in {d["id"] for d in seen}:
             continue  # its document is already in context: read it, do not ask for it
-        found = [rag.doc_dict(d) for d in retrieve(step["query"], top_k)]
-        if step["doc_id"] not in {d["id"] for d in found}:
-            found[-1] = rag.doc_dict(by_id[step["doc_id"]])  # imitate queries that work: their document is found
-        messages += [{"role": "query", "content": step["query"]}, {"role": "documents", "content": found}]
+        found = [rag.doc_dict(d) for d in retrieve(query, top_k)]
+        if doc_id not in {d["id"] for d in found}:
+            found[-1] = rag.doc_dict(by_id[doc_id])  # imitate queries that work: their document is found
+        messages += [{"role": "query", "content": query}, {"role": "documents", "content": found}]
         seen += found
     return messages + [{"role": "assistant", "content": rag.target_answer(qa, seen)}]
 
@@ -138,7 +142,8 @@ def renamed_world(qa, retrieve, names, rng):
     to the real names before retrieval and the documents found renamed forward. RL on recalled facts would
     teach recall; here, as on held-out questions, the answer can only come from what the loop retrieves."""
     forward, back = renamer(names, rng)
-    qa = {**qa, **{k: forward(qa[k]) for k in ("question", "answer", "entity")}}
+    qa = {**qa, "question": forward(qa["question"]), "entity": forward(qa.get("entity", "")),
+          "response": forward(qa.get("response", "")), "golden_answers": [forward(a) for a in qa["golden_answers"]]}
 
     def retrieve_renamed(query, k):
         return [{**d, "title": forward(d["title"]), "text": forward(d["text"])}
@@ -157,7 +162,7 @@ def rollout(model, tok, qa, retrieve, k=None, hops=None, temp=0.0, generator=Non
 def reward(qa, out):
     """(reward, parts) of one rollout. EM is against the true answer (the KB holds it, whatever the model found;
     for an unanswerable question abstaining is the answer); citation: the cited documents hold the answer."""
-    em = rag.score(qa, out["answer"], None)["em"]
+    em = rag.score(qa, out["answer"], None)["em"]  # closed-book scoring: the right answer, wherever it came from
     cite = rag.score(qa, out["answer"], out["docs"]).get("citation_ok", 0.0)
     fmt = float(out["stop"] != "answer")
     hops = len(out["queries"])
@@ -241,14 +246,12 @@ def load_model(path, what):
         die(f"{e} ({what})")
     except RuntimeError as e:
         die(f"{path}: incompatible with model.py ({str(e).splitlines()[0][:200]})")
-    if ckpt.get("tokenizer") != open(data_tok).read():
+    if os.path.isfile(data_tok) and ckpt.get("tokenizer") != open(data_tok).read():
         die(f"{path}: its tokenizer is not {data_tok}'s: the checkpoint was trained on other data")
     return model, ckpt
 
 
 data_tok = os.path.join(data_dir, "tokenizer.json")
-if not os.path.isfile(data_tok):
-    die(f"no prepared data in {data_dir}/ (tokenizer.json missing): run `python prepare.py` first")
 if baseline_ckpt and not os.path.isfile(baseline_ckpt):
     die(f"baseline_ckpt {baseline_ckpt} not found: train it with `python rag_train.py`, or pass --baseline_ckpt= to skip it")
 ckpt_path = os.path.join(out_dir, "ckpt.pt") if eval_only or init_from == "resume" else init_from
@@ -268,15 +271,24 @@ print0(f"model: {model.pattern} pattern, {model.num_params():,} parameters, from
 
 
 try:
-    kb_docs, by_id, qa_sets = rag.load_world(data_dir)
+    kb_docs, by_id, qa_sets = rag.load_data(data_dir, ("heldout",) if eval_only else ("train", "heldout"))
 except (ValueError, OSError) as e:
     die(e)
-train_names = {w for d in kb_docs if d.metadata.get("world") != "heldout" for w in d.title.split()} - set(COMPANY_SUFFIXES)
 heldout_qa = qa_sets["heldout"]
-# chains about the RAG world (in the KB, never pretrained on): a bridge entity can only come from a document
-qa_by_hops = {h: [q for q in qa_sets["rag"] if q["hops"] == h] for h in range(4)}
-if any(mix[h] > 0 and not qa_by_hops[h] for h in range(4)) or not all(qa_by_hops[h] for h in rl_hop_set if h < 4):
-    die(f"{data_dir}/qa_rag.jsonl lacks questions with the hops that --hop_mix / --rl_hops ask for")
+heldout_docs = {g for q in heldout_qa for g in q.get("gold_ids", [])}
+# the world's names, renamed in a share of training questions (its pretraining memorised them)
+world_data = any("entity" in q for q in qa_sets.get("train", []))
+train_names = {w for d in kb_docs if d.id not in heldout_docs for w in d.title.split()} - set(COMPANY_SUFFIXES) \
+    if world_data else set()
+hops_of = lambda q: len(q["gold_ids"]) if "gold_ids" in q else None  # None: no gold chain, only the answers
+# the world's chains are about the RAG world (in the KB, never pretrained on): a bridge can only come from a document
+qa_by_hops = {h: [q for q in qa_sets.get("train", []) if hops_of(q) == h and (h < 2 or len(q.get("queries", [])) == h)]
+              for h in range(4)}
+rl_pool = [q for h in rl_hop_set for q in qa_sets.get("train", []) if hops_of(q) == h] + \
+    [q for q in qa_sets.get("train", []) if hops_of(q) is None and q["golden_answers"]]
+if not eval_only and (phase == "sft" and any(mix[h] > 0 and not qa_by_hops[h] for h in range(4)) or phase == "rl" and not rl_pool):
+    die(f"{data_dir}/qa_train.jsonl lacks questions with the hops (and, for sft, the gold query chains) that "
+        "--hop_mix / --rl_hops ask for")
 
 
 def retriever_over(docs):
@@ -286,7 +298,7 @@ def retriever_over(docs):
 
 
 # training retrieves from the training world only (as rag_train.py); evaluation from the whole KB
-train_retrieve = retriever_over([d for d in kb_docs if d.metadata.get("world") != "heldout"])
+train_retrieve = retriever_over([d for d in kb_docs if d.id not in heldout_docs])
 eval_retrieve = retriever_over(kb_docs) if master else None
 
 # -----------------------------------------------------------------------------
@@ -297,8 +309,10 @@ def subsample(qas, name, n):
     return qas if not n or len(qas) <= n else random.Random(f"{seed}-{name}").sample(qas, n)
 
 
-eval_sets = {h: subsample([q for q in heldout_qa if q["hops"] == h], f"hops{h}", eval_n) for h in eval_hop_set}
-curve_set = subsample([q for q in heldout_qa if q["hops"] == 2], "curve", curve_n)
+# held-out questions by hops; without gold_ids, every answerable one is in each set
+eval_sets = {h: subsample([q for q in heldout_qa if hops_of(q) == h or (hops_of(q) is None and q["golden_answers"])],
+                          f"hops{h}", eval_n) for h in eval_hop_set}
+curve_set = subsample([q for q in heldout_qa if hops_of(q) in (2, None) and q["golden_answers"]], "curve", curve_n)
 
 
 @torch.no_grad()
@@ -311,10 +325,10 @@ def evaluate(model, qas, k=None, hops=None, desc="eval"):
         out = rollout(model, tok, qa, eval_retrieve, k, hops)
         r, parts = reward(qa, out)
         in_context = {d["id"] for d in out["docs"]}
-        rows.append({**parts, "reward": r, **{f"recall_{i + 1}": float(s["doc_id"] in in_context)
-                                              for i, s in enumerate(qa["chain"])}})
+        rows.append({**parts, "reward": r, **{f"recall_{i + 1}": float(s in in_context)
+                                              for i, s in enumerate(qa.get("gold_ids", []))}})
         if example is None:
-            example = {"question": qa["question"], "gold": qa["answer"], "queries": out["queries"],
+            example = {"question": qa["question"], "gold": qa["golden_answers"], "queries": out["queries"],
                        "docs": [d["id"] for d in out["docs"]], "answer": out["answer"], "stop": out["stop"]}
     model.train()
     return {**rag.summarize(rows), "example": example, "em_each": [r["em"] for r in rows]}
@@ -330,7 +344,7 @@ def evaluate_all(variants):
     print0("model          hops   n     EM    cite  format  queries  recall per chain step (%)")
     for name, by_h in res.items():
         for h, s in by_h.items():
-            recall = " ".join(f"{100 * s[f'recall_{i + 1}']:5.1f}" for i in range(h))
+            recall = " ".join(f"{100 * s[f'recall_{i + 1}']:5.1f}" for i in range(h) if s.get(f"recall_{i + 1}") is not None)
             print0(f"{name:<14} {h:>4} {s['n']:>4}  {100 * s['em']:5.1f}  {100 * s['cite']:5.1f}  {100 * s['format']:5.1f}"
                    f"   {s['hops']:5.2f}   {recall}")
     if "warm_start" in res and "rl" in res:  # paired on the same questions: a sign test on the ones that changed
@@ -464,7 +478,6 @@ def heldout_point(step):
         log.write(f"step {step}/{max_iters} | held-out 2-hop EM {s['em']:.4f} | queries {s['hops']:.2f} | format {s['format']:.4f}")
 
 
-rl_pool = [q for h in rl_hop_set for q in qa_by_hops[h]]
 generator = torch.Generator(device=device)
 t_start = time.time()
 if phase == "rl" and start_step == 0:
@@ -483,7 +496,7 @@ for step in range(start_step, max_iters):
         loss, n_tokens, parts = torch.zeros((), device=device), 0, []
         for i in range(per_rank):
             qa, retrieve = rng.choice(rl_pool), train_retrieve
-            if rng.random() < rename_p:
+            if rng.random() < rename_p and world_data:
                 qa, retrieve = renamed_world(qa, retrieve, train_names, rng)
             raw_model.eval()
             outs = [rollout(raw_model, tok, qa, retrieve, temp=temperature, generator=generator) for _ in range(group_size)]

@@ -1,0 +1,11 @@
+# RAG fine-tune on a real dictionary (V.E.R.A., dev/vera.py), from a hybrid pretrained on its training entries:
+#   python dev/vera.py --out=data/vera
+#   python prepare.py --input=data/vera/pretrain.jsonl --out=data/vera_text --vocab_size=2048
+#   python train.py --data_dir=data/vera_text --out_dir=out/vera
+#   python rag_train.py configs/rag_vera.py
+data_dir = "data/vera"
+init_from = "out/vera/ckpt.pt"
+out_dir = "out/vera_rag"
+max_iters = 800
+eval_interval = 400
+eval_n = 0                     # every held-out question

@@ -1,0 +1,110 @@
+"""
+The tokenizer and the conversation format, shared by every stage: BPE (rustbpe learns the merges, tiktoken
+encodes with them) with the special tokens that delimit turns and documents, and render_conversation, which
+turns a conversation into token ids and the loss mask.
+"""
+import base64
+import json
+import os
+
+import rustbpe
+import tiktoken
+
+# -----------------------------------------------------------------------------
+# Tokenizer: rustbpe learns the merges, tiktoken encodes with them
+
+SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                  "<|doc_start|>", "<|doc_end|>", "<|query_start|>", "<|query_end|>"]
+# GPT-4's split pattern with numbers in chunks of 1-2 digits (as nanochat): years become two tokens
+# from a set of 100 instead of eating vocabulary with 1000 three-digit chunks
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+
+
+class Tokenizer:
+    def __init__(self, ranks, pattern, specials=SPECIAL_TOKENS):
+        # ranks: list of token byte strings, token id = position (ids 0..255 are the single bytes)
+        self.ranks, self.pattern, self.specials = ranks, pattern, list(specials)
+        self.special_ids = {name: len(ranks) + i for i, name in enumerate(self.specials)}
+        self.enc = tiktoken.Encoding("prepare", pat_str=pattern, mergeable_ranks={b: i for i, b in enumerate(ranks)},
+                                     special_tokens=self.special_ids)
+        self.vocab_size = len(ranks) + len(self.specials)
+        self.bos_id = self.special_ids["<|bos|>"]
+
+    @classmethod
+    def train(cls, texts, vocab_size):
+        if vocab_size < 256 + len(SPECIAL_TOKENS):
+            raise ValueError(f"vocab_size={vocab_size} is too small: need at least {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
+        bpe = rustbpe.Tokenizer()
+        bpe.train_from_iterator(iter(texts), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+        ranks = sorted(bpe.get_mergeable_ranks(), key=lambda br: br[1])
+        assert [r for _, r in ranks] == list(range(len(ranks)))
+        return cls([bytes(b) for b, _ in ranks], bpe.get_pattern())
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)  # special-token text in user data stays plain text
+
+    def encode_batch(self, texts):
+        return self.enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+    def special(self, name):
+        if name not in self.special_ids:
+            raise ValueError(f"unknown special token {name!r}; known: {' '.join(self.specials)}")
+        return self.special_ids[name]
+
+    def to_json(self):
+        return json.dumps({"pattern": self.pattern, "special_tokens": self.specials,
+                           "ranks": [base64.b64encode(b).decode("ascii") for b in self.ranks]})
+
+    @classmethod
+    def from_json(cls, s):
+        d = json.loads(s)
+        return cls([base64.b64decode(b) for b in d["ranks"]], d["pattern"], d["special_tokens"])
+
+    @classmethod
+    def load(cls, path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no tokenizer here (run prepare.py first)")
+        with open(path) as f:
+            try:
+                return cls.from_json(f.read())
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}: not a tokenizer file ({e})") from None
+
+
+ABSTAIN = "The documents do not contain the answer."  # what the model says when no document holds the answer
+
+# -----------------------------------------------------------------------------
+# Conversations -> token ids + loss mask (1 on what the model must produce: queries and answers)
+
+ROLE_TOKENS = {"user": ("<|user_start|>", "<|user_end|>", 0),
+               "query": ("<|query_start|>", "<|query_end|>", 1),
+               "assistant": ("<|assistant_start|>", "<|assistant_end|>", 1)}
+
+
+def render_conversation(tok, messages, max_len=None):
+    ids, mask = [tok.bos_id], [0]
+    n_docs = 0  # documents are numbered across the whole conversation so a citation [k] is unambiguous
+    for i, msg in enumerate(messages):
+        role, content = msg.get("role"), msg.get("content")
+        if role == "documents":
+            for doc in content:
+                n_docs += 1
+                part = [tok.special("<|doc_start|>")] + tok.encode(f"[{n_docs}] {doc['title']}: {doc['text']}") + [tok.special("<|doc_end|>")]
+                ids += part
+                mask += [0] * len(part)
+        elif role in ROLE_TOKENS:
+            start, end, m = ROLE_TOKENS[role]
+            # a leading space, as SentencePiece's dummy prefix: a name that opens the answer then has the tokens it
+            # has in the question and the documents, so answering is copying (without it, held-out answers failed)
+            part = [tok.special(start)] + tok.encode(" " + content) + [tok.special(end)]
+            ids += part
+            mask += [m] * len(part)
+        else:
+            raise ValueError(f"message {i}: unknown role {role!r} (expected user, documents, query or assistant)")
+    if max_len is not None:
+        ids, mask = ids[:max_len], mask[:max_len]
+    return ids, mask
+
