@@ -3,6 +3,7 @@ What every training stage shares: the device and DDP set-up, the learning-rate s
 written atomically, and the one-line-per-step log. Kept here so train.py, rag_train.py and
 refrag_train.py stay short and agree with each other.
 """
+import glob
 import math
 import os
 import socket
@@ -17,6 +18,19 @@ def die(msg):
     """Bad input ends the run with one line, not a traceback."""
     print0(f"error: {msg}", file=sys.stderr)
     sys.exit(1)
+
+
+def first_line(e):
+    """An exception's first line for a one-line error: str(e) can be empty (a 0-byte file's EOFError)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def check_config(config, rules):
+    """Ends the run on the first value that breaks a rule, before any work: rules are (keys, test, what it must be)."""
+    for keys, ok, what in rules:
+        for k in keys.split():
+            if not ok(config[k]):
+                die(f"{k}={config[k]!r}: must be {what}")
 
 
 def print0(*args, **kwargs):
@@ -124,6 +138,8 @@ def step_optimizers(optimizers, model, lr_scale, grad_clip):
 
 def save_checkpoint(path, ckpt):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    for stale in glob.glob(glob.escape(path) + ".tmp*"):  # left by a save that was killed (one writer per path)
+        os.remove(stale)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         torch.save(ckpt, tmp)
@@ -135,13 +151,17 @@ def save_checkpoint(path, ckpt):
 
 def load_checkpoint(path, device="cpu"):
     """Loads a checkpoint with weights_only=True (no code runs from a file someone sent you).
-    A missing or damaged file is a ValueError that names it."""
+    A missing, empty or damaged file is a ValueError that names it."""
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path} not found")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"checkpoint {path} is unreadable: the file is empty")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        # torch's weights-only message suggests weights_only=False, i.e. running the file's code: never say that
+        why = type(e).__name__ if "weights only" in str(e).lower() else f"{type(e).__name__}: {first_line(e)[:120]}"
+        raise ValueError(f"checkpoint {path} is unreadable: not a checkpoint of this project, or damaged ({why})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise ValueError(f"checkpoint {path} is not a checkpoint of this project (no model / model_args)")
     return ckpt

@@ -9,6 +9,7 @@ type is a one-line error that names the key (and the file and line when it comes
 """
 import ast
 import sys
+import traceback
 
 
 class ConfigError(ValueError):
@@ -46,8 +47,14 @@ def configure(g, argv=None):
                 raise ConfigError(f"config file {arg} not found") from None
             except SyntaxError as e:
                 raise ConfigError(f"{arg}:{e.lineno}: syntax error: {e.msg}") from None
+            except ValueError:  # not UTF-8, or NUL bytes
+                raise ConfigError(f"config file {arg} is not Python source text") from None
             scope = {}
-            exec(compile(tree, arg, "exec"), scope)
+            try:
+                exec(compile(tree, arg, "exec"), scope)
+            except Exception as e:  # a config file is Python: it can raise anything, on any line
+                line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == arg), "?")
+                raise ConfigError(f"{arg}:{line}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}") from None
             lines = {t.id: node.lineno for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
                      if isinstance(t, ast.Name)}
             for key, value in scope.items():

@@ -9,15 +9,19 @@ Retrieval for RAG: a knowledge base (KB) of documents, four ways to search it, a
   HybridRetriever  dense + BM25, fused by a convex combination of normalised scores or reciprocal rank
                    fusion, optionally reranked by a cross-encoder
 
-A KB is a directory: documents.jsonl, index files (.npy arrays, .json, a FAISS index) and manifest.json.
-No pickle anywhere, so a KB someone sends you is safe to load. Saves are atomic.
+A KB is a directory: documents.jsonl, index files (.npy arrays, .json, a FAISS index) and manifest.json, which
+records the number of documents and the index sizes that loading checks. No pickle anywhere: a KB loads without
+running code from it. Saves are atomic, and writers of one KB take turns (a lock file beside it).
 
-  python retrieve.py --documents docs.jsonl --output kb/ --type simple|bm25|dense|hybrid   # build
+  python retrieve.py --documents docs.jsonl --output kb/ --type simple|bm25|dense|hybrid   # build (--overwrite)
   python retrieve.py --documents more.jsonl --kb kb/                                       # grow
   python retrieve.py --kb kb/ --query "where was Kelmar Odrissi born?" --top_k 5            # search
   python retrieve.py --kb kb/ --eval data/world/qa_heldout.jsonl                           # evaluate
 """
+import contextlib
+import fcntl
 import functools
+import glob
 import json
 import math
 import os
@@ -53,21 +57,27 @@ def doc_text(doc):
 def read_jsonl(path):
     """Yields (line number, object) for each non-blank line; a bad line is an error naming file and line."""
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path} line {lineno}: expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
+        try:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path} line {lineno}: expected a JSON object, got {type(record).__name__}")
+                yield lineno, record
+        except UnicodeDecodeError:  # raised by the file's reader, a chunk at a time: no exact line to name
+            raise ValueError(f"{path}: not UTF-8 text") from None
 
 def load_documents(path):
     docs, first_line = [], {}
     for lineno, r in read_jsonl(path):
         where = f"{path} line {lineno}"
+        if "text" not in r and isinstance(r.get("contents"), str):  # FlashRAG's corpus: '"Title"\ntext'
+            title, _, text = r["contents"].partition("\n")
+            r = {**r, "title": r.get("title", title.strip().strip('"')), "text": text.strip()}
         for key, types in (("id", (str, int)), ("text", str), ("title", str), ("metadata", dict)):
             if key in ("id", "text") and key not in r:
                 raise ValueError(f"{where}: missing key '{key}'")
@@ -121,34 +131,45 @@ class Retriever:
         return self.retrieve_batch([query], top_k)[0]
 
     def retrieve_batch(self, queries, top_k=5):
-        """For each query, up to top_k (Document, score) pairs, best first; [] for an empty query or KB."""
+        """For each query, up to top_k (Document, score) pairs, best first; [] for an empty KB or a query with no
+        word to search for ("", "?!", an emoji), on every retriever type: a dense one would rank noise."""
+        if not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        if not all(isinstance(q, str) for q in queries):
+            raise ValueError("queries must be strings")
         k = min(top_k, len(self.docs))
-        live = [i for i, q in enumerate(queries) if q.strip()] if k > 0 else []
+        live = [i for i, q in enumerate(queries) if tokenize(q)] if k > 0 else []
         results = [[] for _ in queries]
         for i, (idx, scores) in zip(live, self._search([queries[i] for i in live], k) if live else []):
             results[i] = [(self.docs[j], float(s)) for j, s in zip(idx, scores)]
         return results
 
     def save(self, path):
-        """Writes the KB to a sibling temp directory, then swaps it in: a crash leaves the previous KB whole."""
+        """Writes the KB to a temp directory beside it, then swaps it in: a crash leaves the previous KB whole.
+        Under the KB's lock, so concurrent writers never mix their files."""
         path = os.path.normpath(path)
-        kb_or_empty = os.path.isdir(path) and (not os.listdir(path) or os.path.exists(os.path.join(path, "manifest.json")))
-        if os.path.exists(path) and not kb_or_empty:
-            raise ValueError(f"refusing to replace {path}: it is not a KB directory (no manifest.json) and not empty")
-        tmp, old = path + ".tmp", path + ".old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        save_documents(self.docs, os.path.join(tmp, "documents.jsonl"))
-        self._save_index(tmp)
-        manifest = dict(format_version=FORMAT_VERSION, type=self.type, options=self.options,
-                        n_documents=len(self.docs), created_with="retrieve.py")
-        with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump(manifest, f, indent=2)
-        if os.path.exists(path):
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(path, old)
-        os.rename(tmp, path)  # load_kb falls back to path.old if we die between these two renames
-        shutil.rmtree(old, ignore_errors=True)
+        with kb_lock(path):
+            kb_or_empty = os.path.isdir(path) and (not os.listdir(path) or os.path.exists(os.path.join(path, "manifest.json")))
+            if os.path.exists(path) and not kb_or_empty:
+                raise ValueError(f"refusing to replace {path}: it is not a KB directory (no manifest.json) and not empty")
+            for stale in glob.glob(glob.escape(path) + ".tmp[0-9]*"):  # from killed saves: no one else writes now
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp, old = f"{path}.tmp{os.getpid()}", path + ".old"
+            os.makedirs(tmp)
+            try:
+                save_documents(self.docs, os.path.join(tmp, "documents.jsonl"))
+                self._save_index(tmp)
+                manifest = dict(format_version=FORMAT_VERSION, type=self.type, options=self.options,
+                                n_documents=len(self.docs), lengths=self._lengths(), created_with="retrieve.py")
+                with open(os.path.join(tmp, "manifest.json"), "w") as f:
+                    json.dump(manifest, f, indent=2)
+                if os.path.exists(path):
+                    shutil.rmtree(old, ignore_errors=True)
+                    os.rename(path, old)
+                os.rename(tmp, path)  # load_kb falls back to path.old if we die between these two renames
+                shutil.rmtree(old, ignore_errors=True)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
     def load(cls, path):
@@ -157,8 +178,35 @@ class Retriever:
             raise ValueError(f"{path} holds a '{kb.type}' KB, not '{cls.type}'")
         return kb
 
-def load_array(path, name):
-    return np.load(os.path.join(path, name), allow_pickle=False)
+_locks_held = set()  # flock on a second descriptor of a lock this process holds would wait for ourselves
+
+@contextlib.contextmanager
+def kb_lock(path):
+    """An exclusive flock on .<name>.lock beside the KB (the KB directory itself is swapped on save). Writers hold it
+    from load to save, so a second one waits, then adds to what the first saved."""
+    path = os.path.normpath(path)
+    lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
+    if lock in _locks_held:
+        yield
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        _locks_held.add(lock)
+        try:
+            yield
+        finally:
+            _locks_held.discard(lock)
+
+def load_array(path, name, dtype, ndim=1):
+    file = os.path.join(path, name)
+    try:
+        a = np.load(file, allow_pickle=False)
+    except (ValueError, EOFError) as e:
+        raise ValueError(f"{file}: not a readable .npy array ({str(e) or type(e).__name__})") from None
+    if not isinstance(a, np.ndarray) or a.dtype != dtype or a.ndim != ndim:
+        raise ValueError(f"{file}: expected a {ndim}-d {np.dtype(dtype)} array (corrupt KB)")
+    return a
 
 def load_kb(path):
     """Reads manifest.json and returns the retriever it describes, with its documents and index."""
@@ -170,10 +218,10 @@ def load_kb(path):
         raise FileNotFoundError(f"no KB at {path} (missing {manifest_path}); build one with "
                                 f"python retrieve.py --documents docs.jsonl --output {path}")
     try:
-        with open(manifest_path) as f:
+        with open(manifest_path, encoding="utf-8") as f:
             m = json.load(f)
         version, kind, options, n = m["format_version"], m["type"], m["options"], m["n_documents"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{manifest_path}: not a valid manifest ({e!r})") from None
     if version != FORMAT_VERSION:
         raise ValueError(f"{manifest_path}: format_version {version!r} is not supported by this retrieve.py "
@@ -189,6 +237,8 @@ def load_kb(path):
     if len(kb.docs) != n:
         raise ValueError(f"{manifest_path}: n_documents is {n} but documents.jsonl has {len(kb.docs)}")
     kb._load_index(path)
+    if m.get("lengths", kb._lengths()) != kb._lengths():  # KBs from before lengths were recorded have none
+        raise ValueError(f"{manifest_path}: records index sizes {m['lengths']}, the files hold {kb._lengths()} (corrupt KB)")
     return kb
 
 # -----------------------------------------------------------------------------
@@ -201,14 +251,25 @@ def tokenize(text):
     Shared by TF-IDF and BM25; give rank_bm25 or bm25s these tokens and they score exactly like ours."""
     return WORD.findall(text.lower())
 
+def stop_words(name):
+    """bm25s's English lists: "en" is Lucene's 33 words, "en_plus" NLTK's 179 ("what", "does", ...), which
+    questions are made of; "" none (so the question words of "What does X stand for?" outscore X)."""
+    if not name:
+        return frozenset()
+    import bm25s.stopwords as lists
+    if name not in ("en", "en_plus"):
+        raise ValueError(f"unknown stopwords {name!r} (en, en_plus)")
+    return frozenset(getattr(lists, "STOPWORDS_" + name.upper()))
+
 class SparseRetriever(Retriever):
     """Postings in CSC layout: term t occurs in documents post_doc[indptr[t]:indptr[t+1]] (ascending),
     post_tf times each. The raw counts are kept because idf depends on N and df: adding documents
     changes every weight, and recomputing them from counts (O(nnz), vectorised) is what makes
     "add to a KB" give exactly the KB built from all documents at once. Subclasses define the weights."""
 
-    def __init__(self, **options):
-        super().__init__(**options)
+    def __init__(self, stopwords="", **options):
+        super().__init__(**options, **({"stopwords": stopwords} if stopwords else {}))  # old KBs have none
+        self.stop = stop_words(stopwords)
         self.vocab = {}                            # term -> id, in order of first appearance
         self.indptr = np.zeros(1, np.int64)        # (V+1,)
         self.post_doc = np.zeros(0, np.int32)      # (nnz,)
@@ -221,7 +282,7 @@ class SparseRetriever(Retriever):
         vocab = dict(self.vocab)  # a failure halfway leaves the index as it was
         terms, tfs, n_unique, lens = array("i"), array("i"), array("i"), array("i")  # 4 bytes an entry, not 36
         for d in tqdm(docs, desc="indexing", unit="doc", delay=2):
-            counts = Counter(tokenize(doc_text(d)))
+            counts = Counter(t for t in tokenize(doc_text(d)) if t not in self.stop)
             terms.extend(vocab.setdefault(t, len(vocab)) for t in counts)
             tfs.extend(counts.values())
             n_unique.append(len(counts))
@@ -246,7 +307,7 @@ class SparseRetriever(Retriever):
 
     def scores(self, query):
         """(N,) float64 score of every document for `query`, like rank_bm25's get_scores."""
-        counts = Counter(t for t in tokenize(query) if t in self.vocab)
+        counts = Counter(t for t in tokenize(query) if t in self.vocab and t not in self.stop)
         terms = np.array([self.vocab[t] for t in counts], np.int64)
         scores = np.zeros(len(self.doc_len))
         for t, w in zip(terms, self._query_weights(terms, np.array(list(counts.values()), np.float64))):
@@ -269,12 +330,25 @@ class SparseRetriever(Retriever):
         for name in ("indptr", "post_doc", "post_tf", "doc_len"):
             np.save(os.path.join(path, name + ".npy"), getattr(self, name))
 
+    def _lengths(self):
+        return {"terms": len(self.vocab), "postings": len(self.post_doc)}
+
     def _load_index(self, path):
-        with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
-            self.vocab = {t: i for i, t in enumerate(json.load(f))}
-        for name in ("indptr", "post_doc", "post_tf", "doc_len"):
-            setattr(self, name, load_array(path, name + ".npy"))
-        if len(self.indptr) != len(self.vocab) + 1 or self.indptr[-1] != len(self.post_doc) or len(self.doc_len) != len(self.docs):
+        file = os.path.join(path, "vocab.json")
+        try:
+            with open(file, encoding="utf-8") as f:
+                terms = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{file}: not valid JSON ({e})") from None
+        if not isinstance(terms, list):
+            raise ValueError(f"{file}: expected a list of terms (corrupt KB)")
+        self.vocab = {t: i for i, t in enumerate(terms)}
+        for name, dtype in (("indptr", np.int64), ("post_doc", np.int32), ("post_tf", np.int32), ("doc_len", np.int32)):
+            setattr(self, name, load_array(path, name + ".npy", dtype))
+        # checked here, or a query would index out of bounds
+        if not (len(self.indptr) == len(self.vocab) + 1 and self.indptr[0] == 0 and (np.diff(self.indptr) >= 0).all()
+                and self.indptr[-1] == len(self.post_doc) == len(self.post_tf) and len(self.doc_len) == len(self.docs)
+                and ((self.post_doc >= 0) & (self.post_doc < len(self.docs))).all()):
             raise ValueError(f"{path}: index files do not match vocab.json / documents.jsonl (corrupt KB)")
         self._reweight()
 
@@ -286,8 +360,8 @@ class SimpleRetriever(SparseRetriever):
     idf = ln((1 + N) / (1 + df)) + 1, each document vector L2-normalised; the query alike."""
     type = "simple"
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, stopwords=""):
+        super().__init__(stopwords)
 
     def _reweight(self):
         N, df = len(self.doc_len), np.diff(self.indptr)
@@ -309,10 +383,10 @@ class BM25Retriever(SparseRetriever):
                      Lucene, Elasticsearch and bm25s's default. Our default: sane from 1 document up."""
     type = "bm25"
 
-    def __init__(self, k1=1.5, b=0.75, method="lucene", epsilon=0.25):
+    def __init__(self, k1=1.5, b=0.75, method="lucene", epsilon=0.25, stopwords=""):
         if method not in ("okapi", "lucene"):
             raise ValueError(f"unknown BM25 method {method!r} (okapi, lucene)")
-        super().__init__(k1=k1, b=b, method=method, epsilon=epsilon)
+        super().__init__(stopwords, k1=k1, b=b, method=method, epsilon=epsilon)
         self.k1, self.b, self.method, self.epsilon = k1, b, method, epsilon
 
     def _reweight(self):
@@ -383,7 +457,11 @@ class DenseRetriever(Retriever):
         return index
 
     def embeddings(self):
-        return self.index.reconstruct_n(0, self.index.ntotal) if self.index is not None else None
+        # an empty KB saves a (0, 0) array: np.save(None) would pickle an object array
+        return self.index.reconstruct_n(0, self.index.ntotal) if self.index is not None else np.zeros((0, 0), np.float32)
+
+    def _lengths(self):
+        return {"vectors": self.index.ntotal if self.index is not None else 0}
 
     def _index(self, docs):
         vectors = self.encode([doc_text(d) for d in docs])
@@ -407,12 +485,21 @@ class DenseRetriever(Retriever):
 
     def _load_index(self, path):
         import faiss
-        vectors = load_array(path, "embeddings.npy")
+        vectors = load_array(path, "embeddings.npy", np.float32, 2)
         if len(vectors) != len(self.docs):
             raise ValueError(f"{path}: embeddings.npy has {len(vectors)} rows for {len(self.docs)} documents (corrupt KB)")
         hnsw_path = os.path.join(path, "index.faiss")
-        if self._kind(len(vectors)) == "hnsw" and os.path.exists(hnsw_path):
-            self.index = faiss.read_index(hnsw_path)
+        if not len(vectors):
+            self.index = None
+        elif self._kind(len(vectors)) == "hnsw" and os.path.exists(hnsw_path):
+            try:
+                self.index = faiss.read_index(hnsw_path)
+            except RuntimeError:
+                raise ValueError(f"{hnsw_path}: not a FAISS index (corrupt KB)") from None
+            if not (isinstance(self.index, faiss.IndexHNSWFlat) and self.index.metric_type == faiss.METRIC_INNER_PRODUCT
+                    and (self.index.ntotal, self.index.d) == vectors.shape):
+                raise ValueError(f"{hnsw_path}: not an inner-product HNSW index of the {vectors.shape[0]} "
+                                 f"{vectors.shape[1]}-d vectors in embeddings.npy (corrupt KB)")
             self.index.hnsw.efSearch = HNSW_EF_SEARCH
         else:
             self.index = self._new_index(self._kind(len(vectors)), vectors)
@@ -430,13 +517,13 @@ class HybridRetriever(Retriever):
     type = "hybrid"
 
     def __init__(self, model=DEFAULT_MODEL, index="auto", method="lucene", k1=1.5, b=0.75,
-                 fusion="convex", alpha=0.5, rrf_k=60, depth=50, reranker=None):
+                 fusion="convex", alpha=0.5, rrf_k=60, depth=50, reranker=None, stopwords=""):
         if fusion not in ("rrf", "convex"):
             raise ValueError(f"unknown fusion {fusion!r} (rrf, convex)")
         super().__init__(model=model, index=index, method=method, k1=k1, b=b, fusion=fusion, alpha=alpha,
-                         rrf_k=rrf_k, depth=depth, reranker=reranker)
+                         rrf_k=rrf_k, depth=depth, reranker=reranker, **({"stopwords": stopwords} if stopwords else {}))
         self.dense = DenseRetriever(model=model, index=index)
-        self.bm25 = BM25Retriever(k1=k1, b=b, method=method)
+        self.bm25 = BM25Retriever(k1=k1, b=b, method=method, stopwords=stopwords)
         self.fusion, self.alpha, self.rrf_k, self.depth, self.reranker = fusion, alpha, rrf_k, depth, reranker
         self.dense.docs = self.bm25.docs = self.docs  # the parts only read it (len, checks on load)
 
@@ -479,6 +566,9 @@ class HybridRetriever(Retriever):
         self.dense.docs = self.bm25.docs = self.docs
         self.dense._load_index(path)
         self.bm25._load_index(path)
+
+    def _lengths(self):
+        return {**self.dense._lengths(), **self.bm25._lengths()}
 
 RETRIEVERS = {"simple": SimpleRetriever, "bm25": BM25Retriever, "dense": DenseRetriever, "hybrid": HybridRetriever}
 
@@ -566,24 +656,40 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Build, grow, search and evaluate a retrieval KB.")
     parser.add_argument("--documents", help="JSONL of documents: build a KB (with --output) or add to one (with --kb)")
     parser.add_argument("--output", help="directory to write the new KB to")
+    parser.add_argument("--overwrite", action="store_true", help="let --output replace an existing KB")
     parser.add_argument("--type", default="bm25", choices=list(RETRIEVERS), help="retriever to build")
+    parser.add_argument("--stopwords", default="", choices=["", "en", "en_plus"], help="English stopwords left out "
+                        "of a new simple / bm25 / hybrid index (bm25s's lists)")
     parser.add_argument("--kb", help="an existing KB directory")
     parser.add_argument("--query", help="search the KB")
     parser.add_argument("--top_k", type=int, default=5)
     parser.add_argument("--eval", help="QA JSONL ('question', 'gold_ids') to evaluate the KB on")
     args = parser.parse_args()
     try:
+        if args.top_k < 1:
+            raise ValueError(f"--top_k must be at least 1, got {args.top_k}")
+        if args.query is not None and not tokenize(args.query):
+            raise ValueError(f"--query {args.query!r} has no word to search for")
         if args.documents and args.output:
-            manager = RetrievalManager.build(args.documents, args.type)
-            manager.save(args.output)
+            with kb_lock(args.output):  # held from the check to the save
+                if os.path.exists(os.path.join(args.output, "manifest.json")) and not args.overwrite:
+                    raise ValueError(f"{args.output} already holds a KB: add to it with --kb {args.output}, "
+                                     f"or replace it with --overwrite")
+                manager = RetrievalManager.build(args.documents, args.type,
+                                                 **({"stopwords": args.stopwords} if args.stopwords else {}))
+                manager.save(args.output)
             print(f"built a {args.type} KB of {len(manager.retriever.docs)} documents in {args.output}")
         elif args.documents and args.kb:
-            manager = RetrievalManager.load(args.kb)
-            manager.add_documents(load_documents(args.documents))
-            manager.save(args.kb)
+            with kb_lock(args.kb):  # held from load to save: a concurrent writer's documents are not lost
+                manager = RetrievalManager.load(args.kb)
+                manager.add_documents(load_documents(args.documents))
+                manager.save(args.kb)
             print(f"{args.kb} now holds {len(manager.retriever.docs)} documents")
         elif args.kb and args.query is not None:
-            for rank, (doc, score) in enumerate(RetrievalManager.load(args.kb).retrieve(args.query, args.top_k), 1):
+            hits = RetrievalManager.load(args.kb).retrieve(args.query, args.top_k)
+            if not hits:
+                print(f"no document in {args.kb} matches {args.query!r}")
+            for rank, (doc, score) in enumerate(hits, 1):
                 text = " ".join(doc.text.split())
                 print(f"{rank:2d}. {score:8.4f}  [{doc.id}] {doc.title + ': ' if doc.title else ''}"
                       f"{text[:200] + ('...' if len(text) > 200 else '')}")

@@ -11,14 +11,15 @@ appended to out_dir/log.txt and stored in every checkpoint.
 import dataclasses
 import json
 import os
+import re
 import time
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (StepLog, all_reduce_mean, autocast, die, load_checkpoint, lr_at, peak_flops, print0,
-                    raw_state_dict, save_checkpoint, setup, step_optimizers, teardown)
+from common import (StepLog, all_reduce_mean, autocast, check_config, die, first_line, load_checkpoint, lr_at,
+                    peak_flops, print0, raw_state_dict, save_checkpoint, setup, step_optimizers, teardown)
 from configurator import ConfigError, configure
 from model import GPT, GPTConfig
 
@@ -27,6 +28,7 @@ from model import GPT, GPTConfig
 data_dir = "data/world"        # train.bin, val.bin, meta.json, tokenizer.json from prepare.py
 out_dir = "out/tiny"
 init_from = "scratch"          # "scratch" | "resume" (out_dir/ckpt.pt, exactly) | path to a checkpoint to continue from
+overwrite = False              # True: a new run may replace the checkpoint already in out_dir
 eval_interval = 100            # steps between val-loss evaluations (and checkpoints)
 eval_tokens = 32768            # val tokens per evaluation
 wandb_log = False
@@ -62,6 +64,17 @@ try:
     config = configure(globals())
 except ConfigError as e:
     die(e)
+check_config(config, [
+    ("eval_interval eval_tokens n_layer n_embd n_head n_kv_head block_size total_batch_size device_batch_size "
+     "max_iters", lambda v: v >= 1, "a positive integer"),
+    ("warmup_iters", lambda v: v >= 0, "a non-negative integer"),
+    ("learning_rate embedding_lr_mult", lambda v: v > 0, "positive"),
+    ("weight_decay grad_clip", lambda v: v >= 0, "non-negative"),
+    ("min_lr_frac", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("lr_schedule", lambda v: v in ("cosine", "wsd"), "'cosine' or 'wsd'"),
+    ("block_pattern", lambda v: re.fullmatch("[TM]+", v), "a non-empty string of T and M")])
+if init_from != "resume" and os.path.exists(os.path.join(out_dir, "ckpt.pt")) and not overwrite:
+    die(f"{out_dir}/ckpt.pt exists: continue it with --init_from=resume, or replace it with --overwrite=True")
 
 ddp, rank, world_size, device = setup(device, seed)
 master = rank == 0
@@ -83,6 +96,9 @@ if total_batch_size % (block_size * device_batch_size * world_size):
 grad_accum = seqs_per_step // (device_batch_size * world_size)
 if n_windows < seqs_per_step:
     die(f"{data_dir}/train.bin holds {n_windows} windows of {block_size} tokens, fewer than one batch ({seqs_per_step})")
+if (len(val_data) - 1) // block_size < world_size:  # a small corpus: too little held out to measure a loss
+    die(f"{data_dir}/val.bin holds {len(val_data):,} tokens, less than one window of {block_size + 1} per process: "
+        f"prepare it with a larger --val_frac, or train with a smaller --block_size")
 _orders = {}
 
 
@@ -122,20 +138,21 @@ model_keys = {f.name for f in dataclasses.fields(GPTConfig)}
 model_args = {k: config[k] for k in model_keys if k in config}
 model_args["vocab_size"] = meta["vocab_size"]
 ckpt, start_step = None, 0
-try:
-    if init_from == "resume":
-        ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
-        start_step = ckpt["step"]
-    elif init_from != "scratch":
-        ckpt = load_checkpoint(init_from, device)
-except ValueError as e:
-    die(e)
-if ckpt is not None:
-    ignored = {k: v for k, v in model_args.items() if k in ckpt["model_args"] and ckpt["model_args"][k] != v}
+ckpt_path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
+if init_from != "scratch":
+    try:
+        ckpt = load_checkpoint(ckpt_path, device)
+    except ValueError as e:
+        die(e)
+    try:  # a checkpoint of another stage or model.py: its keys or shapes do not fit
+        start_step = ckpt["step"] if init_from == "resume" else 0
+        ignored = {k: v for k, v in model_args.items() if k in ckpt["model_args"] and ckpt["model_args"][k] != v}
+        model_args = ckpt["model_args"]
+        model = GPT.from_checkpoint(ckpt).to(device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        die(f"{ckpt_path}: does not fit this train.py / model.py ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
     if ignored:
         print0(f"note: the model's shape comes from the checkpoint; ignoring {ignored}")
-    model_args = ckpt["model_args"]
-    model = GPT.from_checkpoint(ckpt).to(device)
 else:
     try:
         model = GPT(GPTConfig(**model_args)).to(device)
@@ -146,8 +163,11 @@ print0(f"model: {model.pattern} pattern, "
 optimizers = model.configure_optimizers(learning_rate, weight_decay, (0.9, 0.95), device.split(":")[0], muon,
                                         embedding_lr_mult)
 if init_from == "resume":
-    for opt, state in zip(optimizers, ckpt["optimizer"]):
-        opt.load_state_dict(state)
+    try:
+        for opt, state in zip(optimizers, ckpt["optimizer"], strict=True):
+            opt.load_state_dict(state)
+    except (KeyError, TypeError, ValueError) as e:
+        die(f"{ckpt_path}: its optimizer state does not fit ({type(e).__name__}: {first_line(e)[:200]})")
 flops_per_token = model.flops_per_token(block_size)
 raw_model = model
 if compile:
