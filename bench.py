@@ -6,11 +6,11 @@ Speeds are medians over rounds in which the contenders take turns, so that chang
     python bench.py --what=train,decode --out=out/bench.json --plot=out/bench_decode.svg
     python bench.py --what=ann,build              # the expensive ones: minutes each on 2 CPU cores
 
-  train:     training tokens/s (and MFU on GPU) of T, M (Mamba-1), M2 (Mamba-2) and hybrid models of equal width
+  train:     training tokens/s (and MFU on GPU) of T, M (Mamba-1), M2, M3 (Mamba-2, -3) and hybrid models, equal width
   decode:    prefill time, per-token decode time and cache memory per sequence as the context grows (and a plot)
   mixer:     Mamba-1 mixer forward+backward: ours vs mamba-ssm's own module on its sequential selective_scan_ref,
              and our chunked PyTorch scan (the path without the C scan or mamba-ssm's kernels)
-  block:     one block's forward+backward, T vs Mamba-1 vs Mamba-2 at equal width
+  block:     one block's forward+backward, T vs Mamba-1 vs Mamba-2 vs Mamba-3 at equal width
   bm25:      our BM25 vs rank_bm25 (same top-10 and scores) and bm25s (latency), 50k synthetic documents
   retrieval: recall@1/5 and MRR on data/world's held-out single-hop questions, and latency per query, per retriever
   memory:    training memory of every config in configs/ (weights, grads, AdamW state and measured activations)
@@ -152,7 +152,7 @@ def synthetic_queries(n, vocab=30_000, seed=1):
 SHAPE = dict(n_layer=20, n_embd=1280, n_head=10, n_kv_head=10, vocab_size=32768, mamba_mlp=True) if on_gpu else \
     dict(n_layer=4, n_embd=128, n_head=4, n_kv_head=2, vocab_size=2048)
 PATTERNS = {"T": dict(block_pattern="T"), "M": dict(block_pattern="M"), "M2": dict(block_pattern="M", mamba_version=2),
-            "hybrid TM": dict(block_pattern="TM")}
+            "M3": dict(block_pattern="M", mamba_version=3), "hybrid TM": dict(block_pattern="TM")}
 
 if "train" in what:
     T, B = (2048, 8) if on_gpu else (256, 16)
@@ -222,7 +222,7 @@ if "decode" in what:
           ["pattern", "context", "prefill ms", "decode ms/token", "tokens/s", "cache MB/sequence"], rows)
     d = results["decode"]
     lo, hi = contexts[0], contexts[-1]
-    table(f"decode per token as the context grows, and against T (issue 2: pure M at {hi} within 1.3x of at {lo}; "
+    table(f"decode per token as the context grows, and against T (issues 2, 22: pure M, M3 at {hi} within 1.3x of at {lo}; "
           "issue 7 on GPU: hybrid decode tokens/s at 16k >= 3x T's)", ["pattern", f"ms/token at {hi} / at {lo}",
           f"tokens/s vs T at {hi}"], [[name, f"{d[name][hi]['per_token_s'] / d[name][lo]['per_token_s']:.2f}",
                                        f"{d['T'][hi]['per_token_s'] / d[name][hi]['per_token_s']:.2f}"] for name in PATTERNS])
@@ -291,11 +291,13 @@ if "block" in what:
     B, L, d = 8, 256, 256
     cfg = dict(block_size=L, vocab_size=256, n_layer=1, n_head=4, n_kv_head=4, n_embd=d)
     blocks = {"T": model.AttentionBlock(GPTConfig(**cfg)), "Mamba-1": model.MambaBlock(GPTConfig(**cfg, mamba_version=1)),
-              "Mamba-2": model.MambaBlock(GPTConfig(**cfg, mamba_version=2))}
+              "Mamba-2": model.MambaBlock(GPTConfig(**cfg, mamba_version=2)),
+              "Mamba-3": model.MambaBlock(GPTConfig(**cfg, mamba_version=3))}
     cos, sin = model.rotary(0, L, d // cfg["n_head"], device)
     x = torch.randn(B, L, d, device=device, requires_grad=True)
     t = timed({name: lambda blk=blk.to(device): blk(x, cos, sin).square().mean().backward() for name, blk in blocks.items()}, 7)
-    table(f"one block forward+backward, fp32, d_model {d}, batch {B} x {L} (issue 2: Mamba-2 <= 1.5x T, Mamba-1 <= 5x T)",
+    table(f"one block forward+backward, fp32, d_model {d}, batch {B} x {L} (issue 2: Mamba-2 <= 1.5x T, Mamba-1 <= 5x T; "
+          "issue 22: Mamba-3 <= 1.5x T)",
           ["block", "ms", "vs T"], [[name, f"{1000 * s:.1f}", f"{s / t['T']:.2f}"] for name, s in t.items()])
     results["block"] = {name: dict(seconds=s, vs_T=s / t["T"]) for name, s in t.items()}
 

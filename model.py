@@ -2,27 +2,23 @@
 A GPT whose blocks are attention (T) or Mamba (M), mixed by a pattern string, in one file.
 
 - T block: nanochat style. RMSNorm pre-norm, rotary, QK-norm, grouped-query attention, ReLU^2 MLP, no biases.
-- M block: RMSNorm pre-norm + a Mamba mixer: Mamba-1 (S6) or Mamba-2 (SSD), with the parameters, state-dict
-  keys and initialisation of mamba_ssm.modules.mamba_simple.Mamba / mamba_ssm.modules.mamba2.Mamba2.
+- M block: RMSNorm pre-norm + a Mamba mixer: Mamba-1 (S6), Mamba-2 (SSD) or Mamba-3 (SISO), with the parameters,
+  state-dict keys and initialisation of mamba_ssm.modules.mamba_simple.Mamba / mamba2.Mamba2 / mamba3.Mamba3.
 - On CUDA, when mamba-ssm and causal-conv1d import, the mixers call their fused kernels. Elsewhere they run the
-  same maths in PyTorch, except the Mamba-1 scan on CPU: a small C loop (appendix) compiled on first use, the
+  same maths in PyTorch, except the Mamba-1 scan on CPU: a small C loop (cpu_scan.py) compiled on first use, the
   CPU twin of mamba-ssm's CUDA scan, with a chunked PyTorch scan as the fallback. A laptop can train either.
-- One cache object holds a KV cache per T layer and the conv + SSM state per M layer for generation.
+- One cache object holds a KV cache per T layer and the constant-size state per M layer for generation.
 """
 
-import ctypes
 import functools
-import hashlib
 import math
-import os
-import platform
-import subprocess
-import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from cpu_scan import cpu_scan, cpu_scan_available
 
 
 @dataclass
@@ -34,11 +30,11 @@ class GPTConfig:
     n_kv_head: int = 6          # < n_head: grouped-query attention
     n_embd: int = 768
     block_pattern: str = "T"    # 'T' attention / 'M' Mamba per layer, tiled to n_layer: "TMMM" -> TMMMTMMM...
-    mamba_version: int = 1      # 1: Mamba (S6), 2: Mamba-2 (SSD)
+    mamba_version: int = 1      # 1: Mamba (S6), 2: Mamba-2 (SSD), 3: Mamba-3 (SISO)
     d_state: int = 16
     d_conv: int = 4
     expand: int = 2
-    headdim: int = 64           # Mamba-2 head size
+    headdim: int = 64           # Mamba-2 and Mamba-3 head size
     mamba_mlp: bool = False     # an MLP after every Mamba mixer, as in a T block
 
 
@@ -61,9 +57,19 @@ def cuda_kernels():
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
     except Exception:  # not installed, or built without CUDA
         return None
+    try:
+        from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined
+    except Exception:  # mamba-ssm < 2.3
+        mamba3_siso_combined = None
     return dict(causal_conv1d_update=causal_conv1d_update, mamba_inner_fn=mamba_inner_fn,
                 selective_state_update=selective_state_update, mamba_chunk_scan_combined=mamba_chunk_scan_combined,
-                mamba_split_conv1d_scan_combined=mamba_split_conv1d_scan_combined)
+                mamba_split_conv1d_scan_combined=mamba_split_conv1d_scan_combined,
+                mamba3_siso_combined=mamba3_siso_combined)
+
+
+def kernels_for(x):
+    """The fused kernels for x's device, or None. A test points this at mamba-ssm's Triton kernels run on CPU."""
+    return cuda_kernels() if x.is_cuda else None
 
 
 # -----------------------------------------------------------------------------
@@ -138,7 +144,7 @@ class MLP(nn.Module):
 
 def selective_scan(x, dt, A, B, C, h0=None):
     """x, dt (b, L, D); A (D, N); B, C (b, L, N); h0 (b, D, N) or None -> y (b, L, D) without the D skip, h_L (b, D, N).
-    On CPU in fp32 a compiled C loop (below); elsewhere the chunked scan in PyTorch."""
+    On CPU in fp32 a compiled C loop (cpu_scan.py); elsewhere the chunked scan in PyTorch."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and cpu_scan_available():
         return cpu_scan(x, dt, A, B, C, h0)[:2]
     return chunked_scan(x, dt, A, B, C, h0)
@@ -374,7 +380,7 @@ class Mamba2(nn.Module):
 
     def forward(self, u, state=None):
         """u (B, L, d_model) -> (B, L, d_model). state: (conv_state, ssm_state), continued and updated in place."""
-        kernels = cuda_kernels() if u.is_cuda else None
+        kernels = kernels_for(u)
         if state is not None and u.shape[1] == 1:
             return self.step(u, state, kernels)
         A = -torch.exp(self.A_log.float())  # (H,)
@@ -423,6 +429,151 @@ class Mamba2(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# Mamba-3, SISO (Lahoti et al. 2026). Per head, with dt_t > 0, A_t < 0 and lam_t in (0, 1) all data-dependent:
+#   alpha_t = exp(dt_t A_t),  beta_t = alpha_t dt_t (1 - lam_t),  gamma_t = dt_t lam_t       (trapezoidal rule)
+#   h_t = alpha_t h_{t-1} + beta_t v_{t-1} k_{t-1}^T + gamma_t v_t k_t^T      h (P, N);   y_t = h_t q_t + D v_t
+# v = x, k = R(theta_t)(norm(B_t) + B_bias), q = R(theta_t)(norm(C_t) + C_bias): R turns pairs of state dims by
+# theta_t = theta_{t-1} + pi tanh(angle_t) dt_t, a complex state written as data-dependent RoPE (q_t . k_s sees
+# theta_t - theta_s). Unrolled, v_s k_s^T enters h_t (t > s) with weight w_s = gamma_s + dt_{s+1} (1 - lam_{s+1})
+# and h_s with gamma_s: Mamba-2's SSD scan over x = w v, minus the diagonal's extra dt_{t+1} (1 - lam_{t+1}) term.
+
+def outer(w, v, k):
+    """w (..., H) times v (..., H, P) k (..., H, N)^T -> (..., H, P, N) fp32: a weighted rank-1 state update."""
+    return w[..., None, None] * v.float().unsqueeze(-1) * k.float().unsqueeze(-2)
+
+
+def rotate_pairs(x, cos, sin):
+    """x (..., N) with pair (x[2i], x[2i+1]) turned by angle i, cos and sin (..., S); pairs from S on stay put."""
+    S = cos.shape[-1]
+    x0, x1 = x[..., :2 * S:2], x[..., 1:2 * S:2]
+    return torch.cat([torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2), x[..., 2 * S:]], -1)
+
+
+class Mamba3(nn.Module):
+    """Mamba-3 mixer (SISO) with mamba_ssm.modules.mamba3.Mamba3's arguments, parameters and init: state dicts
+    load both ways. It has no conv: the trapezoid's look-back of one token replaces it."""
+
+    def __init__(self, d_model, d_state=128, expand=2, headdim=64, ngroups=1, rope_fraction=0.5, dt_min=0.001,
+                 dt_max=0.1, dt_init_floor=1e-4, A_floor=1e-4, is_outproj_norm=False, is_mimo=False, mimo_rank=4,
+                 chunk_size=64):
+        super().__init__()
+        self.d_model, self.d_state, self.expand, self.headdim, self.ngroups = d_model, d_state, expand, headdim, ngroups
+        self.d_inner = expand * d_model
+        self.nheads = self.d_inner // headdim
+        self.n_angles = int(d_state * rope_fraction) // 2  # rotated pairs of state dims
+        if is_mimo:
+            raise NotImplementedError("Mamba3: only SISO is implemented (is_mimo=False)")
+        if self.d_inner % headdim or self.nheads % ngroups or rope_fraction not in (0.5, 1.0) or not self.n_angles:
+            raise ValueError(f"Mamba3: expand * d_model = {self.d_inner} must be a multiple of headdim={headdim}, "
+                             f"heads of ngroups={ngroups}, rope_fraction 0.5 or 1 and d_state={d_state} >= 4")
+        self.dt_min, self.dt_max, self.dt_init_floor, self.A_floor = dt_min, dt_max, dt_init_floor, A_floor
+        self.is_outproj_norm, self.chunk_size = is_outproj_norm, chunk_size
+        GN, H = ngroups * d_state, self.nheads  # z, x, B, C, dt, A, trap, angle:
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * GN + 3 * H + self.n_angles, bias=False)
+        self.dt_bias = nn.Parameter(torch.empty(H))
+        self.B_bias = nn.Parameter(torch.empty(H, 1, d_state))  # (H, MIMO rank 1, N)
+        self.C_bias = nn.Parameter(torch.empty(H, 1, d_state))
+        self.B_norm, self.C_norm = nn.RMSNorm(d_state, eps=1e-5), nn.RMSNorm(d_state, eps=1e-5)
+        self.D = nn.Parameter(torch.empty(H))
+        if is_outproj_norm:  # per head: rmsnorm(y) * weight * silu(z)
+            self.norm = nn.RMSNorm(self.d_inner, eps=1e-5)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        for m in (self.in_proj, self.out_proj, self.B_norm, self.C_norm, getattr(self, "norm", None)):
+            if m is not None:
+                m.reset_parameters()
+        dt = torch.exp(torch.rand(self.nheads) * (math.log(self.dt_max) - math.log(self.dt_min))
+                       + math.log(self.dt_min)).clamp(min=self.dt_init_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1
+        for p in (self.B_bias, self.C_bias, self.D):
+            p.fill_(1.0)
+
+    def allocate_state(self, batch_size, dtype=None):
+        """(angle (B, H, S) fp32, ssm_state (B, H, P, N) fp32, k (B, 1, H, N), v (B, H, P)), mamba-ssm's layout:
+        k and v of the last token, whose beta term the next token adds."""
+        w, (H, P, N) = self.in_proj.weight, (self.nheads, self.headdim, self.d_state)
+        return (torch.zeros(batch_size, H, self.n_angles, device=w.device),
+                torch.zeros(batch_size, H, P, N, device=w.device),
+                torch.zeros(batch_size, 1, H, N, device=w.device, dtype=dtype or w.dtype),
+                torch.zeros(batch_size, H, P, device=w.device, dtype=dtype or w.dtype))
+
+    def project(self, u):
+        """u (..., d_model) -> z, x (..., H, P); BC (..., 2, G, N): B and C normed, no bias; dt, dt * A (..., H)
+        fp32; trap (..., H) and angle (..., S) before their sigmoid and tanh, as the kernel takes them."""
+        H, G, N = self.nheads, self.ngroups, self.d_state
+        z, x, BC, dt, A, trap, angle = self.in_proj(u).split(
+            [self.d_inner, self.d_inner, 2 * G * N, H, H, H, self.n_angles], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        A = -F.softplus(A.float()).clamp(min=self.A_floor)
+        BC = F.rms_norm(BC.unflatten(-1, (2, G, N)), (N,), eps=self.B_norm.eps)  # B and C at once (speed)
+        BC = BC * torch.stack([self.B_norm.weight, self.C_norm.weight]).unsqueeze(1)
+        return z.unflatten(-1, (H, -1)), x.unflatten(-1, (H, -1)), BC, dt, dt * A, trap, angle
+
+    def kq(self, BC, theta):
+        """Biased, rotated k and q (..., H, N) fp32 from BC (..., 2, G, N), each group shared by H / G heads."""
+        kq = BC.float().unsqueeze(-2) + torch.stack([self.B_bias, self.C_bias]).view(2, self.ngroups, -1, self.d_state)
+        return rotate_pairs(kq.flatten(-3, -2), theta.cos().unsqueeze(-3), theta.sin().unsqueeze(-3)).unbind(-3)
+
+    def gate(self, y, z):  # y, z (..., H, P)
+        if self.is_outproj_norm:
+            y = F.rms_norm(y, (self.headdim,), eps=1e-5) * self.norm.weight.float().view(self.nheads, self.headdim)
+        return y * F.silu(z.float())
+
+    def forward(self, u, state=None):
+        """u (B, L, d_model) -> (B, L, d_model). state: allocate_state's tuple, continued and updated in place."""
+        kernels = kernels_for(u)
+        if state is not None and u.shape[1] == 1:
+            return self.step(u, state)
+        (b, L, _), H, P, N = u.shape, self.nheads, self.headdim, self.d_state
+        z, x, BC, dt, adt, trap, angle = self.project(u)
+        if kernels and kernels.get("mamba3_siso_combined"):  # fused rotary + trapezoid + chunked scan + gate
+            y = kernels["mamba3_siso_combined"](
+                BC[:, :, 1], BC[:, :, 0], x, adt.transpose(1, 2), dt.transpose(1, 2), trap.transpose(1, 2), self.C_bias.squeeze(1),
+                self.B_bias.squeeze(1), angle.float().unsqueeze(2).expand(-1, -1, H, -1), self.D,
+                None if self.is_outproj_norm else z, chunk_size=self.chunk_size, return_final_states=state is not None,
+                Input_States=None if state is None else (state[0], state[1], state[2].squeeze(1), state[3]))
+            if state is not None:
+                y, *new = y
+                for s, n in zip(state, (new[0], new[1], new[2].unsqueeze(1), new[3])):
+                    s.copy_(n)
+            y = self.gate(y.float(), z) if self.is_outproj_norm else y
+            return self.out_proj(y.reshape(b, L, self.d_inner).to(u.dtype))
+        lam = torch.sigmoid(trap.float())                                           # (b, L, H)
+        theta = (torch.pi * torch.tanh(angle.float())).unsqueeze(2) * dt.unsqueeze(-1)  # (b, L, H, S)
+        theta = theta.cumsum(1) + (0 if state is None else state[0].unsqueeze(1))
+        k, q = self.kq(BC, theta)                                                   # (b, L, H, N)
+        shifted = F.pad((dt * (1 - lam))[:, 1:], (0, 0, 0, 1))  # dt_{t+1} (1 - lam_{t+1}); none past the end
+        h0 = None
+        if state is not None:  # the state gets beta_0 v_{-1} k_{-1}^T, but for alpha_0, which SSD applies
+            h0 = (state[1] + outer((dt * (1 - lam))[:, 0], state[3], state[2][:, 0])).reshape(b * H, 1, P, N)
+        heads_as_batch = lambda t: t.transpose(1, 2).reshape(b * H, L, *t.shape[3:])  # SSD with per-head B, C
+        y, h = ssd_scan(heads_as_batch(x.float() * (dt * lam + shifted).unsqueeze(-1)).unsqueeze(2),
+                        heads_as_batch(adt.unsqueeze(-1)), heads_as_batch(k), heads_as_batch(q), self.chunk_size, h0)
+        y = y.view(b, H, L, P).transpose(1, 2) + (self.D.float() - shifted * (q * k).sum(-1)).unsqueeze(-1) * x.float()
+        if state is not None:
+            for s, n in zip(state, (theta[:, -1] % (2 * math.pi), h.view(b, H, P, N), k[:, -1:], x[:, -1])):
+                s.copy_(n)
+        return self.out_proj(self.gate(y, z).reshape(b, L, self.d_inner).to(u.dtype))
+
+    def step(self, u, state):
+        """One token: u (B, 1, d_model), O(1) in the context length."""
+        angle_state, ssm_state, k_state, v_state = state
+        z, v, BC, dt, adt, trap, angle = self.project(u.squeeze(1))                   # v (B, H, P); dt (B, H)
+        lam, alpha = torch.sigmoid(trap.float()), torch.exp(adt)
+        theta = angle_state + (torch.pi * torch.tanh(angle.float())).unsqueeze(1) * dt.unsqueeze(-1)  # (B, H, S)
+        k, q = self.kq(BC, theta)                                                    # (B, H, N)
+        ssm_state.copy_(alpha[..., None, None] * ssm_state + outer(alpha * dt * (1 - lam), v_state, k_state[:, 0])
+                        + outer(dt * lam, v, k))
+        y = (ssm_state @ q.unsqueeze(-1)).squeeze(-1) + self.D.float().unsqueeze(-1) * v.float()
+        for s, n in zip(state, (theta % (2 * math.pi), ssm_state, k.unsqueeze(1), v)):
+            s.copy_(n)
+        return self.out_proj(self.gate(y, z).reshape(-1, self.d_inner).to(u.dtype)).unsqueeze(1)
+
+
+# -----------------------------------------------------------------------------
 # Blocks
 
 class AttentionBlock(nn.Module):
@@ -441,8 +592,10 @@ class MambaBlock(nn.Module):
         super().__init__()
         if config.mamba_version == 1:
             self.mixer = Mamba(config.n_embd, config.d_state, config.d_conv, config.expand)
-        else:
+        elif config.mamba_version == 2:
             self.mixer = Mamba2(config.n_embd, config.d_state, config.d_conv, config.expand, config.headdim)
+        else:
+            self.mixer = Mamba3(config.n_embd, config.d_state, config.expand, config.headdim)
         self.mlp = MLP(config) if config.mamba_mlp else None
 
     def forward(self, x, cos, sin, state=None, pos=0):
@@ -455,7 +608,7 @@ class MambaBlock(nn.Module):
 
 class Cache:
     """Everything generation carries between calls: per layer (k, v) of (B, n_kv_head, max_len, hd) for T,
-    (conv_state, ssm_state) for M; pos = tokens seen so far, advanced by GPT.forward whatever the last layer is."""
+    the mixer's state tuple for M; pos = tokens seen so far, advanced by GPT.forward whatever the last layer is."""
 
     def __init__(self, layers, max_len):
         self.layers, self.max_len, self.pos = layers, max_len, 0
@@ -467,8 +620,8 @@ class GPT(nn.Module):
         if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
             raise ValueError(f"n_embd={config.n_embd}, n_head={config.n_head}, n_kv_head={config.n_kv_head}: "
                              "n_head must divide n_embd and n_kv_head must divide n_head")
-        if config.mamba_version not in (1, 2):
-            raise ValueError(f"mamba_version={config.mamba_version!r}: must be 1 or 2")
+        if config.mamba_version not in (1, 2, 3):
+            raise ValueError(f"mamba_version={config.mamba_version!r}: must be 1, 2 or 3")
         self.config = config
         self.pattern = layer_pattern(config)
         self.transformer = nn.ModuleDict(dict(
@@ -554,6 +707,10 @@ class GPT(nn.Module):
                 flops += 3 * 4 * self.config.n_embd * seq_len
                 continue
             m = block.mixer
+            if isinstance(m, Mamba3):  # SSD with B, C per head: C B^T per head too; no conv
+                Q = min(m.chunk_size, seq_len)
+                flops += 3 * m.nheads * (2 * Q * m.d_state + 2 * Q * m.headdim + 4 * m.headdim * m.d_state)
+                continue
             flops += 3 * 2 * m.conv1d.weight.numel()
             if isinstance(m, Mamba):  # ~9 flops per (channel, state): exp(dt A), dt B x, decay, add, C h
                 flops += 3 * 9 * m.d_inner * m.d_state
@@ -602,186 +759,3 @@ def sample_next(logits, temperature=0.0, top_k=None, generator=None):
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-
-
-# -----------------------------------------------------------------------------
-# Appendix: the CPU scan kernel
-
-# The same scan as one pass in C, the CPU analogue of mamba-ssm's CUDA kernel: the state of 32 channels stays in
-# cache while t runs, so nothing of size (b, L, D, N) is ever written; backward recomputes the states from
-# checkpoints kept every 64 steps. Measured 20-60x faster than chunked_scan or a per-step PyTorch loop.
-SCAN_C = r"""
-#include <math.h>
-#include <stdlib.h>
-#include <string.h>
-#define DB 32  /* channels per task */
-#define K 64   /* steps between state checkpoints */
-static int imin(int a, int b) { return a < b ? a : b; }
-
-void scan_fwd(const float* x, const float* dt, const float* A, const float* B, const float* C, const float* h0,
-              float* y, float* hchk, float* hT, int b, int L, int D, int N, int threads) {
-  int nblk = (D + DB - 1) / DB, nchk = (L + K - 1) / K;
-  #pragma omp parallel for collapse(2) num_threads(threads)
-  for (int i = 0; i < b; i++) for (int j = 0; j < nblk; j++) {
-    int d0 = j * DB, nd = imin(D, d0 + DB) - d0;
-    float h[DB * N];
-    for (int k = 0; k < nd * N; k++) h[k] = h0 ? h0[((long)i * D + d0) * N + k] : 0.f;
-    for (int t = 0; t < L; t++) {
-      if (t % K == 0) memcpy(hchk + (((long)i * nchk + t / K) * D + d0) * N, h, sizeof(float) * nd * N);
-      long r = (long)i * L + t;
-      const float *Bt = B + r * N, *Ct = C + r * N;
-      for (int d = 0; d < nd; d++) {
-        float dtv = dt[r * D + d0 + d], bx = dtv * x[r * D + d0 + d], acc = 0.f, *hd = h + d * N;
-        const float* Ad = A + (long)(d0 + d) * N;
-        #pragma omp simd reduction(+:acc)
-        for (int n = 0; n < N; n++) { hd[n] = expf(dtv * Ad[n]) * hd[n] + bx * Bt[n]; acc += Ct[n] * hd[n]; }
-        y[r * D + d0 + d] = acc;
-      }
-    }
-    memcpy(hT + ((long)i * D + d0) * N, h, sizeof(float) * nd * N);
-  }
-}
-
-/* dA (b, D, N) and dB, dC (b, D/DB, L, N) are partial sums the caller zeroes and reduces. */
-void scan_bwd(const float* x, const float* dt, const float* A, const float* B, const float* C, const float* hchk,
-              const float* dy, const float* dhT, float* dx, float* ddt, float* dA, float* dB, float* dC, float* dh0,
-              int b, int L, int D, int N, int threads) {
-  int nblk = (D + DB - 1) / DB, nchk = (L + K - 1) / K;
-  #pragma omp parallel for collapse(2) num_threads(threads)
-  for (int i = 0; i < b; i++) for (int j = 0; j < nblk; j++) {
-    int d0 = j * DB, nd = imin(D, d0 + DB) - d0;
-    float g[DB * N], *hs = malloc(sizeof(float) * (K + 1) * DB * N);  /* g = dLoss/dh_t */
-    float *dAi = dA + ((long)i * D + d0) * N;
-    float *dBj = dB + ((long)i * nblk + j) * L * N, *dCj = dC + ((long)i * nblk + j) * L * N;
-    memcpy(g, dhT + ((long)i * D + d0) * N, sizeof(float) * nd * N);
-    for (int c = nchk - 1; c >= 0; c--) {
-      int s = c * K, e = imin(L, s + K);
-      memcpy(hs, hchk + (((long)i * nchk + c) * D + d0) * N, sizeof(float) * nd * N);
-      for (int t = s; t < e; t++) {  /* hs[t - s + 1] = h_t */
-        long r = (long)i * L + t;
-        const float* Bt = B + r * N;
-        float *hp = hs + (t - s) * DB * N, *hn = hp + DB * N;
-        for (int d = 0; d < nd; d++) {
-          float dtv = dt[r * D + d0 + d], bx = dtv * x[r * D + d0 + d];
-          const float* Ad = A + (long)(d0 + d) * N;
-          #pragma omp simd
-          for (int n = 0; n < N; n++) hn[d * N + n] = expf(dtv * Ad[n]) * hp[d * N + n] + bx * Bt[n];
-        }
-      }
-      for (int t = e - 1; t >= s; t--) {
-        long r = (long)i * L + t;
-        const float *Bt = B + r * N, *Ct = C + r * N;
-        float *hp = hs + (t - s) * DB * N, *hn = hp + DB * N, *dBt = dBj + (long)t * N, *dCt = dCj + (long)t * N;
-        for (int d = 0; d < nd; d++) {
-          float dtv = dt[r * D + d0 + d], xv = x[r * D + d0 + d], dyv = dy[r * D + d0 + d], ddtv = 0.f, dxv = 0.f;
-          const float* Ad = A + (long)(d0 + d) * N;
-          float *gd = g + d * N, *dAd = dAi + (long)d * N;
-          #pragma omp simd reduction(+:ddtv,dxv)
-          for (int n = 0; n < N; n++) {
-            float gn = gd[n] + dyv * Ct[n], a = expf(dtv * Ad[n]), ga = gn * hp[d * N + n] * a;
-            dCt[n] += dyv * hn[d * N + n];
-            dBt[n] += gn * dtv * xv;
-            dAd[n] += ga * dtv;
-            ddtv += ga * Ad[n] + gn * xv * Bt[n];
-            dxv += gn * dtv * Bt[n];
-            gd[n] = gn * a;
-          }
-          ddt[r * D + d0 + d] = ddtv;
-          dx[r * D + d0 + d] = dxv;
-        }
-      }
-    }
-    memcpy(dh0 + ((long)i * D + d0) * N, g, sizeof(float) * nd * N);
-    free(hs);
-  }
-}
-"""
-
-
-@functools.cache
-def cpu_scan_kernel():
-    """SCAN_C built by the system C compiler (under a second), cached per source and host; None if that fails.
-    Compile and link are separate steps: linking with -ffast-math adds a constructor that would switch the whole
-    process to flushing denormals to zero."""
-    cc = os.environ.get("CC", "cc")
-    key = hashlib.sha256(f"{SCAN_C}{cc}{platform.node()}".encode()).hexdigest()[:16]
-    cache_dir = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
-    path = os.path.join(cache_dir, "hybrid-gpt", f"scan-{key}.so")
-    for openmp in ("-fopenmp", "-fopenmp-simd"):  # Apple's clang has no OpenMP runtime: one thread, still vectorised
-        try:
-            if not os.path.exists(path):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with tempfile.TemporaryDirectory() as tmp:
-                    src, obj, lib = (os.path.join(tmp, f) for f in ("scan.c", "scan.o", "scan.so"))
-                    with open(src, "w") as f:
-                        f.write(SCAN_C)
-                    for cmd in ([cc, "-O3", "-march=native", "-ffast-math", "-fPIC", openmp, "-c", src, "-o", obj],
-                                [cc, "-shared", openmp, obj, "-o", lib, "-lm"]):
-                        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-                    os.replace(lib, path)  # atomic: concurrent processes never load a half-written library
-            return ctypes.CDLL(path)
-        except (OSError, subprocess.SubprocessError):
-            continue
-    return None
-
-
-@torch.compiler.assume_constant_result  # torch.compile folds the answer instead of tracing the build
-def cpu_scan_available():
-    return cpu_scan_kernel() is not None
-
-
-# Custom ops rather than an autograd.Function: torch.compile then treats the scan as one opaque op (no graph break).
-@torch.library.custom_op("hybrid_gpt::cpu_scan", mutates_args=())
-def cpu_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-             h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> y, h_L, and the states every 64 steps (for backward)."""
-    x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
-    h0 = None if h0 is None else h0.float().contiguous()
-    (b, L, D), N = x.shape, A.shape[1]
-    y, hT, hchk = torch.empty_like(x), x.new_empty(b, D, N), x.new_empty(b, -(-L // 64), D, N)
-    cpu_scan_kernel().scan_fwd(*ptrs(x, dt, A, B, C, h0, y, hchk, hT), b, L, D, N, torch.get_num_threads())
-    return y, hT, hchk
-
-
-@torch.library.custom_op("hybrid_gpt::cpu_scan_backward", mutates_args=())
-def cpu_scan_backward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                      hchk: torch.Tensor, dy: torch.Tensor, dhT: torch.Tensor) -> list[torch.Tensor]:
-    x, dt, A, B, C, dy, dhT = (t.contiguous() for t in (x, dt, A, B, C, dy, dhT))
-    (b, L, D), N = x.shape, A.shape[1]
-    dx, ddt, dh0 = torch.empty_like(x), torch.empty_like(x), x.new_empty(b, D, N)
-    dA, dB, dC = x.new_zeros(b, D, N), x.new_zeros(b, -(-D // 32), L, N), x.new_zeros(b, -(-D // 32), L, N)
-    cpu_scan_kernel().scan_bwd(*ptrs(x, dt, A, B, C, hchk, dy, dhT, dx, ddt, dA, dB, dC, dh0),
-                               b, L, D, N, torch.get_num_threads())
-    return [dx, ddt, dA.sum(0), dB.sum(1), dC.sum(1), dh0]
-
-
-@cpu_scan.register_fake
-def _(x, dt, A, B, C, h0):
-    (b, L, D), N = x.shape, A.shape[1]
-    return torch.empty_like(x), x.new_empty(b, D, N), x.new_empty(b, -(-L // 64), D, N)
-
-
-@cpu_scan_backward.register_fake
-def _(x, dt, A, B, C, hchk, dy, dhT):
-    return [torch.empty_like(x), torch.empty_like(x), torch.empty_like(A), torch.empty_like(B), torch.empty_like(C),
-            x.new_empty(x.shape[0], *A.shape)]
-
-
-def cpu_scan_setup_context(ctx, inputs, output):
-    x, dt, A, B, C, h0 = inputs
-    ctx.save_for_backward(x, dt, A, B, C, output[2])
-    ctx.h0_grad = h0 is not None
-
-
-def cpu_scan_grad(ctx, dy, dhT, _):
-    x, dt, A, B, C, hchk = ctx.saved_tensors
-    dhT = x.new_zeros(x.shape[0], *A.shape) if dhT is None else dhT
-    dx, ddt, dA, dB, dC, dh0 = cpu_scan_backward(x, dt, A, B, C, hchk, dy, dhT)
-    return dx, ddt, dA, dB, dC, dh0 if ctx.h0_grad else None
-
-
-cpu_scan.register_autograd(cpu_scan_grad, setup_context=cpu_scan_setup_context)
-
-
-def ptrs(*tensors):
-    return [ctypes.c_void_p(None if t is None else t.data_ptr()) for t in tensors]
