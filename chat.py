@@ -1,13 +1,16 @@
 """
 Chat with a checkpoint, optionally grounded in a knowledge base: it retrieves documents for every question,
-streams the answer, and lists the sources under it. An answer that cites one of several documents is checked by
-asking again with that document alone (rag.reread; --no-reread turns it off).
+answers with a citation, and lists the sources under it. An answer that cites one of several documents is checked
+by asking again with that document alone (cite, then read; --no-reread turns it off), and only the final answer
+is printed (--verbose shows the first pass and the hops too). Earlier turns stay in context as text, without their
+documents, and a follow-up that refers back with a pronoun ("Where was he born?") is retrieved together with the
+last question that named what it asks about.
 
     python chat.py --kb data/world/kb.jsonl -p "Where was Kelmar Odrissi born?"     # one question
     python chat.py --kb kb/ --top_k 4                                               # a conversation (REPL)
     python chat.py --ckpt out/refrag/ckpt.pt --kb data/world/kb.jsonl --hops 3 --top_k 1 \
         -p "In which country was the founder of X born?"                            # multi-hop (refrag_train.py)
-    python chat.py --ckpt out/tiny/ckpt.pt                                          # plain chat, no documents
+    python chat.py --ckpt out/tiny/ckpt.pt -p "Kelmar Odrissi"                      # pre-trained: continues the text
 
 --kb is a KB directory from retrieve.py (its own retriever) or a documents .jsonl (indexed now with --retriever).
 In the REPL, /clear forgets the conversation and /quit (or Ctrl-D) leaves.
@@ -21,8 +24,32 @@ import torch
 import rag
 from common import load_checkpoint
 from model import GPT
-from prepare import Tokenizer
+from tokenizer import Tokenizer
 from retrieve import RETRIEVERS, load_documents, load_kb
+
+# -----------------------------------------------------------------------------
+# what a turn prints
+
+def sources(docs, cites):
+    """The sources list: each document once, with every number it had in context; * marks those the answer cites."""
+    numbers = {}
+    for i, d in enumerate(docs, 1):
+        numbers.setdefault(d["id"], (d, []))[1].append(i)
+    return [f"  {'*' if set(ns) & set(cites) else ' '}{''.join(f'[{n}]' for n in ns)} {i}: {d['title']}"
+            for i, (d, ns) in numbers.items()]
+
+
+@torch.no_grad()
+def continue_text(model, tok, prompt, max_len, max_new_tokens, temperature):
+    """nanoGPT's sample.py, for a pre-trained checkpoint: the prompt and its continuation, up to the end of the
+    document (<|bos|>)."""
+    ids = [tok.bos_id] + tok.encode(prompt)
+    ids = ids[max(0, len(ids) + max_new_tokens - max_len):]
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+    new = model.generate(x, max_new_tokens, temperature)[0, len(ids):].tolist()
+    return prompt + tok.decode(new[:new.index(tok.bos_id)] if tok.bos_id in new else new)
+
+# -----------------------------------------------------------------------------
 
 
 def load_model(path, device):
@@ -40,14 +67,14 @@ def load_model(path, device):
     return model, tok, max_len, ckpt.get("stage", "?")
 
 
-def load_retriever(path, kind):
+def load_retriever(path, kind, stopwords=""):
     if os.path.isdir(path):
         return load_kb(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--kb {path}: no such KB directory or documents file")
     if not path.endswith(".jsonl"):
         raise ValueError(f"--kb {path}: expected a KB directory or a .jsonl of documents")
-    retriever = RETRIEVERS[kind]()
+    retriever = RETRIEVERS[kind](**({"stopwords": stopwords} if stopwords else {}))
     retriever.add_documents(load_documents(path))
     return retriever
 
@@ -60,30 +87,38 @@ def main():
     parser.add_argument("-p", "--prompt", help="answer this one question and exit")
     parser.add_argument("--top_k", type=int, default=4, help="documents retrieved per question / query")
     parser.add_argument("--retriever", default="bm25", choices=list(RETRIEVERS), help="index for a .jsonl --kb")
+    parser.add_argument("--stopwords", default="", choices=["", "en", "en_plus"], help="for a .jsonl --kb: English "
+                        "stopwords the index ignores (as the model's rag_train.py run did)")
     parser.add_argument("--hops", type=int, default=0, help="queries the model may write to retrieve more")
     parser.add_argument("--reread", action=argparse.BooleanOptionalAction, default=True,
                         help="single-shot RAG: ask again with the one document the answer cites (rag.reread)")
+    parser.add_argument("--verbose", action="store_true", help="show the first pass, the re-read and every hop")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     args.ckpt = args.ckpt or ("out/rag2/ckpt.pt" if os.path.exists("out/rag2/ckpt.pt") else "out/rag/ckpt.pt")
-    if args.top_k < 1 or args.hops < 0:
-        sys.exit("error: --top_k must be >= 1 and --hops >= 0")
+    if args.top_k < 1 or args.hops < 0 or args.max_new_tokens < 1:
+        sys.exit("error: --top_k and --max_new_tokens must be >= 1 and --hops >= 0")
     try:
         model, tok, max_len, stage = load_model(args.ckpt, args.device)
-        retriever = load_retriever(args.kb, args.retriever) if args.kb else None
+        base = stage == "train"
+        retriever = load_retriever(args.kb, args.retriever, args.stopwords) if args.kb and not base else None
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    if retriever is not None and stage == "train":
-        print(f"note: {args.ckpt} is a pre-trained checkpoint, not fine-tuned for RAG (rag_train.py)", file=sys.stderr)
+    if base:
+        print(f"note: {args.ckpt} is pre-trained, not fine-tuned for chat (rag_train.py): it continues your text"
+              + (", without the KB" if args.kb else ""), file=sys.stderr)
     retrieve = (lambda q, k: [d for d, _ in retriever.retrieve(q, k)]) if retriever else None
+    stream = args.verbose or not args.reread  # else the answer is known only after the re-read
     warned = False
-    history = []
+    history, topic = [], None
 
     def turn(question):
-        nonlocal history, warned
-        docs = retrieve(question, args.top_k) if retrieve else None
+        nonlocal history, topic, warned
+        if base:
+            print(continue_text(model, tok, question, max_len, args.max_new_tokens, args.temperature))
+            return
         state = {"kind": None}
 
         def on_token(piece, kind):
@@ -96,16 +131,16 @@ def main():
             state["kind"] = None
             print("\n  found: " + ("; ".join(f"{d['id']} ({d['title']})" for d in found) or "nothing"))
 
-        out = rag.generate(model, tok, history + rag.messages_for(question, docs), retrieve=retrieve,
-                           top_k=args.top_k, max_hops=args.hops, max_len=max_len, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, on_token=on_token, on_retrieve=on_retrieve)
-        print()
-        if args.reread:
-            first = out["answer"]
-            out = rag.reread(model, tok, out, max_len=max_len, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature)
-            if out.get("reread") and out["answer"] != first:
+        _, out = rag.ask(model, tok, question, history, topic, retrieve, args.top_k, args.reread,
+                             on_token=on_token if stream else None, on_retrieve=on_retrieve if args.verbose else None,
+                         max_hops=args.hops, max_len=max_len, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature)
+        if stream:
+            print()
+            if out.get("reread"):
                 print(f"read again with [{out['reread']}] alone: {out['answer']}")
+        elif out["answer"] is not None:
+            print(out["answer"])
         if (out["dropped"]["docs"] or out["dropped"]["turns"]) and not warned:
             print(f"(context limit {max_len} tokens: dropped the lowest-ranked documents / oldest turns to fit)")
             warned = True
@@ -115,11 +150,11 @@ def main():
                    "context": f"the context limit of {max_len} tokens was reached"}[out["stop"]]
             print(f"(no complete answer: {why})")
         if out["docs"]:
-            _, cites = rag.read_answer(out["answer"] or "")
-            print("sources:")
-            for i, d in enumerate(out["docs"], 1):
-                print(f"  {'*' if i in cites else ' '}[{i}] {d['id']}: {d['title']}")
-        history = out["messages"] if out["stop"] == "answer" else []
+            print("sources (* = cited by the answer):")
+            print("\n".join(sources(out["docs"], rag.read_answer(out["answer"] or "")[1])))
+        if out["stop"] == "answer":
+            history = rag.text_only(out["messages"])
+        topic = topic if rag.PRONOUN.search(question) else question
 
     def safe_turn(question):
         try:
@@ -132,7 +167,7 @@ def main():
     if args.prompt is not None:
         safe_turn(args.prompt)
         return
-    print(f"{args.ckpt} ({stage}), {'KB ' + args.kb if args.kb else 'no KB'}; /clear, /quit")
+    print(f"{args.ckpt} ({stage}), {'KB ' + args.kb if retriever else 'no KB'}; /clear, /quit")
     while True:
         try:
             line = input("> ").strip()
@@ -142,7 +177,7 @@ def main():
         if line in ("/quit", "/exit"):
             return
         if line == "/clear":
-            history = []
+            history, topic = [], None
             continue
         if line:
             safe_turn(line)

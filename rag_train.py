@@ -28,8 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import rag
-from common import (StepLog, all_reduce_mean, autocast, die, load_checkpoint, lr_at, peak_flops, print0,
-                    raw_state_dict, save_checkpoint, setup, step_optimizers, teardown)
+from common import (StepLog, all_reduce_mean, autocast, check_config, die, first_line, load_checkpoint, lr_at,
+                    peak_flops, print0, raw_state_dict, save_checkpoint, setup, step_optimizers, teardown)
 from configurator import ConfigError, configure
 from model import GPT
 import world
@@ -46,12 +46,15 @@ allow_transformer = False      # baseline override: fine-tune a pure-T checkpoin
 eval_interval = 500            # steps between held-out validation losses (and checkpoints)
 # data
 retriever = "bm25"             # simple | bm25 | dense | hybrid (retrieve.py); training never retrieves held-out documents
+stopwords = ""                 # "" | "en" | "en_plus": English stopwords the sparse retrievers ignore (retrieve.py)
 data_mode = "dynamic"          # "dynamic": retrieve while building batches | "static": once, into a JSONL
 retrieve_depth = 16            # ranked documents kept per question: the distractors come from these
 seq_len = 1024                 # tokens per packed row
 k_max = 4                      # documents per RAG example: uniform in 1..k_max
 p_no_gold = 0.2                # share of RAG examples whose gold document is removed (answer: abstain)
 p_rename = 0.7                 # the world's RAG examples: share whose names are swapped for fresh ones (world.rename_names)
+p_followup = 0.2               # the world's RAG examples: share that are a second turn referring back with a pronoun
+p_out_of_world = 0.05          # the world's RAG examples: share asking about real-world things (answer: abstain)
 rag_weight = 0.88              # task mixture, per example
 closed_book_weight = 0.1
 text_weight = 0.02             # a text window is all loss tokens: at 0.1 it outweighed the answers
@@ -66,7 +69,7 @@ warmup_iters = 10
 lr_schedule = "cosine"
 weight_decay = 0.0
 grad_clip = 1.0
-# evaluation (held-out world)
+# evaluation (qa_heldout.jsonl)
 eval_n = 200                   # questions per evaluation set (0 = all)
 eval_k = 4                     # documents retrieved for the main RAG numbers
 eval_ks = "1,2,4,8,16"         # the accuracy-vs-k sweep
@@ -84,8 +87,16 @@ if data_mode not in ("dynamic", "static"):
     die(f"--data_mode: must be 'dynamic' or 'static', got {data_mode!r}")
 if retriever not in RETRIEVERS:
     die(f"--retriever: must be one of {', '.join(RETRIEVERS)}, got {retriever!r}")
+if stopwords not in ("", "en", "en_plus") or stopwords and retriever == "dense":
+    die(f"--stopwords: '', 'en' or 'en_plus', for the simple, bm25 and hybrid retrievers; got {stopwords!r} with {retriever}")
 if min(rag_weight, closed_book_weight, text_weight) < 0 or rag_weight + closed_book_weight + text_weight <= 0:
     die("task weights rag_weight, closed_book_weight, text_weight must be >= 0 and not all 0")
+check_config(config, [
+    ("eval_interval retrieve_depth seq_len k_max text_len total_batch_size device_batch_size max_iters eval_k",
+     lambda v: v >= 1, "a positive integer"),
+    ("eval_n warmup_iters", lambda v: v >= 0, "a non-negative integer"),
+    ("p_no_gold p_rename p_followup p_out_of_world min_lr_frac", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("eval_ks", lambda v: all(k.strip().isdigit() and int(k) >= 1 for k in v.split(",")), "positive integers, comma-separated")])
 
 ddp, rank, world_size, device = setup(device, seed)
 master = rank == 0
@@ -100,7 +111,7 @@ except ValueError as e:
 try:
     model = GPT.from_checkpoint(ckpt).to(device)
 except (ValueError, RuntimeError) as e:
-    die(f"{ckpt_path}: incompatible with model.py ({str(e).splitlines()[0][:200]})")
+    die(f"{ckpt_path}: incompatible with model.py ({first_line(e)[:200]})")
 pattern = model.pattern
 if "M" not in pattern and not allow_transformer:
     die(f"{ckpt_path} is a pure Transformer (pattern {pattern}): RAG fine-tuning here is for models with Mamba "
@@ -131,7 +142,7 @@ train_docs = [d for d in kb_docs if d.id not in heldout_docs]
 
 
 def build_retriever(docs):
-    r = RETRIEVERS[retriever]()
+    r = RETRIEVERS[retriever](**({"stopwords": stopwords} if stopwords else {}))
     r.add_documents(docs)
     return r
 
@@ -180,10 +191,70 @@ if not eval_only:
         train_data = np.memmap(os.path.join(text_dir, "train.bin"), dtype=meta["dtype"], mode="r")
 
 
+def by_entity(qas):
+    """{entity: its answerable single-hop questions} of the world's records, for entities asked about in more than
+    one relation: the pairs a conversation can ask about (a first question, then a follow-up)."""
+    about = {}
+    for q in qas:
+        if q["golden_answers"] and rag.single_hop(q) and q.get("type") in world.ENTITY_KIND and q.get("response"):
+            about.setdefault(q["entity"], []).append(q)
+    return {e: qs for e, qs in about.items() if len({q["type"] for q in qs}) > 1}
+
+
+# conversations, on the world's records only (they name their entity and its kind; other KBs may well know France)
+followup_about = by_entity(rag_qa)
+followup_qa = [q for qs in followup_about.values() for q in qs]
+kb_titles = {d.title for d in kb_docs}
+out_of_world_qa = [q for q in world.out_of_world("train", random.Random(seed)) if q.get("entity") not in kb_titles] \
+    if followup_qa else []
+searched, search_retriever = {}, None
+
+
+def train_search(query):
+    """The training documents ranked for a query. Follow-ups are made up as training goes, so both data modes
+    retrieve them here (the static mode's table holds the records' own questions)."""
+    global search_retriever
+    if query not in searched:
+        search_retriever = search_retriever or globals().get("train_retriever") or build_retriever(train_docs)
+        searched[query] = [d for d, _ in search_retriever.retrieve(query, retrieve_depth)]
+    return searched[query]
+
+
+def followup_example(rng):
+    """(ids, mask) of a second turn: a question that refers back with a pronoun to the first turn's entity, about
+    another of its relations, its documents retrieved as chat.py retrieves them (rag.search_query). The first
+    turn is text only, as chat.py keeps it, and carries no loss: without its documents it cannot be read."""
+    qa = rng.choice(followup_qa)
+    first = rng.choice([q for q in followup_about[qa["entity"]] if q["type"] != qa["type"]])
+    pronoun = rng.choice(world.PRONOUNS[world.ENTITY_KIND[qa["type"]]])
+    query = rag.search_query(world.refer_back(qa["question"], qa["entity"], pronoun), first["question"])
+    docs = rag.raft_docs(qa, train_search(query), by_id, rng, rng.randint(1, k_max), p_no_gold)
+    qa = {**qa, "question": "\n".join((first["question"], first["response"], qa["question"]))}  # renamed alike
+    if rng.random() < p_rename:
+        qa, docs = world.rename_names(qa, docs, rng, first_names)
+    q1, a1, q2 = qa["question"].split("\n")
+    history = rag.messages_for(q1, None, a1)
+    turn = rag.messages_for(world.refer_back(q2, qa["entity"], pronoun), docs, rag.target_answer(qa, docs))
+    ids, mask = rag.render_conversation(tok, history + turn)
+    n = len(rag.render_conversation(tok, history)[0])
+    return ids, [0] * n + mask[n:]
+
+
+def out_of_world_example(rng):
+    """(ids, mask) of a question about a real person, company, city, country or fact over the world's KB: the
+    best hits share only its question words ("capital"), and the answer is to abstain."""
+    qa = rng.choice(out_of_world_qa)
+    return rag.render_example(tok, qa, train_search(qa["question"])[:rng.randint(1, k_max)])
+
+
 def example(rng):
     """(ids, mask) of one example of the task mixture."""
     task = rng.choices(("rag", "closed", "text"), weights=n_tasks)[0]
     if task == "rag":
+        if followup_qa and p_followup and rng.random() < p_followup:
+            return followup_example(rng)
+        if out_of_world_qa and p_out_of_world and rng.random() < p_out_of_world:
+            return out_of_world_example(rng)
         qa = rng.choice(rag_qa)
         docs = rag.raft_docs(qa, retrieved_for(qa), by_id, rng, rng.randint(1, k_max), p_no_gold)
         if rng.random() < p_rename and "entity" in qa:
@@ -220,7 +291,7 @@ def get_batch(step, micro):
 
 
 # -----------------------------------------------------------------------------
-# evaluation on the held-out world
+# evaluation on the held-out questions
 
 def subsample(qas, name):
     rng = random.Random(f"{seed}-{name}")
@@ -302,14 +373,48 @@ def evaluate_heldout(model):
             random.Random(f"{seed}-{q['id']}-{k}").shuffle(docs)
             items.append((q, docs))
         res["vs_k"][k], res["vs_k_reread"][k] = run_set(model, f"k={k}", items)
+    res.update(evaluate_conversations(model))
     res["seconds"] = time.time() - t0
     model.train()
     return res
 
 
+def evaluate_conversations(model):
+    """Scripted conversations about held-out entities, held as chat.py holds them (rag.ask, cite then read): a
+    first question, then another relation of the same entity asked in a fresh context ("single"), in the same
+    session by name ("second") and in the same session with a pronoun ("followup"); with the recall@eval_k of the
+    follow-up's retrieval query against its literal words. And out-of-world questions (world.out_of_world) over
+    the KB, where abstaining is right. Only on the world's records: {} for other data."""
+    rng = random.Random(f"{seed}-conversations")
+    about = by_entity(heldout_qa)
+    if not about:
+        return {}
+    pairs = subsample([tuple(rng.sample(about[e], 2)) for e in sorted(about)], "conversations")
+    top = lambda q, k: [d for d, _ in eval_retriever.retrieve(q, k)]
+    kw = dict(retrieve=top, top_k=eval_k, max_len=eval_max_len)
+    rows, recall = {"single": [], "second": [], "followup": []}, {"query": 0, "literal": 0}
+    for first, qa in tqdm(pairs, desc="eval conversations", unit="pair", leave=False, mininterval=2):
+        followup = world.refer_back(qa["question"], qa["entity"], rng.choice(world.PRONOUNS[world.ENTITY_KIND[qa["type"]]]))
+        _, out = rag.ask(model, tok, first["question"], **kw)
+        history = rag.text_only(out["messages"]) if out["stop"] == "answer" else []
+        for name, question, h in (("single", qa["question"], []), ("second", qa["question"], history),
+                                  ("followup", followup, history)):
+            _, out = rag.ask(model, tok, question, h, first["question"], **kw)
+            rows[name].append(rag.score(qa, out["answer"], out["docs"]))
+        recall["query"] += rag.has_gold(qa, top(rag.search_query(followup, first["question"]), eval_k))
+        recall["literal"] += rag.has_gold(qa, top(followup, eval_k))
+    conv = {name: rag.summarize(r) for name, r in rows.items()}
+    conv["followup_recall"] = {k: v / max(1, len(pairs)) for k, v in recall.items()}
+    oow = subsample([q for q in world.out_of_world("heldout", random.Random(seed)) if q.get("entity") not in kb_titles],
+                    "out_of_world")
+    res = {"conversation": conv}
+    res["out_of_world"], res["out_of_world_reread"] = run_set(model, "out-of-world", [(q, top(q["question"], eval_k)) for q in oow])
+    return res
+
+
 def report(res):
     pct = lambda v: "  -  " if v is None else f"{100 * v:5.1f}"
-    print0(f"held-out world, {res['n_single']} single-hop + {res['n_unanswerable']} unanswerable questions, "
+    print0(f"held-out: {res['n_single']} single-hop + {res['n_unanswerable']} unanswerable questions, "
            f"{res['pattern']} model, {res['retriever']} retriever, k={res['eval_k']}")
     print0("set                   EM   answer-EM  F1   halluc  abstain  cite  distracted (%)  (_reread: cite, then read;"
            " answer-EM: the answer slot alone, the restated name may be misspelt)")
@@ -325,6 +430,15 @@ def report(res):
     k, first = next(iter(res["vs_k"].items()))  # eval_ks's first k; at k=1 the gold document alone: reading
     print0(f"EM by relation, gold document among k={k} (%): " +
            ", ".join(f"{t} {pct(v).strip()}" for t, v in first["em_by_type"].items()))
+    if "conversation" not in res:
+        return
+    c, o = res["conversation"], res["out_of_world_reread"]
+    print0(f"conversations on {c['single']['n']} held-out entities, cite then read, EM (%): single-turn "
+           f"{pct(c['single']['em']).strip()}, second question of a session {pct(c['second']['em']).strip()}, pronoun "
+           f"follow-up {pct(c['followup']['em']).strip()}; follow-up recall@{res['eval_k']} (%): with the previous "
+           f"question {pct(c['followup_recall']['query']).strip()}, its own words {pct(c['followup_recall']['literal']).strip()}")
+    print0(f"out-of-world questions: {o['n']}, abstained (%) {pct(o['abstained']).strip()} "
+           f"(one pass {pct(res['out_of_world']['abstained']).strip()})")
 
 
 eval_retriever = build_retriever(kb_docs) if master or not eval_only else None  # both worlds: the real KB

@@ -18,10 +18,10 @@ sft: imitation of the gold query chains, interleaved with retrieval as in IRCoT:
   questions are answered at once (the question's own retrieval holds their document, as in rag_train.py and in
   chat.py, which always retrieves on the question first), unanswerable ones abstain. Loss on queries and answer only.
 rl: on-policy policy gradient as in nanochat's chat_rl and Search-R1: group_size rollouts per training question
-  through the real loop, reward = w_em*EM + w_cite*citation - w_format*(no well-formed answer) - w_hop*queries,
+  through the real loop, reward = w_em*EM + w_f1*F1 + w_cite*citation - w_format*(no well-formed answer) - w_hop*queries,
   advantage = reward - group mean, loss = -advantage * log-prob of the model's own tokens (retrieved text masked)
   + kl_coef * KL to the warm start on those tokens (GRPO), which keeps the updates from wearing down copying.
-Evaluation (held-out world): EM, citations, queries used and whether each chain step's document reached the
+Evaluation (qa_heldout.jsonl): EM, citations, queries used and whether each chain step's document reached the
 context, for single-shot RAG with baseline_ckpt (top-k on the question, no hops), the warm start and the RL model.
 Writes out_dir/eval.json, and for rl the reward/accuracy curve out_dir/curve.svg.
 """
@@ -38,8 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import rag
-from common import (StepLog, all_reduce_mean, autocast, die, load_checkpoint, lr_at, print0, raw_state_dict,
-                    save_checkpoint, setup, step_optimizers, teardown)
+from common import (StepLog, all_reduce_mean, autocast, die, first_line, load_checkpoint, lr_at, print0,
+                    raw_state_dict, save_checkpoint, setup, step_optimizers, teardown)
 from configurator import ConfigError, configure
 from model import GPT
 from retrieve import RETRIEVERS
@@ -57,6 +57,7 @@ eval_only = False              # evaluate out_dir/ckpt.pt again, no training
 allow_transformer = False      # baseline override: train a pure-T checkpoint too
 # the loop
 retriever = "bm25"             # simple | bm25 | dense | hybrid (retrieve.py)
+stopwords = ""                 # "" | "en" | "en_plus": English stopwords the sparse retrievers ignore
 top_k = 2                      # documents per retrieval, on the question and on each query
 max_hops = 3                   # queries the model may write before it must answer
 seq_len = 1024                 # context limit of one conversation (chat.py reads it from the checkpoint)
@@ -75,7 +76,8 @@ questions_per_step = 4         # across processes
 group_size = 4                 # rollouts per question
 rl_hops = "2,3"                # the training questions RL practises on
 temperature = 1.0              # sampling temperature of the rollouts (1 = the policy whose log-probs we push)
-w_em = 1.0                     # reward weights
+w_em = 1.0                     # reward weights, as Search-R1: the outcome's EM,
+w_f1 = 0.0                     # its token F1 (partial credit for long free-text answers), citation, format, hops
 w_cite = 0.2
 w_format = 0.5
 w_hop = 0.05
@@ -86,7 +88,7 @@ warmup_iters = 5
 min_lr_frac = 0.1
 weight_decay = 0.0
 grad_clip = 1.0
-# evaluation (held-out world)
+# evaluation (qa_heldout.jsonl)
 eval_hops = "2,3"              # question sets evaluated at the end, by hops
 eval_n = 100                   # questions per set (0 = all)
 single_shot_k = 4              # documents the single-shot baseline retrieves on the question
@@ -162,11 +164,13 @@ def rollout(model, tok, qa, retrieve, k=None, hops=None, temp=0.0, generator=Non
 def reward(qa, out):
     """(reward, parts) of one rollout. EM is against the true answer (the KB holds it, whatever the model found;
     for an unanswerable question abstaining is the answer); citation: the cited documents hold the answer."""
-    em = rag.score(qa, out["answer"], None)["em"]  # closed-book scoring: the right answer, wherever it came from
+    outcome = rag.score(qa, out["answer"], None)  # closed-book scoring: the right answer, wherever it came from
+    em, f1 = outcome["em"], outcome["f1"]
     cite = rag.score(qa, out["answer"], out["docs"]).get("citation_ok", 0.0)
     fmt = float(out["stop"] != "answer")
     hops = len(out["queries"])
-    return w_em * em + w_cite * cite - w_format * fmt - w_hop * hops, {"em": em, "cite": cite, "format": fmt, "hops": hops}
+    return w_em * em + w_f1 * f1 + w_cite * cite - w_format * fmt - w_hop * hops, \
+        {"em": em, "cite": cite, "format": fmt, "hops": hops}
 
 
 def advantages(rewards):
@@ -213,6 +217,8 @@ if phase not in ("sft", "rl"):
     die(f"--phase: must be 'sft' or 'rl', got {phase!r}")
 if retriever not in RETRIEVERS:
     die(f"--retriever: must be one of {', '.join(RETRIEVERS)}, got {retriever!r}")
+if stopwords not in ("", "en", "en_plus") or stopwords and retriever == "dense":
+    die(f"--stopwords: '', 'en' or 'en_plus', for the simple, bm25 and hybrid retrievers; got {stopwords!r} with {retriever}")
 init_from = init_from or {"sft": "out/rag2/ckpt.pt", "rl": "out/refrag_sft/ckpt.pt"}[phase]
 out_dir = out_dir or {"sft": "out/refrag_sft", "rl": "out/refrag"}[phase]
 config.update(init_from=init_from, out_dir=out_dir)
@@ -245,7 +251,7 @@ def load_model(path, what):
     except ValueError as e:
         die(f"{e} ({what})")
     except RuntimeError as e:
-        die(f"{path}: incompatible with model.py ({str(e).splitlines()[0][:200]})")
+        die(f"{path}: incompatible with model.py ({first_line(e)[:200]})")
     if os.path.isfile(data_tok) and ckpt.get("tokenizer") != open(data_tok).read():
         die(f"{path}: its tokenizer is not {data_tok}'s: the checkpoint was trained on other data")
     return model, ckpt
@@ -292,7 +298,7 @@ if not eval_only and (phase == "sft" and any(mix[h] > 0 and not qa_by_hops[h] fo
 
 
 def retriever_over(docs):
-    r = RETRIEVERS[retriever]()
+    r = RETRIEVERS[retriever](**({"stopwords": stopwords} if stopwords else {}))
     r.add_documents(docs)
     return lambda query, k: [d for d, _ in r.retrieve(query, k)]
 
@@ -302,7 +308,7 @@ train_retrieve = retriever_over([d for d in kb_docs if d.id not in heldout_docs]
 eval_retrieve = retriever_over(kb_docs) if master else None
 
 # -----------------------------------------------------------------------------
-# evaluation on the held-out world
+# evaluation on the held-out questions
 
 
 def subsample(qas, name, n):
@@ -339,7 +345,7 @@ def evaluate_all(variants):
     res, t0 = {}, time.time()
     for name, (m, k, hops) in variants.items():
         res[name] = {h: evaluate(m, qas, k, hops, f"eval {name} {h}-hop") for h, qas in eval_sets.items()}
-    print0(f"held-out world, retriever {retriever}, greedy; single-shot k={single_shot_k}, multi-hop top_k={top_k} "
+    print0(f"held-out: retriever {retriever}, greedy; single-shot k={single_shot_k}, multi-hop top_k={top_k} "
            f"max_hops={max_hops}")
     print0("model          hops   n     EM    cite  format  queries  recall per chain step (%)")
     for name, by_h in res.items():

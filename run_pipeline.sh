@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole tiny CPU pipeline in one command: synthetic world -> pre-train the hybrid -> RAG fine-tune (1,500
 # steps) with its held-out evaluation on every question (out/rag/eval.json) -> one cited answer from chat.py.
-# Under 30 minutes on 2 CPU cores (the README has the measured run).
+# About half an hour on 2 CPU cores.
 #
 #   bash run_pipeline.sh            # the pipeline
 #   bash run_pipeline.sh full       # the README's RAG model instead: the first RAG stage at 2,000 steps, then the
@@ -9,6 +9,8 @@
 #   bash run_pipeline.sh compare    # then T, M and the hybrid at ~equal size (1.06M / 1.11M / 1.12M parameters):
 #                                   # accuracy vs documents in context, a markdown table and acc_vs_k.svg (the README's
 #                                   # plot); two more pre-trainings and first RAG stages, about 1 hour
+#   bash run_pipeline.sh vera       # real data instead: a dictionary of computing acronyms (Debian's dict-vera) as
+#                                   # the knowledge base, pretraining text and questions (dev/vera.py)
 # Extra arguments for train.py go in TRAIN_ARGS, e.g. TRAIN_ARGS="--max_iters=300" bash run_pipeline.sh
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -16,12 +18,27 @@ if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
 TRAIN_ARGS=${TRAIN_ARGS:-}
 mode=${1:-}
 case "$mode" in
-    ""|full|compare) ;;
-    *) echo "usage: bash run_pipeline.sh [full|compare] (got '$mode')" >&2; exit 2 ;;
+    ""|full|compare|vera) ;;
+    *) echo "usage: bash run_pipeline.sh [full|compare|vera] (got '$mode')" >&2; exit 2 ;;
 esac
 
+if [ "$mode" = vera ]; then
+    dict=${VERA_DICT:-/usr/share/dictd/vera}
+    if [ ! -f "$dict.index" ]; then
+        echo "error: $dict.index not found: apt-get install dict-vera, or set VERA_DICT to the dictionary's path" >&2; exit 2
+    fi
+    python dev/vera.py --dict="$dict" --out=data/vera
+    python prepare.py --input=data/vera/pretrain.jsonl --out=data/vera_text --vocab_size=2048
+    python train.py --data_dir=data/vera_text --out_dir=out/vera --overwrite=True $TRAIN_ARGS
+    python rag_train.py configs/rag_vera.py
+    question=$(python -c "import json; print(next(q['question'] for q in map(json.loads, open('data/vera/qa_heldout.jsonl')) if q['golden_answers']))")
+    echo "> $question"
+    python chat.py --ckpt out/vera_rag/ckpt.pt --kb data/vera/kb.jsonl --stopwords=en_plus -p "$question"
+    exit 0
+fi
+
 python prepare.py
-python train.py --out_dir=out/tiny $TRAIN_ARGS
+python train.py --out_dir=out/tiny --overwrite=True $TRAIN_ARGS
 # 1,500 RAG steps keep the pipeline within 30 minutes; full and compare run configs/rag_tiny.py's 2,000, the README's runs
 rag_steps=$([ -z "$mode" ] && echo 1500 || echo 2000)
 python rag_train.py configs/rag_tiny.py --init_from=out/tiny/ckpt.pt --out_dir=out/rag --max_iters=$rag_steps
@@ -35,8 +52,8 @@ echo "> $question"
 python chat.py --ckpt $ckpt --kb data/world/kb.jsonl -p "$question"
 
 if [ "$mode" = compare ]; then
-    python train.py --out_dir=out/tiny_T --block_pattern=T --n_layer=3 $TRAIN_ARGS
-    python train.py --out_dir=out/tiny_M --block_pattern=M --n_layer=5 $TRAIN_ARGS
+    python train.py --out_dir=out/tiny_T --block_pattern=T --n_layer=3 --overwrite=True $TRAIN_ARGS
+    python train.py --out_dir=out/tiny_M --block_pattern=M --n_layer=5 --overwrite=True $TRAIN_ARGS
     python rag_train.py configs/rag_tiny.py --init_from=out/tiny_T/ckpt.pt --out_dir=out/rag_T --allow_transformer=True
     python rag_train.py configs/rag_tiny.py --init_from=out/tiny_M/ckpt.pt --out_dir=out/rag_M
     python rag.py out/rag_T/eval.json out/rag_M/eval.json out/rag/eval.json --svg acc_vs_k.svg

@@ -7,17 +7,21 @@ two CPU cores.
     python -m pytest test_all.py  # the same tests under pytest
 """
 import ast
+import contextlib
 import dataclasses
 import filecmp
 import functools
 import glob
 import importlib.util
 import inspect
+import io
 import json
+import linecache
 import math
 import os
 import random
 import re
+import runpy
 import signal
 import subprocess
 import sys
@@ -31,14 +35,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# Without a GPU Triton can only interpret: say so before anything imports triton (torch._dynamo does, under model),
+# and mamba-ssm's Triton kernels run on CPU tensors in the model tests (mamba_ssm_triton)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+import cpu_scan
 import model
 import prepare
 import rag
+import tokenizer
+import world
 import retrieve
 from common import save_checkpoint
 from configurator import script_defaults
-from model import GPT, GPTConfig, Mamba, Mamba2, chunked_scan, layer_pattern, sample_next, selective_scan, ssd_scan
-from prepare import ABSTAIN, COUNTRY_SUFFIXES, Tokenizer, prepare_world, render_conversation
+from model import GPT, GPTConfig, Mamba, Mamba2, Mamba3, chunked_scan, layer_pattern, sample_next, selective_scan, ssd_scan
+from prepare import prepare_world
+from tokenizer import ABSTAIN, Tokenizer, render_conversation
+from world import COUNTRY_SUFFIXES
 from retrieve import (BM25Retriever, DenseRetriever, Document, HybridRetriever, RETRIEVERS, SimpleRetriever, evaluate,
                       load_documents, load_kb, mrr, ndcg_at_k, precision_at_k, recall_at_k, tokenize)
 
@@ -115,7 +128,7 @@ def read_bin(out, split):
 
 
 def bin_docs(out, split):
-    tok = prepare.Tokenizer.load(os.path.join(out, "tokenizer.json"))
+    tok = tokenizer.Tokenizer.load(os.path.join(out, "tokenizer.json"))
     ids, _ = read_bin(out, split)
     assert ids[0] == tok.bos_id
     cuts = np.flatnonzero(ids == tok.bos_id).tolist() + [len(ids)]
@@ -131,7 +144,7 @@ def test_world_deterministic():
     with tempfile.TemporaryDirectory() as d2, tempfile.TemporaryDirectory() as d3:
         prepare.prepare_world(d2, **WORLD_ARGS)
         names = sorted(os.listdir(out))
-        assert names == sorted(["kb.jsonl", "qa_train.jsonl", "qa_heldout.jsonl", "qa_rag.jsonl", "tokenizer.json", "train.bin", "val.bin", "meta.json"])
+        assert names == sorted(["kb.jsonl", "qa_train.jsonl", "qa_heldout.jsonl", "qa_closed.jsonl", "tokenizer.json", "train.bin", "val.bin", "meta.json"])
         match, mismatch, errors = filecmp.cmpfiles(out, d2, names, shallow=False)
         assert mismatch == [] and errors == [] and len(match) == len(names)
         prepare.prepare_world(d3, **dict(WORLD_ARGS, seed=8))
@@ -143,8 +156,8 @@ def test_heldout_world_absent_from_training_text():
     kb = read_jsonl(os.path.join(out, "kb.jsonl"))
     train_text = "\n".join(bin_docs(out, "train") + bin_docs(out, "val"))
     heldout_names = set()
-    for split in ("heldout", "rag"):  # neither the held-out nor the RAG world may reach pretraining text
-        heldout_names |= {d["title"] for d in kb if d["metadata"]["world"] == split}
+    for name, split in (("heldout", "heldout"), ("rag", "train")):  # neither the held-out nor the RAG world (which
+        heldout_names |= {d["title"] for d in kb if d["metadata"]["world"] == name}  # RAG trains on) reaches pretraining
         heldout_names |= {q["entity"] for q in read_jsonl(os.path.join(out, f"qa_{split}.jsonl"))}  # incl. invented ones
     train_names = {d["title"] for d in kb if d["metadata"]["world"] == "train"}
     assert len(heldout_names) > 20 and not heldout_names & train_names
@@ -159,25 +172,26 @@ def test_heldout_world_absent_from_training_text():
 def test_qa_gold_docs_hold_answers_and_chains_connect():
     out = prepared_world()
     kb = {d["id"]: d for d in read_jsonl(os.path.join(out, "kb.jsonl"))}
-    for world in ("train", "heldout"):
-        qas = read_jsonl(os.path.join(out, f"qa_{world}.jsonl"))
+    for split, name in (("closed", "train"), ("train", "rag"), ("heldout", "heldout")):
+        qas = read_jsonl(os.path.join(out, f"qa_{split}.jsonl"))
         assert len({q["id"] for q in qas}) == len(qas)
         assert {q["hops"] for q in qas} == {0, 1, 2, 3}
         assert {q["type"] for q in qas if q["hops"] == 1} == {  # every relation is asked about
             "born_in", "born_year", "works_for", "profession", "founded_by", "founded_year", "hq", "industry",
             "located_in", "population", "capital"}
         for q in qas:
-            assert q["world"] == world and q["entity"] in q["question"]
+            assert q["world"] == name and q["entity"] in q["question"]
             if q["hops"] == 0:
                 continue
-            assert q["hops"] == len(q["chain"]) and q["gold_ids"] == [c["doc_id"] for c in q["chain"]]
-            assert q["answer"] == q["chain"][-1]["answer"] and q["chain"][0]["query"].count(q["entity"]) == 1
-            for k, step in enumerate(q["chain"]):
-                doc = kb[step["doc_id"]]
-                assert doc["metadata"]["world"] == world and step["answer"] in doc["text"], (q, doc)
-                if k + 1 < len(q["chain"]):
-                    assert mentions(step["answer"], q["chain"][k + 1]["query"]), q
-                    assert q["chain"][k + 1]["doc_id"] != step["doc_id"]
+            assert q["hops"] == len(q["gold_ids"]) == len(q["queries"]) and len(q["golden_answers"]) == 1
+            assert q["queries"][0].count(q["entity"]) == 1 and q["response"].startswith(q["response"].split(q["golden_answers"][0])[0])
+            assert mentions(q["golden_answers"][0], kb[q["gold_ids"][-1]]["text"]) and q["golden_answers"][0] in q["response"]
+            for k, doc_id in enumerate(q["gold_ids"]):
+                assert kb[doc_id]["metadata"]["world"] == name, (q, doc_id)
+                if k + 1 < len(q["gold_ids"]):  # the next hop asks about an entity this document names
+                    bridge = kb[q["gold_ids"][k + 1]]["title"]
+                    assert mentions(bridge, q["queries"][k + 1]) and mentions(bridge, kb[doc_id]["text"]), q
+                    assert q["gold_ids"][k + 1] != doc_id
     q = next(q for q in qas if q["type"] == "founder_birth_country")
     company, person, city = (kb[i] for i in q["gold_ids"])
     assert company["metadata"]["type"] == "company" and person["metadata"]["type"] == "person" and city["metadata"]["type"] == "city"
@@ -187,21 +201,21 @@ def test_unanswerable_questions_have_no_document():
     out = prepared_world()
     kb = read_jsonl(os.path.join(out, "kb.jsonl"))
     all_text = "\n".join(d["title"] + " " + d["text"] for d in kb)
-    for world in ("train", "heldout"):
-        ghosts = [q for q in read_jsonl(os.path.join(out, f"qa_{world}.jsonl")) if q["hops"] == 0]
+    for split in ("closed", "train", "heldout"):
+        ghosts = [q for q in read_jsonl(os.path.join(out, f"qa_{split}.jsonl")) if q["hops"] == 0]
         assert len(ghosts) > 0
         for q in ghosts:
-            assert q["answer"] == "" and q["gold_ids"] == [] and q["chain"] == []
+            assert q["golden_answers"] == [] and q["gold_ids"] == [] and q["queries"] == []
             assert not mentions(q["entity"], all_text), q
-            assert prepare.answer_sentence(q, cite=2) == prepare.ABSTAIN
+            assert rag.target_answer(q, kb[:2]) == rag.target_answer(q, None) == ABSTAIN
 
 
 def test_reading_exercises_answer_from_their_own_passage():
     """Every answer of a reading exercise is in the paragraphs before it, about an entity of the passage, and the
     reading worlds share no name with the worlds of the KB (so they cannot leak a held-out fact)."""
-    train, heldout, rng, pool, first_names = prepare.make_worlds(3, 30, 0.2)
-    reading = prepare.make_world(random.Random(4), pool, first_names, "reading", 30)
-    items = [text for _, text in prepare.reading_items(reading, random.Random(5), 0.0)]
+    train, heldout, rng, pool, first_names = world.make_worlds(3, 30, 0.2)
+    reading = world.make_world(random.Random(4), pool, first_names, "reading", 30)
+    items = [text for _, text in world.reading_items(reading, random.Random(5), 0.0)]
     assert len(items) == sum(n for _, n in reading.kinds())
     n_questions = 0
     for text in items:
@@ -219,45 +233,44 @@ def test_reading_exercises_answer_from_their_own_passage():
 
 
 def test_documents_vary_but_keep_their_facts():
-    train, _, _, _, _ = prepare.make_worlds(1, 20, 0.2)
-    texts = {prepare.render_doc(train, "person", 3, random.Random(r))[1] for r in range(20)}
+    train, _, _, _, _ = world.make_worlds(1, 20, 0.2)
+    texts = {world.render_doc(train, "person", 3, random.Random(r))[1] for r in range(20)}
     assert len(texts) >= 10
-    facts = [a for a, *_ in prepare.single_hops(train, "person", 3).values()]
+    facts = [a for a, *_ in world.single_hops(train, "person", 3).values()]
     assert all(all(f in t for f in facts) for t in texts)
     # facts come in several orders, not always the same first sentence
     assert len({t.split(".")[0].split()[-1] for t in texts}) >= 3
 
 
 def test_answer_sentence():
-    qa = {"type": "born_in", "entity": "Kelmar Odrissi", "answer": "Velnor"}
-    assert prepare.answer_sentence(qa) == "Kelmar Odrissi was born in Velnor."
-    assert prepare.answer_sentence(qa, cite=2) == "Kelmar Odrissi was born in Velnor [2]."
-    assert prepare.answer_sentence({"type": "industry", "entity": "Tova Group", "answer": "insurance"}) == "Tova Group is an insurance company."
-    assert prepare.answer_sentence(dict(qa, answer="")) == prepare.ABSTAIN
+    assert world.answer_sentence("born_in", "Kelmar Odrissi", "Velnor") == "Kelmar Odrissi was born in Velnor."
+    assert rag.with_citation("Kelmar Odrissi was born in Velnor.", 2) == "Kelmar Odrissi was born in Velnor [2]."
+    assert rag.with_citation("Velnor", 2) == "Velnor [2]"
+    assert world.answer_sentence("industry", "Tova Group", "insurance") == "Tova Group is an insurance company."
 
 
 def small_tokenizer():
     texts = ["Kelmar Odrissi was born in Velnor in 1962.", "The capital of Tessaria is Brun.", "naïve café — 東京 ✓"] * 30
-    return prepare.Tokenizer.train(texts, 300)
+    return tokenizer.Tokenizer.train(texts, 300)
 
 
 def test_tokenizer_round_trip_and_json():
     tok = small_tokenizer()
-    assert 256 + len(prepare.SPECIAL_TOKENS) <= tok.vocab_size <= 300
+    assert 256 + len(tokenizer.SPECIAL_TOKENS) <= tok.vocab_size <= 300
     for text in ["Kelmar Odrissi was born in Velnor.", "unseen wörds 123456 \n\t ok", "naïve café — 東京 ✓", ""]:
         assert tok.decode(tok.encode(text)) == text
     assert len(tok.encode("Kelmar Odrissi")) < len("Kelmar Odrissi".encode())  # merges were learned
     ids = [tok.bos_id] + tok.encode("hi") + [tok.special("<|assistant_end|>")]
     assert tok.decode(ids) == "<|bos|>hi<|assistant_end|>"
     assert tok.bos_id not in tok.encode("<|bos|>")  # special text in data stays plain text
-    assert sorted(tok.special(s) for s in prepare.SPECIAL_TOKENS) == list(range(tok.vocab_size - 9, tok.vocab_size))
-    tok2 = prepare.Tokenizer.from_json(tok.to_json())
+    assert sorted(tok.special(s) for s in tokenizer.SPECIAL_TOKENS) == list(range(tok.vocab_size - 9, tok.vocab_size))
+    tok2 = tokenizer.Tokenizer.from_json(tok.to_json())
     assert tok2.to_json() == tok.to_json() and tok2.vocab_size == tok.vocab_size
     text = "naïve Kelmar <|bos|> 1962"
     assert tok2.encode(text) == tok.encode(text)
     with tempfile.TemporaryDirectory() as d:
-        tok.save(os.path.join(d, "t.json"))
-        assert prepare.Tokenizer.load(os.path.join(d, "t.json")).encode(text) == tok.encode(text)
+        prepare.write_atomic(os.path.join(d, "t.json"), tok.to_json())
+        assert tokenizer.Tokenizer.load(os.path.join(d, "t.json")).encode(text) == tok.encode(text)
     try:
         tok.special("<|nope|>")
         assert False
@@ -275,7 +288,7 @@ def test_render_conversation_mask():
         {"role": "documents", "content": [{"title": "C", "text": "z."}]},
         {"role": "assistant", "content": "In Velnor [3]."},
     ]
-    ids, mask = prepare.render_conversation(tok, messages)
+    ids, mask = tokenizer.render_conversation(tok, messages)
     parts = [([tok.bos_id], 0),
              ([S("<|user_start|>")] + E(" Where was Kelmar born?") + [S("<|user_end|>")], 0),  # + dummy prefix
              ([S("<|doc_start|>")] + E("[1] A: x.") + [S("<|doc_end|>")], 0),
@@ -291,10 +304,10 @@ def test_render_conversation_mask():
     a0 = sum(len(p) for p, _ in parts[:6])
     assert ones == list(range(q0, q0 + len(parts[4][0]))) + list(range(a0, len(ids)))
     assert ids[ones[0]] == S("<|query_start|>") and ids[ones[-1]] == S("<|assistant_end|>")
-    ids8, mask8 = prepare.render_conversation(tok, messages, max_len=8)
+    ids8, mask8 = tokenizer.render_conversation(tok, messages, max_len=8)
     assert ids8 == ids[:8] and mask8 == mask[:8]
     try:
-        prepare.render_conversation(tok, [{"role": "system", "content": "x"}])
+        tokenizer.render_conversation(tok, [{"role": "system", "content": "x"}])
         assert False
     except ValueError as e:
         assert "message 0" in str(e) and "system" in str(e)
@@ -305,10 +318,10 @@ def test_bins_decode_to_the_corpus():
     meta = json.load(open(os.path.join(out, "meta.json")))
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == WORLD_ARGS["vocab_size"]
     # regenerate the corpus the way prepare_world does and compare document by document
-    train, _, _, _, _ = prepare.make_worlds(WORLD_ARGS["seed"], WORLD_ARGS["world_size"], WORLD_ARGS["heldout_frac"])
+    train, _, _, _, _ = world.make_worlds(WORLD_ARGS["seed"], WORLD_ARGS["world_size"], WORLD_ARGS["heldout_frac"])
     expected = {"train": [], "val": []}
     for r in range(WORLD_ARGS["n_renderings"]):
-        for is_val, text in prepare.corpus_items(train, random.Random(f"{WORLD_ARGS['seed']}-rendering-{r}"), WORLD_ARGS["val_frac"]):
+        for is_val, text in world.corpus_items(train, random.Random(f"{WORLD_ARGS['seed']}-rendering-{r}"), WORLD_ARGS["val_frac"]):
             expected["val" if is_val else "train"].append(text)
     n_reading = 0
     for split in ("train", "val"):
@@ -318,7 +331,7 @@ def test_bins_decode_to_the_corpus():
         assert [d for d in docs if d not in reading] == expected[split]
         ids, _ = read_bin(out, split)
         assert len(ids) == meta[f"n_{split}_tokens"] and len(docs) == meta[f"n_{split}_docs"]
-    reading_world = prepare.make_world(random.Random(0), prepare.NamePool(random.Random(0)), ["A"], "x",
+    reading_world = world.make_world(random.Random(0), world.NamePool(random.Random(0)), ["A"], "x",
                                        round(WORLD_ARGS["world_size"] * prepare.config["reading_frac"]))
     assert n_reading == WORLD_ARGS["n_renderings"] * sum(n for _, n in reading_world.kinds())
     n_val = len(expected["val"]) / (len(expected["val"]) + len(expected["train"]))
@@ -358,6 +371,20 @@ def test_user_text_input():
         except ValueError as e:
             assert "no documents for train.bin" in str(e)
         assert bin_docs(out, "train") == expected and not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_fineweb_parquet_shards_are_read(tmp_path):
+    """nanochat's FineWeb-edu shards: parquet files with a "text" column among others, read in row order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = {"text": ["Photosynthesis makes sugar.", "", "Rivers carve valleys."], "id": ["<urn:1>", "<urn:2>", "<urn:3>"],
+            "url": ["a", "b", "c"], "score": [3.1, 2.9, 4.0]}
+    os.makedirs(tmp_path / "fw")
+    for i in range(2):
+        pq.write_table(pa.table({k: v[i:] for k, v in rows.items()}), tmp_path / "fw" / f"shard_{i:05d}.parquet")
+    s = prepare.prepare_text(str(tmp_path / "fw"), str(tmp_path / "out"), seed=0, vocab_size=300, val_frac=0.0)
+    assert bin_docs(str(tmp_path / "out"), "train") == [rows["text"][0], rows["text"][2], rows["text"][2]]
+    assert s["n_train_docs"] == 3  # the empty row is skipped
 
 
 def run_cli(*args):
@@ -500,6 +527,92 @@ def mamba_ssm_reference():
                                  ssd_minimal_discrete=refs["ssd_minimal_discrete"])
 
 
+_interpreted = {}
+
+
+@contextlib.contextmanager
+def mamba_ssm_triton():
+    """mamba-ssm's own package with its Triton kernels run on CPU tensors by Triton's interpreter, or None without
+    triton, einops, the sources or TRITON_INTERPRET=1 (set above on a machine without CUDA). Stand-ins:
+    - a stub selective_scan_cuda (Mamba-1's CUDA extension), so that mamba_ssm imports;
+    - causal-conv1d's CUDA functions as torch code;
+    - Mamba-3's kernel modules re-run from their source with tl.cos / tl.sin / a tanh for their inline-PTX
+      approximations, without their is_cuda asserts, and with bfloat16 read as float32 (kernel vs model in fp32);
+    - while in the block: torch.cuda.device as a no-op (CPU torch refuses torch.cuda.device(None)), an SM count of
+      1, and an autotuner that takes the first config without timing it."""
+    if SRC is None or any(importlib.util.find_spec(m) is None for m in ("einops", "triton")) \
+            or os.environ.get("TRITON_INTERPRET") != "1":
+        yield None
+        return
+    if not _interpreted:
+        before, path = set(sys.modules), list(sys.path)
+        sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
+        sys.path.insert(0, SRC)
+        try:
+            import mamba_ssm.ops.triton.ssd_combined as ssd
+            from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+
+            class ForCPU(ast.NodeTransformer):
+                def visit_Call(self, node):  # "cos.approx.f32 $0, $1;" on args=[x] -> tl.cos(x)
+                    if ast.unparse(node.func) != "tl.inline_asm_elementwise":
+                        return self.generic_visit(node)
+                    x = ast.unparse(next(k.value for k in node.keywords if k.arg == "args").elts[0])
+                    op = node.args[0].value.split(".")[0]
+                    return ast.parse(f"2 * tl.sigmoid(2 * {x}) - 1" if op == "tanh" else f"tl.{op}({x})").body[0].value
+
+                def visit_Assert(self, node):
+                    return None if "is_cuda" in ast.unparse(node.test) else node
+
+                def visit_Attribute(self, node):
+                    return ast.Attribute(node.value, "float32", node.ctx) if node.attr == "bfloat16" else node
+
+            m3 = "mamba_ssm.ops.triton.mamba3."
+            for name in ("utils", "angle_dt", "mamba3_siso_fwd", "mamba3_siso_bwd", "mamba3_siso_step",
+                         "mamba3_siso_combined"):  # in place, in order: each imports the new code of those before
+                mod = importlib.import_module(m3 + name)
+                src, file = ast.unparse(ForCPU().visit(ast.parse(open(mod.__file__).read()))), mod.__file__ + ".cpu"
+                linecache.cache[file] = len(src), None, src.splitlines(True), file  # the interpreter reads it back
+                exec(compile(src, file, "exec"), mod.__dict__)
+            mamba3 = importlib.import_module("mamba_ssm.modules.mamba3")
+            mamba3.mamba3_siso_combined = sys.modules[m3 + "mamba3_siso_combined"].mamba3_siso_combined
+
+            def conv_fwd(x, weight, bias, seq_idx, initial_states, final_states_out, silu):
+                assert seq_idx is None and initial_states is None and final_states_out is None
+                y = F.conv1d(F.pad(x, (weight.shape[1] - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])
+                return F.silu(y) if silu else y
+
+            def conv_bwd(x, weight, bias, dout, seq_idx, initial_states, dfinal_states, dx, return_dinitial, silu):
+                with torch.enable_grad():
+                    x, weight, bias = (t.detach().requires_grad_() for t in (x, weight, bias))
+                    y = conv_fwd(x, weight, bias, None, None, None, silu)
+                return (*torch.autograd.grad(y, (x, weight, bias), dout), None)
+
+            def conv_update(x, conv_state, weight, bias, activation):
+                conv_state.copy_(torch.cat([conv_state[..., 1:], x.unsqueeze(-1)], -1))
+                return F.silu((conv_state * weight).sum(-1) + bias)
+
+            ssd.causal_conv1d_fwd_function, ssd.causal_conv1d_bwd_function = conv_fwd, conv_bwd
+            _interpreted.update(
+                Mamba3=mamba3.Mamba3, causal_conv1d_update=conv_update, selective_state_update=selective_state_update,
+                mamba_chunk_scan_combined=ssd.mamba_chunk_scan_combined,
+                mamba_split_conv1d_scan_combined=ssd.mamba_split_conv1d_scan_combined,
+                mamba3_siso_combined=mamba3.mamba3_siso_combined,
+                mamba3_siso_step=sys.modules[m3 + "mamba3_siso_step"].mamba3_siso_step)
+        finally:  # what imports mamba_ssm later gets the real package
+            for name in set(sys.modules) - before - {n for n in sys.modules if n.split(".")[0] == "triton"}:
+                del sys.modules[name]
+            sys.path[:] = path
+    from triton.runtime.autotuner import Autotuner
+    saved = torch.cuda.device, torch.cuda.get_device_properties, Autotuner._bench
+    torch.cuda.device = lambda index: contextlib.nullcontext()
+    torch.cuda.get_device_properties = lambda device: SimpleNamespace(multi_processor_count=1)
+    Autotuner._bench = lambda self, *args, config, **meta: self.configs.index(config)
+    try:
+        yield types.SimpleNamespace(**_interpreted)
+    finally:
+        torch.cuda.device, torch.cuda.get_device_properties, Autotuner._bench = saved
+
+
 # -----------------------------------------------------------------------------
 
 def test_block_pattern_tiling_and_errors():
@@ -512,7 +625,7 @@ def test_block_pattern_tiling_and_errors():
             assert repr(bad) in str(e)
         else:
             raise AssertionError(f"block_pattern={bad!r} accepted")
-    for kw in (dict(n_kv_head=3), dict(mamba_version=3)):
+    for kw in (dict(n_kv_head=3), dict(mamba_version=4)):
         try:
             GPT(tiny_config("M", **kw))
         except ValueError:
@@ -548,7 +661,7 @@ def test_chunked_scan_matches_sequential_reference():
 
 
 def test_cpu_scan_kernel_matches_sequential_reference():
-    if model.cpu_scan_kernel() is None:
+    if cpu_scan.cpu_scan_kernel() is None:
         return skip("no C compiler: the CPU kernel is not built (the chunked scan runs instead)")
     assert (torch.tensor([1e-39]) * 1.0).item() > 0, "loading the kernel switched the process to flush-to-zero"
     check_scan(selective_scan, torch.float32, 2e-5)
@@ -562,15 +675,63 @@ def test_mamba_falls_back_to_the_pytorch_scan():
     u = torch.randn(2, 40, 32, requires_grad=True)
     y = m(u)
     g = torch.autograd.grad(y.square().sum(), [u, m.A_log, m.dt_proj.bias])
-    kernel = model.cpu_scan_kernel
-    model.cpu_scan_kernel = lambda: None
+    kernel = cpu_scan.cpu_scan_kernel
+    cpu_scan.cpu_scan_kernel = lambda: None
     try:
         y_fallback = m(u)
         g_fallback = torch.autograd.grad(y_fallback.square().sum(), [u, m.A_log, m.dt_proj.bias])
     finally:
-        model.cpu_scan_kernel = kernel
+        cpu_scan.cpu_scan_kernel = kernel
     assert torch.allclose(y, y_fallback, atol=1e-5)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(g, g_fallback))
+
+
+def test_cpu_scan_cache_trusts_only_a_private_hashed_library(tmp_path):
+    """A planted library (wrong hash) is never loaded, a truncated one is rebuilt, a group-writable cache is refused
+    in one line, and a library that never loads falls back to the chunked scan. Each case has its own cache
+    directory: dlopen would hand back an already loaded path without reading the new file."""
+    import contextlib, io
+    def kernel(case, cc="cc"):
+        os.environ["XDG_CACHE_HOME"], os.environ["CC"] = str(tmp_path / case), cc
+        cpu_scan.cpu_scan_kernel.cache_clear()
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            lib = cpu_scan.cpu_scan_kernel()
+        return lib, err.getvalue().strip()
+    env = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "CC")}
+    try:
+        lib, err = kernel("fresh")
+        if lib is None:
+            return skip("no C compiler")
+        good = next((tmp_path / "fresh/hybrid-gpt").glob("scan-*.so"))
+        assert err == "" and good.parent.stat().st_mode & 0o777 == 0o700 and not good.stat().st_mode & 0o077
+        for case in ("planted", "truncated"):
+            (tmp_path / case / "hybrid-gpt").mkdir(mode=0o700, parents=True)
+            Path(f"{tmp_path / case / 'hybrid-gpt' / good.name}.sha256").write_text(Path(f"{good}.sha256").read_text())
+        marker, planted = tmp_path / "constructor_ran", tmp_path / "planted/hybrid-gpt" / good.name
+        (tmp_path / "evil.c").write_text(f'#include <stdio.h>\n__attribute__((constructor)) static void f(void) '
+                                         f'{{ fclose(fopen("{marker}", "w")); }}\n')
+        subprocess.run(["cc", "-shared", "-fPIC", str(tmp_path / "evil.c"), "-o", str(planted)], check=True)
+        (tmp_path / "truncated/hybrid-gpt" / good.name).write_bytes(good.read_bytes()[:4096])
+        for case in ("planted", "truncated"):  # both rebuilt over, then loaded
+            lib, err = kernel(case)
+            rebuilt = tmp_path / case / "hybrid-gpt" / good.name
+            assert lib is not None and err == "" and cpu_scan.sha256(rebuilt) == Path(f"{rebuilt}.sha256").read_text()
+        assert not marker.exists()
+        (tmp_path / "shared/hybrid-gpt").mkdir(parents=True)
+        (tmp_path / "shared/hybrid-gpt").chmod(0o770)
+        lib, err = kernel("shared")
+        assert lib is not None and len(err.splitlines()) == 1 and "not using the kernel cache" in err
+        assert str(tmp_path / "shared/hybrid-gpt") in err and os.listdir(tmp_path / "shared/hybrid-gpt") == []
+        junk = tmp_path / "junk_cc"  # "compiles" to a file that is no library
+        junk.write_text('#!/bin/sh\nwhile [ "$1" != -o ]; do shift; done; echo junk > "$2"\n')
+        junk.chmod(0o755)
+        lib, err = kernel("junk", str(junk))
+        assert lib is None and len(err.splitlines()) == 1 and "using the chunked PyTorch scan" in err
+    finally:
+        for k, v in env.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        cpu_scan.cpu_scan_kernel.cache_clear()
 
 
 def test_ssd_scan_matches_sequential_reference():
@@ -693,8 +854,130 @@ def test_mamba2_init_matches_mamba_ssm():
     assert 1e-3 * 0.999 <= dt.min() and dt.max() <= 0.1 * 1.001 and torch.all(m.norm.weight == 1)
 
 
+@contextlib.contextmanager
+def kernels_on_cpu(kernels):
+    """model.py's kernel branches, fed mamba-ssm's interpreted kernels for CPU tensors; yields the names called."""
+    called = set()
+    counted = {name: functools.partial(lambda name, f, *a, **kw: called.add(name) or f(*a, **kw), name, f)
+               for name, f in (kernels or {}).items()}
+    saved, model.kernels_for = model.kernels_for, lambda x: counted if kernels else None
+    try:
+        yield called
+    finally:
+        model.kernels_for = saved
+
+
+@torch.no_grad()
+def perturbed(m):
+    """randomize(m), and every other parameter moved off its init too, so that each one matters."""
+    for p in randomize(m).parameters():
+        if p.ndim != 2:
+            p.add_(0.2 * torch.randn_like(p))
+    return m
+
+
+def forward_and_grads(m, u, g):
+    y = m(u)
+    return y, torch.autograd.grad((y * g).sum(), [u, *m.parameters()])
+
+
+def test_mamba3_matches_mamba_ssm_triton_kernel():
+    """mamba-ssm's Mamba3 module on its fused SISO Triton kernel (forward and backward, run by the interpreter in
+    fp32) vs ours, same weights: state dicts both ways, outputs, gradients, the states a prefill leaves; then our
+    decode steps vs mamba-ssm's Triton step kernel, and our kernel branch continuing a prefill."""
+    with mamba_ssm_triton() as kernels:
+        if kernels is None:
+            return skip("triton (interpreting), einops or the mamba-ssm sources not found")
+        torch.manual_seed(0)
+        theirs = kernels.Mamba3(d_model=16, d_state=16, headdim=16, chunk_size=16, layer_idx=0)
+        ours = Mamba3(d_model=16, d_state=16, headdim=16, chunk_size=16)
+        shapes = lambda m: [(k, v.shape) for k, v in m.state_dict().items()]
+        assert shapes(theirs) == shapes(ours)
+        for name in ("B_bias", "C_bias", "B_norm.weight", "C_norm.weight", "D"):  # the deterministic init
+            assert torch.equal(theirs.state_dict()[name], ours.state_dict()[name]), name
+        theirs.load_state_dict(perturbed(ours).state_dict())
+        ours.load_state_dict(theirs.state_dict())
+        u, g = torch.randn(2, 28, 16, requires_grad=True), torch.randn(2, 28, 16)  # a chunk and a partial one
+        (y_theirs, grads_theirs), (y_ours, grads_ours) = (forward_and_grads(m, u, g) for m in (theirs, ours))
+        assert torch.allclose(y_ours, y_theirs, rtol=1e-3, atol=1e-4), (y_ours - y_theirs).abs().max()
+        for name, a, b in zip(["u", *dict(ours.named_parameters())], grads_ours, grads_theirs):
+            assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), f"grad {name}: {(a - b).abs().max()}"
+        params, state = SimpleNamespace(key_value_memory_dict={}, seqlen_offset=0), ours.allocate_state(2)
+        with torch.no_grad():
+            theirs(u[:, :16], inference_params=params), ours(u[:, :16], state)
+            for name, a, b in zip(("angle", "ssm", "k", "v"), state, params.key_value_memory_dict[0]):  # layouts too
+                assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), f"prefill state {name}"
+            cache = params.key_value_memory_dict[0]
+            for t in range(16, 18):  # their Triton step on their states, from our projections
+                z, x, BC, dt, adt, trap, angle = ours.project(u[:, t])
+                y, new = kernels.mamba3_siso_step(
+                    BC[:, 1], BC[:, 0], x, adt, dt, trap, ours.C_bias.squeeze(1), ours.B_bias.squeeze(1),
+                    angle.unsqueeze(1).expand(-1, 2, -1), ours.D, z, [s.squeeze(1) for s in cache])
+                for s, n in zip(cache, new):
+                    s.copy_(n.view(s.shape))
+                y_ours_t = ours(u[:, t:t + 1], state)[:, 0]
+                assert torch.allclose(y_ours_t, ours.out_proj(y.flatten(1)), rtol=1e-3, atol=1e-4)
+            with kernels_on_cpu(dict(mamba3_siso_combined=kernels.mamba3_siso_combined)) as called:
+                y_kernel, y_kernel_continued = ours(u), ours(u[:, 18:], state)
+            assert called == {"mamba3_siso_combined"}
+            assert torch.allclose(y_kernel, y_ours, rtol=1e-3, atol=1e-4)
+            assert torch.allclose(y_kernel_continued, y_ours[:, 18:], rtol=1e-3, atol=1e-4)
+
+
+def test_mamba3_decode_and_chunked_prefill_match_full_forward():
+    """Our recurrent step (the paper's recurrence, token by token) and chunked prefills vs the chunked forward, with
+    B, C shared by groups of heads and the per-head output norm; init as mamba-ssm's."""
+    torch.manual_seed(0)
+    m = Mamba3(d_model=32, d_state=8, headdim=8, ngroups=2, is_outproj_norm=True, chunk_size=8)
+    dt = F.softplus(m.dt_bias)
+    assert 1e-3 * 0.999 <= dt.min() and dt.max() <= 0.1 * 1.001 and torch.all(m.B_bias == 1) and torch.all(m.D == 1)
+    perturbed(m)
+    with torch.no_grad():
+        u = torch.randn(2, 30, 32)
+        y = m(u)
+        state = m.allocate_state(2)
+        steps = torch.cat([m(u[:, t:t + 1], state) for t in range(30)], 1)
+        assert torch.allclose(steps, y, rtol=1e-4, atol=1e-5), (steps - y).abs().max()
+        state = m.allocate_state(2)
+        parts = torch.cat([m(u[:, a:b], state) for a, b in ((0, 5), (5, 6), (6, 23), (23, 30))], 1)
+        assert torch.allclose(parts, y, rtol=1e-4, atol=1e-5), (parts - y).abs().max()
+    for bad in (dict(d_state=2), dict(headdim=24), dict(ngroups=3)):
+        try:
+            Mamba3(d_model=32, **bad)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(f"{bad} accepted")
+
+
+def test_mamba2_kernel_branch_matches_pytorch_under_triton_interpreter():
+    """model.py's Mamba-2 fused-kernel branch (mamba_split_conv1d_scan_combined; mamba_chunk_scan_combined from a
+    state; selective_state_update decode), run on CPU by Triton's interpreter, vs its PyTorch path."""
+    with mamba_ssm_triton() as kernels:
+        if kernels is None:
+            return skip("triton (interpreting), einops or the mamba-ssm sources not found")
+        torch.manual_seed(0)
+        m = randomize(Mamba2(d_model=16, d_state=16, headdim=16, chunk_size=16))
+        m.norm.weight.data.uniform_(0.5, 1.5)
+        u, g = torch.randn(2, 24, 16, requires_grad=True), torch.randn(2, 24, 16)
+        runs = []
+        for k in (None, vars(kernels)):
+            with kernels_on_cpu(k) as called:
+                with torch.no_grad():
+                    state = m.allocate_state(2)
+                    decode = [m(u[:, :20], state)] + [m(u[:, t:t + 1], state) for t in range(20, 22)]
+                runs.append((*forward_and_grads(m, u, g), torch.cat(decode, 1)))
+        assert called == {"mamba_split_conv1d_scan_combined", "mamba_chunk_scan_combined", "causal_conv1d_update",
+                          "selective_state_update"}, called
+        (y, grads, decode), (y_k, grads_k, decode_k) = runs
+        assert torch.allclose(y_k, y, rtol=1e-3, atol=1e-4), (y_k - y).abs().max()
+        for name, a, b in zip(["u", *dict(m.named_parameters())], grads_k, grads):
+            assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), f"grad {name}: {(a - b).abs().max()}"
+        assert torch.allclose(decode_k, decode, rtol=1e-3, atol=1e-4) and torch.allclose(decode, y[:, :22], atol=1e-4)
+
+
 def test_decode_matches_full_recompute():
-    for pattern, version in (("T", 1), ("M", 1), ("TM", 1), ("MMT", 1), ("M", 2), ("MMT", 2)):
+    for pattern, version in (("T", 1), ("M", 1), ("TM", 1), ("MMT", 1), ("M", 2), ("MMT", 2), ("MMT", 3)):
         torch.manual_seed(0)
         model = randomize(GPT(tiny_config(pattern, mamba_version=version, headdim=16))).eval()
         prompt = torch.randint(0, 101, (2, 9))
@@ -715,7 +998,7 @@ def test_decode_matches_full_recompute():
 @torch.no_grad()
 def test_chunked_prefill_continues_a_cache():
     """Prefill 7 tokens, then chunks of 9, 1, 3 (multi-hop RAG appends documents mid-conversation)."""
-    for pattern, version in (("T", 1), ("M", 1), ("TM", 1), ("MMT", 1), ("MMT", 2)):
+    for pattern, version in (("T", 1), ("M", 1), ("TM", 1), ("MMT", 1), ("MMT", 2), ("MMT", 3)):
         torch.manual_seed(1)
         model = randomize(GPT(tiny_config(pattern, mamba_version=version, headdim=16))).eval()
         idx = torch.randint(0, 101, (2, 20))
@@ -907,6 +1190,27 @@ def test_bm25_lucene_equals_bm25s():
     for q in QUERIES[:4] + QUERIES[5:]:
         assert np.allclose(ours.scores(q), ref.get_scores(tokenize(q)), rtol=1e-6, atol=1e-6), q  # bm25s is float32
 
+def test_bm25_stopwords_equal_bm25s_on_filtered_tokens(tmp_path):
+    """stopwords="en_plus" scores as bm25s does on the same tokens less NLTK's stopwords; a KB keeps the option,
+    and a question made of stopwords and one rare term finds that term's document first."""
+    import bm25s
+    from bm25s.stopwords import STOPWORDS_EN_PLUS
+    docs = make_docs(200) + [Document("w", "What You See Is What You Get", "WYSIWYG"), Document("n", "Network", "NISC")]
+    ours = BM25Retriever(stopwords="en_plus")
+    ours.add_documents(docs)
+    keep = lambda text: [t for t in tokenize(text) if t not in STOPWORDS_EN_PLUS]
+    ref = bm25s.BM25(method="lucene", k1=1.5, b=0.75)
+    ref.index([keep(retrieve.doc_text(d)) for d in docs], show_progress=False)
+    for q in QUERIES[:4] + QUERIES[5:] + ["What is NISC short for?"]:
+        assert np.allclose(ours.scores(q), ref.get_scores(keep(q)), rtol=1e-6, atol=1e-6), q
+    plain = BM25Retriever()
+    plain.add_documents(docs)
+    assert plain.retrieve("What is NISC short for?", 1)[0][0].id == "w" and ours.retrieve("What is NISC short for?", 1)[0][0].id == "n"
+    ours.save(str(tmp_path / "kb"))
+    assert retrieve.load_kb(str(tmp_path / "kb")).retrieve("What is NISC short for?", 1)[0][0].id == "n"
+    assert ours.retrieve("what is it", 3) == []  # nothing left to search for
+
+
 def test_tfidf_equals_brute_force():
     docs = make_docs(120)
     r = SimpleRetriever()
@@ -971,7 +1275,7 @@ def test_save_load_and_add_documents_every_type():
                     assert np.array_equal(getattr(loaded, name), getattr(full, name)), name
             loaded.save(os.path.join(tmp, "kb"))  # overwriting a KB swaps it atomically
             assert retrieve_all(RETRIEVERS[kind].load(os.path.join(tmp, "kb"))) == retrieve_all(loaded)
-            assert sorted(os.listdir(tmp)) == ["kb"]  # no temp or old directories left behind
+            assert sorted(os.listdir(tmp)) == [".kb.lock", "kb"]  # no temp or old directories left behind
 
 def test_dense_auto_switches_to_hnsw_without_reencoding():
     old = retrieve.HNSW_MIN_SIZE
@@ -999,8 +1303,11 @@ def test_top_k_and_empty_cases():
         r = build_retriever(kind, docs)
         assert [d.id for d, _ in r.retrieve("red", 100)] == ["a", "b", "c"] or kind in ("dense", "hybrid")
         assert len(r.retrieve("red fox", 100)) == 3  # top_k > N: the whole collection, no error
-        assert r.retrieve("", 5) == [] and r.retrieve("   ", 5) == [] and r.retrieve("red", 0) == []
+        assert r.retrieve("", 5) == [] and r.retrieve("   ", 5) == [] and r.retrieve("?!", 5) == []
+        assert r.retrieve("\U0001F98A", 5) == []  # no word to search for: nothing, not noise scored 0.5 (hybrid)
         assert r.retrieve_batch(["fox", "", "hen"], 1)[1] == []
+        for k in (0, -1, 2.5):
+            raises(lambda: r.retrieve("red", k), ValueError, "top_k", repr(k))
     for kind in ("simple", "bm25"):
         r = build_retriever(kind, docs)
         assert r.retrieve("zebra", 5) == []  # no shared term: nothing to return
@@ -1078,7 +1385,7 @@ def test_atomic_save():
         os.rename(kb, kb + ".old")  # as if we died between the two renames of the swap
         assert retrieve_all(load_kb(kb)) == retrieve_all(old)
         new.save(kb)
-        assert retrieve_all(load_kb(kb)) == retrieve_all(new) and sorted(os.listdir(tmp)) == ["kb"]
+        assert retrieve_all(load_kb(kb)) == retrieve_all(new) and sorted(os.listdir(tmp)) == [".kb.lock", "kb"]
 
 def test_hybrid_fusion_and_reranker():
     h = HybridRetriever(fusion="rrf")
@@ -1160,6 +1467,82 @@ def test_cli():
         p = run("--kb", f"{tmp}/nope", "--query", "x")
         assert p.returncode == 1 and p.stderr.startswith("error: no KB at") and len(p.stderr.strip().splitlines()) == 1
 
+def test_two_writers_grow_one_kb_at_once(tmp_path):
+    """Two processes each add to one KB in 10 rounds, at the same time: the KB lock makes them take turns, so the
+    KB ends with the union (or a round printed a clear error), and each document's own text finds it top-1."""
+    kb = str(tmp_path / "kb")
+    build_retriever("bm25", make_docs(1000)).save(kb)  # big enough that load + add + save overlap
+    files = {w: [] for w in (0, 1)}
+    for w, r in ((w, r) for w in (0, 1) for r in range(10)):
+        docs = [Document(f"w{w}r{r}d{i}", f"unique_{w}_{r}_{i} kelmar born", f"W{w} {r} {i}") for i in range(3)]
+        files[w].append(retrieve.save_documents(docs, str(tmp_path / f"w{w}r{r}.jsonl")) or str(tmp_path / f"w{w}r{r}.jsonl"))
+    worker = """if 1:  # each round is `python retrieve.py --documents f --kb kb`, run in one interpreter
+        import contextlib, io, runpy, sys
+        kb, files = sys.argv[1], sys.argv[2:]
+        for f in files:
+            sys.argv, out = ["retrieve.py", "--documents", f, "--kb", kb], io.StringIO()
+            try:
+                with contextlib.redirect_stdout(out):
+                    runpy.run_path("retrieve.py", run_name="__main__")
+                code = 0
+            except SystemExit as e:
+                code, out = 1, io.StringIO(str(e.code))
+            print(f, code, out.getvalue().strip().replace(chr(10), " | "), flush=True)"""
+    procs = [subprocess.Popen([sys.executable, "-c", worker, kb, *files[w]], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+             for w in (0, 1)]
+    rounds = [line.split(" ", 2) for p in procs for line in p.communicate()[0].splitlines()]
+    assert len(rounds) == 20
+    added = set()
+    for f, code, out in rounds:
+        assert (code == "0" and "now holds" in out) or (out.startswith("error:") and "|" not in out), out
+        added |= {d.id for d in load_documents(f)} if code == "0" else set()
+    loaded = load_kb(kb)
+    assert {d.id for d in loaded.docs} == {d.id for d in make_docs(1000)} | added and len(added) >= 30
+    for d in loaded.docs[1000:]:
+        assert loaded.retrieve(d.text, 1)[0][0].id == d.id
+
+def test_empty_dense_and_hybrid_kbs_load_and_grow(tmp_path):
+    """An empty dense or hybrid KB is saved without an object array (np.save(None) pickles), loads, and grows."""
+    docs = make_docs(6)
+    for kind in ("dense", "hybrid"):
+        path = str(tmp_path / kind)
+        RETRIEVERS[kind]().save(path)
+        kb = load_kb(path)  # every array is read with allow_pickle=False
+        assert kb.docs == [] and kb.retrieve("kelmar", 3) == []
+        kb.add_documents(docs)
+        kb.save(path)
+        kb = load_kb(path)
+        assert [[d.id for d, _ in kb.retrieve(retrieve.doc_text(d), 1)] for d in docs] == [[d.id] for d in docs]
+
+def test_kill_during_kb_save_leaves_the_previous_kb(tmp_path):
+    """kill -9 a process while it saves a KB, 10 times: the KB always loads as one of the two states it was saving,
+    and the next save leaves no temp or old directory behind."""
+    kb, rng = str(tmp_path / "kb"), random.Random(0)
+    states = [build_retriever("bm25", make_docs(n, seed=n)) for n in (2000, 2100)]
+    states[0].save(kb)
+    expected, left_behind = [retrieve_all(s) for s in states], 0
+    for i in range(10):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child saves the two states in turn until it is killed
+            try:
+                os.write(w, b"go")
+                while True:
+                    for s in states:
+                        s.save(kb)
+            finally:
+                os._exit(1)
+        os.read(r, 2)
+        time.sleep(rng.uniform(0, 0.1))
+        os.kill(pid, signal.SIGKILL)
+        assert os.waitpid(pid, 0)[1] == signal.SIGKILL
+        os.close(r), os.close(w)
+        assert retrieve_all(load_kb(kb)) in expected
+        left_behind += len(glob.glob(kb + ".*")) > 0
+        states[i % 2].save(kb)
+        assert sorted(os.listdir(tmp_path)) == [".kb.lock", "kb"] and retrieve_all(load_kb(kb)) == expected[i % 2]
+    assert left_behind  # some kills did land mid-save
+
 
 # -----------------------------------------------------------------------------
 # configurator.py, common.py, train.py
@@ -1220,6 +1603,38 @@ def test_checkpoint_write_is_atomic(tmp_path):
         assert "bad.pt is unreadable" in str(e)
 
 
+def test_kill_during_checkpoint_save_leaves_the_previous_one(tmp_path):
+    """kill -9 a process while it writes checkpoints, 10 times: ckpt.pt always loads as one of the two it was writing,
+    and the next save removes the killed one's ckpt.pt.tmp<pid>."""
+    from common import load_checkpoint
+    path, rng = str(tmp_path / "ckpt.pt"), random.Random(0)
+    states = [{"model": {"w": torch.full((1_000_000,), float(s))}, "model_args": {}, "step": s} for s in (0, 1)]
+    save_checkpoint(path, states[0])
+    left_behind = 0
+    for i in range(10):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.write(w, b"go")
+                while True:
+                    for s in states:
+                        save_checkpoint(path, s)
+            finally:
+                os._exit(1)
+        os.read(r, 2)
+        time.sleep(rng.uniform(0, 0.05))
+        os.kill(pid, signal.SIGKILL)
+        assert os.waitpid(pid, 0)[1] == signal.SIGKILL
+        os.close(r), os.close(w)
+        ckpt = load_checkpoint(path)
+        assert torch.equal(ckpt["model"]["w"], states[ckpt["step"]]["model"]["w"])
+        left_behind += len(os.listdir(tmp_path)) > 1
+        save_checkpoint(path, states[i % 2])
+        assert os.listdir(tmp_path) == ["ckpt.pt"] and load_checkpoint(path)["step"] == i % 2
+    assert left_behind  # some kills did land mid-write
+
+
 # -----------------------------------------------------------------------------
 # train.py
 
@@ -1233,7 +1648,7 @@ def test_train_learns_and_checkpoint_is_complete(tmp_path):
     assert ckpt["step"] == 30 and ckpt["stage"] == "train" and ckpt["model_args"]["block_pattern"] == "TM"
     assert ckpt["config"]["max_iters"] == 30 and ckpt["data_state"]["windows_consumed"] == 30 * 8
     from model import GPT
-    from prepare import Tokenizer
+    from tokenizer import Tokenizer
     model = GPT.from_checkpoint(ckpt)  # the checkpoint alone rebuilds model and tokenizer
     tok = Tokenizer.from_json(ckpt["tokenizer"])
     assert model.pattern == "TM" and tok.vocab_size == ckpt["model_args"]["vocab_size"]
@@ -1272,7 +1687,7 @@ def test_train_ddp_two_processes_match_one(tmp_path):
 
 def test_train_bad_input_is_one_line(tmp_path):
     world = tiny_world()
-    one_line_error(run("train.py", "--data_dir=/nonexistent", ok=False), "/nonexistent", "prepare.py")
+    one_line_error(run("train.py", "--data_dir=/nonexistent", f"--out_dir={tmp_path}/new", ok=False), "/nonexistent", "prepare.py")
     one_line_error(run("train.py", "configs/nope.py", ok=False), "configs/nope.py not found")
     one_line_error(run("train.py", "--unknown=1", ok=False), "unknown config key 'unknown'")
     one_line_error(run("train.py", "--block_pattern=TXM", f"--data_dir={world}", ok=False), "block_pattern='TXM'")
@@ -1307,13 +1722,106 @@ def test_every_config_builds_what_it_says(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# retrieve.py, train.py, configurator.py, common.py: every bad input is one line, and changes nothing on disk
+
+def run_here(script, *args):
+    """Runs a project script's __main__ in this process (no interpreter start-up): (exit code, stdout, stderr).
+    Any exception other than SystemExit escapes: that is the traceback a user would have seen."""
+    out, err, argv, code = io.StringIO(), io.StringIO(), sys.argv, 0
+    sys.argv = [script, *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        err.write(f"{e.code}\n" if isinstance(e.code, str) else "")
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_every_bad_input_is_one_line_and_changes_nothing(tmp_path):
+    import hashlib
+    from common import first_line
+    assert first_line(EOFError()) == "EOFError" and first_line(ValueError("a\nb")) == "a"
+    t = tmp_path
+    docs = make_docs(20)
+    retrieve.save_documents(docs, str(t / "docs.jsonl"))
+    (t / "latin1.jsonl").write_bytes(b'{"id": "a", "text": "caf\xe9"}\n')
+    (t / "empty.jsonl").write_bytes(b"")
+    build_retriever("bm25", docs).save(str(t / "kb"))
+    for name, damage in (("npy0", lambda p: (p / "post_tf.npy").write_bytes(b"")),
+                         ("npycut", lambda p: (p / "doc_len.npy").write_bytes((p / "doc_len.npy").read_bytes()[:-9])),
+                         ("vocabcut", lambda p: (p / "vocab.json").write_bytes((p / "vocab.json").read_bytes()[:9]))):
+        build_retriever("bm25", docs).save(str(t / name))
+        damage(t / name)
+    import faiss
+    vectors = np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32)
+    for name in ("hnsw_more", "hnsw_garbage"):
+        d = DenseRetriever(index="hnsw")  # an HNSW KB without the encoder: vectors set by hand
+        d.docs, d.index = docs[:5], d._new_index("hnsw", vectors[:5])
+        d.save(str(t / name))
+    faiss.write_index(d._new_index("hnsw", vectors), str(t / "hnsw_more/index.faiss"))  # 6 vectors, 5 documents
+    (t / "hnsw_garbage/index.faiss").write_bytes(os.urandom(4096))
+    assert run_here("retrieve.py", "--documents", t / "empty.jsonl", "--output", t / "empty_kb", "--type", "hybrid")[0] == 0
+    (t / "data").mkdir()  # a tokenised corpus just big enough for TINY
+    json.dump({"vocab_size": 64, "dtype": "uint16"}, open(t / "data/meta.json", "w"))
+    for split in ("train", "val"):
+        (np.arange(2000) % 64).astype(np.uint16).tofile(t / f"data/{split}.bin")
+    tiny_args = dict(vocab_size=64, n_layer=1, n_embd=32, n_head=2, n_kv_head=1, block_size=32, block_pattern="T")
+    for run_dir, content in (("zero", b""), ("trained", None)):
+        (t / run_dir).mkdir()
+        (t / run_dir / "ckpt.pt").write_bytes(content) if content is not None else \
+            save_checkpoint(str(t / run_dir / "ckpt.pt"), {"model": {}, "model_args": tiny_args, "step": 1})
+    (t / "random.pt").write_bytes(os.urandom(1000))
+    save_checkpoint(str(t / "wrong_keys.pt"), {"model": {"nope": torch.zeros(2)}, "model_args": tiny_args, "step": 1})
+    (t / "raises.py").write_text("n_layer = 2\nmax_iters = 10 // 0\n")
+    train = ["train.py", f"--data_dir={t / 'data'}", f"--out_dir={t / 'new'}", *TINY]
+    cases = [  # (script and args, what the one error line must name, what it must not say)
+        (["retrieve.py", "--documents", t / "latin1.jsonl", "--kb", t / "kb"], ["latin1.jsonl", "UTF-8"]),
+        (["retrieve.py", "--kb", t / "npy0", "--query", "kelmar"], ["npy0/post_tf.npy"]),
+        (["retrieve.py", "--kb", t / "npycut", "--query", "kelmar"], ["npycut/doc_len.npy"]),
+        (["retrieve.py", "--kb", t / "vocabcut", "--query", "kelmar"], ["vocabcut/vocab.json"]),
+        (["retrieve.py", "--kb", t / "hnsw_more", "--query", "kelmar"], ["hnsw_more/index.faiss", "5"]),
+        (["retrieve.py", "--kb", t / "hnsw_garbage", "--query", "kelmar"], ["hnsw_garbage/index.faiss"]),
+        (["retrieve.py", "--documents", t / "docs.jsonl", "--output", t / "kb"], [f"{t / 'kb'} already", "--overwrite"]),
+        (["retrieve.py", "--kb", t / "kb", "--query", ""], ["--query ''"]),
+        (["retrieve.py", "--kb", t / "kb", "--query", "?! ..."], ["'?! ...'"]),
+        (["retrieve.py", "--kb", t / "kb", "--query", "\U0001F98A"], ["\U0001F98A"]),
+        (["retrieve.py", "--kb", t / "kb", "--query", "kelmar", "--top_k", "0"], ["--top_k", "got 0"]),
+        (["retrieve.py", "--kb", t / "kb", "--query", "kelmar", "--top_k", "-1"], ["--top_k", "got -1"]),
+        (["retrieve.py", "--kb", t / "empty_kb", "--query", "kelmar"], None),  # an empty KB: no hits, said so
+        ([*train, f"--out_dir={t / 'zero'}", "--init_from=resume"], ["zero/ckpt.pt", "empty"]),
+        ([*train, f"--init_from={t / 'random.pt'}"], ["random.pt", "not a checkpoint of this project"]),
+        ([*train, f"--init_from={t / 'wrong_keys.pt'}"], ["wrong_keys.pt", "does not fit"]),
+        ([*train, "--eval_interval=0"], ["eval_interval=0", "positive"]),
+        ([*train, "--device_batch_size=0"], ["device_batch_size=0", "positive"]),
+        ([*train, "--min_lr_frac=1.5"], ["min_lr_frac=1.5", "[0, 1]"]),
+        ([*train, "--block_pattern=TX"], ["block_pattern='TX'"]),
+        ([train[0], t / "raises.py", *train[1:]], [f"{t / 'raises.py'}:2", "ZeroDivisionError"]),
+        ([*train, f"--out_dir={t / 'trained'}"], ["trained/ckpt.pt exists", "--init_from=resume", "--overwrite=True"]),
+    ]
+    checksums = lambda: {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in t.rglob("*") if p.is_file()}
+    before = checksums()
+    for args, needles in cases:
+        code, out, err = run_here(*args)
+        if needles is None:
+            assert code == 0 and out.strip() == f"no document in {t / 'empty_kb'} matches 'kelmar'" and not err, (out, err)
+            continue
+        lines = err.strip().splitlines()
+        assert code == 1 and len(lines) == 1 and lines[0].startswith("error: "), (args, err)
+        assert all(n in lines[0] for n in needles) and "weights_only" not in lines[0], (args, lines[0])
+    assert checksums() == before and not (t / "new").exists()
+
+
+# -----------------------------------------------------------------------------
 # rag.py, rag_train.py, chat.py
 
 TMP = tempfile.TemporaryDirectory()
 
 
 @functools.cache
-def world():
+def rag_world():
     """A tiny prepared world (shared by the tests): its directory, tokenizer, documents by id, QA records."""
     out = os.path.join(TMP.name, "world")
     prepare_world(out, seed=7, world_size=20, heldout_frac=0.5, n_renderings=2, vocab_size=600, val_frac=0.1)
@@ -1323,13 +1831,13 @@ def world():
     return out, tok, docs, qa
 
 
-def checkpoint(pattern, path, **model):
-    _, tok, _, _ = world()
+def checkpoint(pattern, path, stage="train", **model):
+    _, tok, _, _ = rag_world()
     cfg = GPTConfig(**{**dict(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, block_size=64, vocab_size=tok.vocab_size,
                               block_pattern=pattern), **model})
     torch.manual_seed(0)
     save_checkpoint(path, {"model": GPT(cfg).state_dict(), "model_args": dataclasses.asdict(cfg), "step": 0,
-                           "optimizer": [], "config": {}, "tokenizer": tok.to_json(), "val_loss": 0.0, "stage": "train"})
+                           "optimizer": [], "config": {}, "tokenizer": tok.to_json(), "val_loss": 0.0, "stage": stage})
     return path
 
 
@@ -1342,7 +1850,7 @@ def rag_train(*args):
 # conversations and RAFT examples
 
 def test_rag_example_rendering_and_mask():
-    _, tok, docs, qa = world()
+    _, tok, docs, qa = rag_world()
     q = next(q for q in qa if q["hops"] == 1)
     gold = docs[q["gold_ids"][0]]
     distractors = [d for i, d in docs.items() if i != gold["id"]][:5]
@@ -1355,7 +1863,7 @@ def test_rag_example_rendering_and_mask():
     assert f"<|doc_start|>[{pos}] {gold['title']}: {gold['text']}<|doc_end|>" in text and "[4]" not in text
     answer = tok.decode([t for t, m in zip(ids, mask) if m])
     assert answer == f"<|assistant_start|> {rag.target_answer(q, picked)}<|assistant_end|>"
-    assert answer.endswith(f" [{pos}].<|assistant_end|>") and q["answer"] in answer
+    assert answer.endswith(f" [{pos}].<|assistant_end|>") and q["golden_answers"][0] in answer
     assert ids[-len(tok.encode(answer)) - 10:] and mask.index(1) == len(ids) - mask.count(1)  # mask is one final span
     # closed-book: no documents, no citation
     ids, mask = rag.render_example(tok, q)
@@ -1363,7 +1871,7 @@ def test_rag_example_rendering_and_mask():
 
 
 def test_raft_gold_position_varies_and_abstains_without_gold():
-    _, _, docs, qa = world()
+    _, _, docs, qa = rag_world()
     q = next(q for q in qa if q["hops"] == 1)
     pool = [d for i, d in docs.items() if i not in q["gold_ids"]]
     positions = {[d["id"] for d in rag.raft_docs(q, pool, docs, random.Random(s), 4, 0.0)].index(q["gold_ids"][0])
@@ -1378,8 +1886,8 @@ def test_raft_gold_position_varies_and_abstains_without_gold():
 # -----------------------------------------------------------------------------
 # metrics on hand-made cases
 
-QA = {"question": "Where was Kel Odri born?", "answer": "Velnor", "type": "born_in", "entity": "Kel Odri",
-      "gold_ids": ["d1"], "hops": 1}
+QA = {"question": "Where was Kel Odri born?", "golden_answers": ["Velnor"], "response": "Kel Odri was born in Velnor.",
+      "type": "born_in", "entity": "Kel Odri", "gold_ids": ["d1"], "hops": 1}
 D0 = {"id": "d0", "title": "Ama Pesk", "text": "Ama Pesk was born in Durn."}
 D1 = {"id": "d1", "title": "Kel Odri", "text": "Kel Odri was born in Velnor. He is a poet."}
 D2 = {"id": "d2", "title": "Velnor", "text": "Velnor is a city in Tarsia."}
@@ -1398,16 +1906,18 @@ def test_read_answer_is_strict():
     assert rag.read_answer(ABSTAIN, QA) == (None, [])
     # another entity's sentence is not read as an answer about Kel Odri: the whole sentence is the answer
     assert rag.read_answer("Ama Pesk was born in Velnor [1].", QA) == ("Ama Pesk was born in Velnor.", [1])
-    prof = {**QA, "type": "profession", "answer": "engineer"}
-    assert rag.read_answer("Kel Odri is an engineer [1].", prof)[0] == "an engineer"
+    prof = {**QA, "type": "profession", "golden_answers": ["engineer"], "response": "Kel Odri is an engineer."}
+    assert rag.read_answer("Kel Odri is an engineer [1].", prof)[0] == "engineer"
+    # a record without a response (your own QA): the whole text, citations out, is the answer
+    assert rag.read_answer("Velnor [2]", {"question": "q", "golden_answers": ["Velnor"]}) == ("Velnor", [2])
 
 
 def test_reading_loss_scores_only_the_answer():
     """An untrained model (near-zero logits) pays ln(vocab) on every answer token; a model that is handed the
     right next token (logits from the sequence itself) pays nothing: only answer tokens are counted."""
-    out, tok, _, _ = world()
-    _, by_id, qa = rag.load_world(out)
-    qas = [q for q in qa["heldout"] if q["hops"] == 1 and prepare.answer_sentence(q).startswith(q["entity"])][:10]
+    out, tok, _, _ = rag_world()
+    _, by_id, qa = rag.load_data(out)
+    qas = [q for q in qa["heldout"] if q["hops"] == 1 and q["response"].startswith(q["entity"])][:10]
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, block_size=256, vocab_size=tok.vocab_size))
     assert abs(rag.reading_loss(model, tok, qas, by_id) - math.log(tok.vocab_size)) < 0.02
@@ -1431,15 +1941,15 @@ def test_choice_accuracy_compares_the_gold_fact_with_a_distractors():
     type differently; choice_accuracy tries both document orders and counts a trial only when the gold sentence
     is the likelier: a model drawn to the gold answer's tokens scores 100%, one drawn to the distractor's 0%, and
     one drawn to the number 1 wins the whole answer when gold is [1], never the fact alone."""
-    out, tok, _, _ = world()
-    docs, by_id, qa = rag.load_world(out)
-    answers = {(q["gold_ids"][0], q["type"]): q["answer"] for s in qa.values() for q in s if q["hops"] == 1}
+    out, tok, _, _ = rag_world()
+    docs, by_id, qa = rag.load_data(out)
+    answers = {(q["gold_ids"][0], q["type"]): q["golden_answers"][0] for s in qa.values() for q in s if q["hops"] == 1}
     qas = [q for q in qa["heldout"] if q["hops"] == 1 and q["type"] == "born_in"][:12]
     people = [d for d in docs if d.metadata["type"] == "person"]
     items = rag.choice_items(qas, [people] * len(qas), by_id, answers)
     assert len(items) == len(qas)
     for q, gold, other, a in items:
-        assert gold.id == q["gold_ids"][0] and other.id != gold.id and a == answers[(other.id, "born_in")] != q["answer"]
+        assert gold.id == q["gold_ids"][0] and other.id != gold.id and a == answers[(other.id, "born_in")] != q["golden_answers"][0]
 
     class Drawn(torch.nn.Module):  # +30 on the logits of one string's tokens, everywhere
         def __init__(self, s):
@@ -1452,17 +1962,17 @@ def test_choice_accuracy_compares_the_gold_fact_with_a_distractors():
             logits[..., self.ids] = 30.0
             return logits, F.cross_entropy(logits.view(-1, tok.vocab_size), y.view(-1), ignore_index=-1,
                                            reduction="none").view(y.shape)
-    disjoint = [it for it in items if not set(tok.encode(" " + it[0]["answer"])) & set(tok.encode(" " + it[3]))]
+    disjoint = [it for it in items if not set(tok.encode(" " + it[0]["golden_answers"][0])) & set(tok.encode(" " + it[3]))]
     assert len(disjoint) >= 3
     for it in disjoint:
-        assert rag.choice_accuracy(Drawn(it[0]["answer"]), tok, [it]) == (1.0, 1.0)
+        assert rag.choice_accuracy(Drawn(it[0]["golden_answers"][0]), tok, [it]) == (1.0, 1.0)
         assert rag.choice_accuracy(Drawn(it[3]), tok, [it]) == (0.0, 0.0)
 
     class Cites(Drawn):  # drawn to the gold document's number only: the whole answers differ, the facts tie
         def __init__(self, n):
             super().__init__("")
             self.ids = tok.encode(f"[{n}]")[1:2]
-    same_length = [it for it in items if len(tok.encode(" " + it[0]["answer"])) == len(tok.encode(" " + it[3]))]
+    same_length = [it for it in items if len(tok.encode(" " + it[0]["golden_answers"][0])) == len(tok.encode(" " + it[3]))]
     assert same_length
     whole, fact = rag.choice_accuracy(Cites(1), tok, same_length[:1])
     assert whole == 0.5 and fact == 0.0  # the trial with the gold document first is won on the citation alone
@@ -1533,6 +2043,121 @@ def test_score_hand_made_cases():
 
 
 # -----------------------------------------------------------------------------
+# your own data: a hand-made data directory, FlashRAG's formats, free-text answers
+
+OWN_KB = [{"id": "a", "title": "ALU", "text": "Arithmetic Logic Unit (CPU)"},
+          {"id": "b", "title": "ASCII", "text": "American Standard Code for Information Interchange"},
+          {"id": "c", "title": "BIOS", "text": "Basic Input Output System (PC)"},
+          {"id": "d", "title": "CPU", "text": "Central Processing Unit, the part with the ALU"},
+          {"id": "e", "title": "DMA", "text": "Direct Memory Access"}]
+OWN_QA = {"question": "What does BIOS stand for?", "golden_answers": ["Basic Input Output System", "Basic I/O System"]}
+
+
+def own_docs():
+    return {d["id"]: retrieve.Document(**d) for d in OWN_KB}
+
+
+def test_own_data_free_text_answers_em_f1_and_masks():
+    """A record without gold_ids or a response sentence: the target is the first golden answer citing the document
+    that contains one; EM and F1 take the best golden answer; only the answer carries loss."""
+    tok, docs = small_tokenizer(), own_docs()
+    picked = [docs["a"], docs["c"], docs["e"]]
+    assert rag.has_gold(OWN_QA, picked) and not rag.has_gold(OWN_QA, [docs["a"], docs["e"]])
+    assert rag.target_answer(OWN_QA, picked) == "Basic Input Output System [2]"
+    assert rag.target_answer(OWN_QA, None) == "Basic Input Output System"
+    assert rag.target_answer(OWN_QA, [docs["a"]]) == ABSTAIN
+    ids, mask = rag.render_example(tok, OWN_QA, picked)
+    assert tok.decode([t for t, m in zip(ids, mask) if m]) == "<|assistant_start|> Basic Input Output System [2]<|assistant_end|>"
+    second = rag.score(OWN_QA, "basic I/O system [2]", picked)  # the second golden answer, SQuAD-normalised
+    assert second["em"] == 1.0 and second["f1"] == 1.0 and second["citation_ok"] == 1.0 and second["citation_gold"] == 1.0
+    partial = rag.score(OWN_QA, "Basic Output System [1]", picked)  # best F1: 3 of 3 predicted in 4 gold tokens
+    assert partial["em"] == 0.0 and abs(partial["f1"] - 2 * 0.75 / 1.75) < 1e-9 and partial["citation_ok"] == 0.0
+    assert rag.score(OWN_QA, ABSTAIN, [docs["a"]])["em"] == 1.0  # nothing holds it: abstaining is right
+    assert rag.score({**OWN_QA, "golden_answers": []}, ABSTAIN, picked)["em"] == 1.0  # unanswerable
+
+
+def test_own_data_raft_sampler_on_a_hand_made_kb():
+    """Without gold_ids the gold is the best-ranked retrieved document holding an answer; a distractor never holds
+    one (else 'gold removed' would still hold the answer); gold_ids, when given, decide instead."""
+    docs = own_docs()
+    ranked = [docs["d"], docs["c"], docs["a"], docs["e"], docs["b"]]
+    qa = {"question": "What does ALU stand for?", "golden_answers": ["Arithmetic Logic Unit"]}
+    seen = set()
+    for s in range(30):
+        picked = rag.raft_docs(qa, ranked, docs, random.Random(s), 3, p_no_gold=0.0)
+        assert [d.id for d in picked if rag.is_gold(qa, d)] == ["a"] and len(picked) == 3
+        seen.add([d.id for d in picked].index("a"))
+    assert seen == {0, 1, 2}
+    none = rag.raft_docs(qa, ranked, docs, random.Random(0), 3, p_no_gold=1.0)
+    assert [d.id for d in none] != [] and not rag.has_gold(qa, none) and rag.target_answer(qa, none) == ABSTAIN
+    by_id = rag.raft_docs({**qa, "gold_ids": ["d"]}, ranked, docs, random.Random(0), 2, p_no_gold=0.0)
+    assert "d" in [d.id for d in by_id]  # gold_ids name the gold, whatever the text holds
+
+
+def write_data_dir(d, kb=OWN_KB, train=None, heldout=None):
+    os.makedirs(d, exist_ok=True)
+    for name, rows in (("kb", kb), ("qa_train", train or [OWN_QA]), ("qa_heldout", heldout or [OWN_QA])):
+        with open(os.path.join(d, f"{name}.jsonl"), "w") as f:
+            f.writelines((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+    return d
+
+
+def test_flashrag_files_load_without_conversion(tmp_path):
+    corpus = [{"id": "0", "contents": '"Basic Input Output System"\nBIOS is the firmware that starts a PC.'},
+              {"id": "1", "contents": '"Direct Memory Access"\nDMA lets devices write memory directly.'}]
+    qa = [{"id": "test_0", "question": "What starts a PC?", "golden_answers": ["BIOS", "the BIOS"]}]
+    docs, by_id, sets = rag.load_data(write_data_dir(tmp_path, corpus, qa, qa))
+    assert by_id["0"].title == "Basic Input Output System" and by_id["0"].text.startswith("BIOS is the firmware")
+    assert sets["heldout"][0]["golden_answers"] == ["BIOS", "the BIOS"] and rag.has_gold(sets["heldout"][0], docs)
+
+
+def test_own_data_bad_input_is_one_line_naming_file_and_line(tmp_path):
+    good = json.dumps(OWN_QA)
+    cases = {"no_question": ([OWN_KB, [good, json.dumps({"golden_answers": ["x"]})]], "qa_train.jsonl line 2", "question"),
+             "no_answers": ([OWN_KB, [json.dumps({"question": "q?"})]], "qa_train.jsonl line 1", "golden_answers"),
+             "bad_gold": ([OWN_KB, [good, good, json.dumps({**OWN_QA, "gold_ids": ["zz"]})]], "line 3", "'zz'"),
+             "empty_kb": ([[], [good]], "kb.jsonl", "empty"),
+             "foreign_heldout": ([OWN_KB, [good], [json.dumps({"question": "q?", "golden_answers": ["Zanzibar"]})]],
+                                 "qa_heldout.jsonl", "shares no document")}
+    for name, (files, where, what) in cases.items():
+        d = write_data_dir(tmp_path / name, *files)
+        try:
+            rag.load_data(d)
+            assert False, name
+        except ValueError as e:
+            assert where in str(e) and what in str(e) and len(str(e).splitlines()) == 1, (name, e)
+    # the stage itself: one line, and nothing written
+    out = tmp_path / "out"
+    p = rag_train(f"--data_dir={tmp_path / 'bad_gold'}", f"--init_from={checkpoint('TM', str(tmp_path / 'm.pt'))}",
+                  f"--out_dir={out}")
+    assert p.returncode != 0 and "Traceback" not in p.stderr and p.stderr.strip().count("\n") == 0, p.stderr
+    assert "qa_train.jsonl line 3" in p.stderr and not out.exists()
+
+
+def test_own_data_end_to_end_prepare_train_rag_train_eval(tmp_path):
+    """Your own documents and questions, end to end: prepare.py on the text, train.py, rag_train.py on the data
+    directory, and its evaluation (EM, F1, recall, accuracy vs k) in eval.json."""
+    words = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega".split()
+    kb = [{"id": f"t{i}", "title": f"T{i}X", "text": f"{words[i % 11].title()} {words[(3 * i) % 11].title()} Terminal"}
+          for i in range(40)]
+    qa = lambda i: {"id": f"q{i}", "question": f"What does T{i}X stand for?", "golden_answers": [kb[i]["text"]]}
+    d = write_data_dir(tmp_path / "d", kb, [qa(i) for i in range(30)],
+                       [qa(i) for i in range(30, 40)] + [{"question": "What does ZZZ stand for?", "golden_answers": []}])
+    with open(tmp_path / "text.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": f"{r['title']}: {r['text']}"}) + "\n" for r in kb * 3)
+    run("prepare.py", f"--input={tmp_path / 'text.jsonl'}", f"--out={tmp_path / 'text'}", "--vocab_size=300", "--val_frac=0.3")
+    run("train.py", f"--data_dir={tmp_path / 'text'}", f"--out_dir={tmp_path / 'base'}", *TINY, "--max_iters=2",
+        "--eval_interval=2", "--block_pattern=TM")
+    p = rag_train(f"--data_dir={d}", f"--init_from={tmp_path / 'base' / 'ckpt.pt'}", f"--out_dir={tmp_path / 'rag'}",
+                  *TINY_RAG, "--eval_n=0")
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.load(open(tmp_path / "rag" / "eval.json"))
+    assert res["n_single"] == 10 and res["n_unanswerable"] == 1 and set(res["recall"]) == {"1"}
+    assert {"em", "f1", "abstained", "hallucinated"} <= set(res["rag"]) and res["vs_k"]["1"]["n"] == 10
+    assert "no closed-book questions" in p.stdout and "text_weight is 0" not in p.stdout  # text: the base's train.bin
+
+
+# -----------------------------------------------------------------------------
 # the generation loop, with a model that plays back a script
 
 class Scripted(torch.nn.Module):
@@ -1561,7 +2186,7 @@ def hop_script(tok, query, answer):
 
 
 def test_multi_hop_loop_retrieves_appends_and_answers():
-    _, tok, _, _ = world()
+    _, tok, _, _ = rag_world()
     calls = []
     retrieve = lambda q, k: calls.append((q, k)) or [D1, D2, D0][:k]
     script = hop_script(tok, "Where was Kel Odri born?", "Kel Odri was born in Velnor [2].")
@@ -1581,7 +2206,7 @@ def test_multi_hop_loop_retrieves_appends_and_answers():
 
 
 def test_loop_stopping_rules():
-    _, tok, _, _ = world()
+    _, tok, _, _ = rag_world()
     script = hop_script(tok, "Where was Kel Odri born?", "Kel Odri was born in Velnor [2].")
     msgs = rag.messages_for("Where is the birthplace of Kel?", [D0])
     never = lambda q, k: (_ for _ in ()).throw(AssertionError("retrieved beyond max_hops"))
@@ -1614,7 +2239,7 @@ def test_loop_stopping_rules():
 def test_loop_with_a_real_model_matches_full_forward():
     """Cached prefill, one-token decode and a chunked prefill of appended documents give the tokens a full forward
     over the final sequence would pick."""
-    _, tok, _, _ = world()
+    _, tok, _, _ = rag_world()
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, vocab_size=tok.vocab_size, block_pattern="TM")).eval()
     s = tok.special
@@ -1635,7 +2260,7 @@ def test_loop_with_a_real_model_matches_full_forward():
 # rag_train.py: the Transformer refusal, both data modes, and a fine-tune that learns
 
 def test_pure_transformer_is_refused_with_one_line():
-    data, *_ = world()
+    data, *_ = rag_world()
     ckpt = checkpoint("T", os.path.join(TMP.name, "t.pt"))
     r = rag_train(f"--init_from={ckpt}", f"--data_dir={data}", f"--out_dir={TMP.name}/t_rag")
     assert r.returncode == 1 and r.stderr.count("\n") == 1
@@ -1651,16 +2276,16 @@ def test_chat_lists_the_sources_it_read_and_fails_in_one_line():
     """chat.py -p retrieves, answers (or says why it could not) and lists the documents it read, numbered as the
     model saw them; when the context is too small it drops the lowest-ranked documents and says so once; a
     missing KB or checkpoint is one line on stderr, no traceback."""
-    data, _, _, _ = world()
+    data, _, _, _ = rag_world()
     kb = os.path.join(data, "kb.jsonl")
     question = next(q for q in map(json.loads, open(os.path.join(data, "qa_heldout.jsonl"))) if q["hops"] == 1)["question"]
     bm25 = retrieve.BM25Retriever()
     bm25.add_documents(retrieve.load_documents(kb))
     top3 = [d.id for d, _ in bm25.retrieve(question, 3)]
     for block_size, n_read in ((512, 3), (128, 1)):
-        ckpt = checkpoint("TM", os.path.join(TMP.name, f"chat{block_size}.pt"), block_size=block_size)
+        ckpt = checkpoint("TM", os.path.join(TMP.name, f"chat{block_size}.pt"), "rag", block_size=block_size)
         lines = run("chat.py", "--ckpt", ckpt, "--kb", kb, "-p", question, "--top_k", "3", "--max_new_tokens", "4").stdout.splitlines()
-        sources = [l.split("] ")[1].split(":")[0] for l in lines[lines.index("sources:") + 1:]]
+        sources = [l.split("] ")[1].split(":")[0] for l in lines[lines.index("sources (* = cited by the answer):") + 1:]]
         assert sources == top3[:n_read]  # the best-ranked first, the rest dropped to fit
         assert sum("context limit" in l for l in lines) == (n_read < 3)
     for bad in (["--ckpt", ckpt, "--kb", "/nonexistent/kb"], ["--ckpt", "/nonexistent/ckpt.pt", "--kb", kb]):
@@ -1668,8 +2293,119 @@ def test_chat_lists_the_sources_it_read_and_fails_in_one_line():
         assert p.returncode != 0 and "/nonexistent/" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
+def test_chat_turns_keep_earlier_text_not_documents():
+    """A turn sees the earlier turns as text (questions, answers without citations) and none of their documents,
+    so this turn's are numbered from [1]; a pronoun follow-up is retrieved with the last question that named its
+    entity, and the re-read keeps the earlier text too (only it says who "his" is)."""
+    _, tok, _, _ = rag_world()
+    model = Scripted(turn(tok, "answer", "Kel Odri was born in Velnor [2].") + turn(tok, "answer", "Kel Odri was born in Velnor [1]."), tok.vocab_size)
+    _, out = rag.ask(model, tok, "Where was Kel Odri born?", retrieve=lambda q, k: [D0, D1], top_k=2, max_len=512)
+    assert out["answer"] == "Kel Odri was born in Velnor [2]." and out["reread"] == 2
+    history = rag.text_only(out["messages"])
+    assert history == rag.messages_for("Where was Kel Odri born?", None, "Kel Odri was born in Velnor.")
+    asked = []
+    model = Scripted(turn(tok, "answer", "Kel Odri is a poet [2].") + turn(tok, "answer", "Kel Odri is a poet [1]."), tok.vocab_size)
+    first, out = rag.ask(model, tok, "What is his profession?", history, "Where was Kel Odri born?",
+                          retrieve=lambda q, k: asked.append(q) or [D2, D1], top_k=2, max_len=512)
+    assert asked == ["Where was Kel Odri born? What is his profession?"] and out["answer"] == "Kel Odri is a poet [2]."
+    text = tok.decode(first["ids"])
+    assert text.startswith("<|bos|><|user_start|> Where was Kel Odri born?<|user_end|><|assistant_start|> Kel Odri was "
+                           "born in Velnor.<|assistant_end|><|user_start|> What is his profession?<|user_end|><|doc_start|>[1] Velnor:")
+    assert text.count("<|doc_start|>") == 2 and "Ama Pesk" not in text
+    fed = tok.decode(model.fed)  # both passes: the re-read has the history and the cited document alone
+    assert fed.count("born in Velnor.<|assistant_end|><|user_start|> What is his profession?<|user_end|>") == 2
+    assert fed.count("<|doc_start|>") == 3
+    assert f"What is his profession?<|user_end|><|doc_start|>[1] Kel Odri: {D1['text']}<|doc_end|><|assistant_start|>" in fed
+
+
+def test_followup_query_finds_the_entity_a_pronoun_refers_to():
+    """A question with a pronoun is searched together with the last question that named its entity; others as
+    they are. On the world, the pronoun follow-up's words alone rarely retrieve its entity's document; with the
+    previous question, BM25 ranks it first."""
+    topic = "Who employs Kel Odri?"
+    for q in ("Where was he born?", "What is her profession?", "When was it founded?", "Who founded that company?",
+              "What is its population?"):
+        assert rag.search_query(q, topic) == f"{topic} {q}"
+    for q in ("Where was Ama Pesk born?", "Which item is the heaviest?", "Where is the company Kel Odri works for?"):
+        assert rag.search_query(q, topic) == q
+    assert rag.search_query("Where was he born?", None) == "Where was he born?"
+    data, *_ = rag_world()
+    kb, _, qa = rag.load_data(data, ("heldout",))
+    bm25 = retrieve.BM25Retriever()
+    bm25.add_documents(kb)
+    top = lambda q, k: [d for d, _ in bm25.retrieve(q, k)]
+    about = {}
+    for q in qa["heldout"]:
+        if q["hops"] == 1 and q["type"] in world.ENTITY_KIND:
+            about.setdefault(q["entity"], []).append(q)
+    found, literal = [], []
+    for e, qs in about.items():
+        for first, q in zip(qs, qs[1:]):
+            followup = world.refer_back(q["question"], e, world.PRONOUNS[world.ENTITY_KIND[q["type"]]][0])
+            assert e not in followup and rag.PRONOUN.search(followup), followup
+            found.append(rag.has_gold(q, top(rag.search_query(followup, first["question"]), 1)))
+            literal.append(rag.has_gold(q, top(followup, 4)))
+    assert len(found) > 20 and sum(found) / len(found) > 0.9 and sum(literal) / len(literal) < 0.3
+
+
+def test_chat_sources_once_each_and_base_model_continues_the_prompt():
+    """The sources list names each document once, with every number it had, * on the cited ones. A pre-trained
+    checkpoint gets sample.py's behaviour: the prompt and the model's own continuation, with a one-line note."""
+    import chat
+    assert chat.sources([D0, D1, D0, D2], [3]) == ["  *[1][3] d0: Ama Pesk", "   [2] d1: Kel Odri", "   [4] d2: Velnor"]
+    data, tok, _, _ = rag_world()
+    ckpt = checkpoint("TM", os.path.join(TMP.name, "base.pt"), block_size=128)
+    prompt = "Question: Where was Kel Odri born?"
+    p = run("chat.py", "--ckpt", ckpt, "--kb", os.path.join(data, "kb.jsonl"), "-p", prompt, "--max_new_tokens", "6")
+    model = GPT.from_checkpoint(torch.load(ckpt, weights_only=True)).eval()
+    ids = [tok.bos_id] + tok.encode(prompt)
+    new = model.generate(torch.tensor([ids]), 6)[0, len(ids):].tolist()
+    assert p.stdout == prompt + tok.decode(new[:new.index(tok.bos_id)] if tok.bos_id in new else new) + "\n"
+    assert len(p.stderr.strip().splitlines()) == 1 and "not fine-tuned for chat" in p.stderr
+
+
+def rag_train_functions(**namespace):
+    """rag_train.py's example builders, run on a namespace that stands in for its globals (it is a script)."""
+    names = ("by_entity", "build_retriever", "train_search", "followup_example", "out_of_world_example")
+    tree = ast.parse(open(os.path.join(HERE, "rag_train.py")).read())
+    tree.body = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
+    exec(compile(tree, "rag_train.py", "exec"), namespace)
+    return namespace
+
+
+def test_rag_train_followup_and_out_of_world_examples():
+    """A follow-up example: the first turn as text only and without loss, then a question that refers back with
+    a pronoun and its documents (gold among them), the answer naming the entity as the first turn does, renamed
+    alike in both turns. An out-of-world example asks about a real thing over the world's KB and abstains."""
+    data, tok, _, _ = rag_world()
+    kb, by_id, qa = rag.load_data(data, ("train",))
+    about = {e: qs for e, qs in rag_train_functions(rag=rag, world=world)["by_entity"](qa["train"]).items()
+             if qs[0]["gold_ids"][0].startswith("rag-person")}
+    entity = sorted(about)[0]
+    ns = rag_train_functions(rag=rag, world=world, stopwords="", tok=tok, by_id=by_id, k_max=3, p_no_gold=0.0,
+                             retrieve_depth=8, followup_about={entity: about[entity]}, followup_qa=about[entity],
+                             first_names=world.first_names(kb), searched={}, search_retriever=None, train_docs=kb,
+                             RETRIEVERS=RETRIEVERS, retriever="bm25", out_of_world_qa=world.out_of_world("train", random.Random(0)))
+    for seed, p_rename in ((0, 0.0), (1, 0.0), (2, 1.0), (3, 1.0)):
+        ns["p_rename"] = p_rename
+        ids, mask = ns["followup_example"](random.Random(seed))
+        text = tok.decode(ids)
+        first, second = text.split("<|assistant_end|><|user_start|>")
+        assert "<|doc_start|>" not in first and first.count("<|user_start|>") == 1 and "<|doc_start|>[1] " in second
+        q2, answer = second.split("<|user_end|>")[0], tok.decode([t for t, m in zip(ids, mask) if m])
+        assert rag.PRONOUN.search(q2) and answer == "<|assistant_start|> " + second.split("<|assistant_start|> ")[1]
+        name = first.split("<|assistant_start|> ")[1].split(" ")[:2]  # the first answer starts with the entity
+        assert answer.split(" ")[1:3] == name and "[" in answer and ABSTAIN not in answer
+        assert (entity.split()[1] in text) == (p_rename == 0.0)
+    ids, mask = ns["out_of_world_example"](random.Random(0))
+    assert tok.decode([t for t, m in zip(ids, mask) if m]) == f"<|assistant_start|> {ABSTAIN}<|assistant_end|>"
+    assert "<|doc_start|>[1] " in tok.decode(ids)
+    heldout = world.out_of_world("heldout", random.Random(0))
+    assert len(heldout) >= 100 and not {q.get("entity") for q in heldout} & {q.get("entity") for q in ns["out_of_world_qa"]} - {None}
+
+
 def test_dynamic_and_static_data_modes_train_identically():
-    data, tok, docs, qa = world()
+    data, tok, docs, qa = rag_world()
     ckpt = checkpoint("TM", os.path.join(TMP.name, "tm.pt"))
     outs = {}
     for mode in ("dynamic", "static"):
@@ -1680,7 +2416,7 @@ def test_dynamic_and_static_data_modes_train_identically():
         assert res["rag"]["n"] == 1 and set(res["vs_k"]) == {"1"}
         assert res["rag_reread"]["n"] == 1 and set(res["vs_k_reread"]) == {"1"}  # cite-then-read beside one pass
     static = [json.loads(l) for l in open(os.path.join(data, "retrieved_bm25_top16.jsonl"))]
-    rag_world_qa = [json.loads(l) for l in open(os.path.join(data, "qa_rag.jsonl"))]
+    rag_world_qa = [json.loads(l) for l in open(os.path.join(data, "qa_train.jsonl"))]
     assert len(static) == sum(q["hops"] <= 1 for q in rag_world_qa)  # RAG examples come from the RAG world
     assert all(not i.startswith("heldout") for r in static for i in r["retrieved"])  # the held-out world stays unseen
     assert outs["static"]["stage"] == "rag" and outs["static"]["step"] == 2
@@ -1693,20 +2429,21 @@ def test_dynamic_and_static_data_modes_train_identically():
 def test_rename_names_hides_the_names_everywhere():
     """The asked-about person gets a fresh name shaped like a held-out one (a pool first name, an invented
     surname) in the question and every document, and a name answer is renamed the same way; a year is kept."""
-    _, tok, docs, qa = world()
+    _, tok, docs, qa = rag_world()
     first_names = sorted({d["title"].split()[0] for d in docs.values() if d["metadata"]["type"] == "person"})
     for qtype in ("born_in", "born_year"):
-        q = next(q for q in qa if q["type"] == qtype and q["gold_ids"][0].startswith("train-person"))
-        gold = docs[q["gold_ids"][0]]
-        q2, (g2,) = rag.rename_names(q, [gold], random.Random(0), first_names)
+        q = next(q for q in qa if q["type"] == qtype and q["gold_ids"][0].startswith("rag-person"))
+        gold = retrieve.Document(**docs[q["gold_ids"][0]])
+        q2, (g2,) = world.rename_names(q, [gold], random.Random(0), first_names)
         surname = q["entity"].split()[-1]
-        assert surname not in q2["question"] + g2["title"] + g2["text"] and q2["entity"] in q2["question"]
-        assert q2["entity"].split()[0] in first_names and q2["entity"] in g2["title"]
-        assert (q2["answer"] != q["answer"]) == (qtype == "born_in") and q2["answer"] in g2["text"]
-        assert (q["answer"] in g2["text"]) == (qtype == "born_year")
+        assert surname not in q2["question"] + g2.title + g2.text and q2["entity"] in q2["question"]
+        assert q2["entity"].split()[0] in first_names and q2["entity"] in g2.title and q2["entity"] in q2["response"]
+        a, a2 = q["golden_answers"][0], q2["golden_answers"][0]
+        assert (a2 != a) == (qtype == "born_in") and a2 in g2.text and a2 in q2["response"]
+        assert (a in g2.text) == (qtype == "born_year")
         assert rag.score(q2, rag.target_answer(q2, [g2]), [g2])["em"] == 1.0
     q = next(q for q in qa if q["type"] == "capital")  # a country keeps its suffix
-    q2, _ = rag.rename_names(q, [docs[q["gold_ids"][0]]], random.Random(0), first_names)
+    q2, _ = world.rename_names(q, [retrieve.Document(**docs[q["gold_ids"][0]])], random.Random(0), first_names)
     assert q2["entity"] != q["entity"]
     assert any(q["entity"].endswith(s) and q2["entity"].endswith(s) for s in COUNTRY_SUFFIXES)
 
@@ -1716,7 +2453,7 @@ def test_tiny_finetune_beats_chance():
     held-out conversations. Accuracy here is teacher-forced next-token accuracy on what the assistant says: it must
     beat chance (always the most frequent answer token) and the untrained model. (Exact match needs far more
     training than a unit test has: see rag_train.py's evaluation.)"""
-    data, tok, docs, qa = world()
+    data, tok, docs, qa = rag_world()
     heldout = [json.loads(l) for l in open(os.path.join(data, "qa_heldout.jsonl"))]
     pool = list(docs.values())
     torch.manual_seed(0)
@@ -1796,7 +2533,7 @@ def turn(tok, kind, text):
 
 
 def two_hop():
-    _, _, docs, qa = world()
+    _, _, docs, qa = rag_world()
     return next(q for q in qa if q["hops"] == 2), docs
 
 
@@ -1804,31 +2541,30 @@ def two_hop():
 # the gold conversations of the warm start
 
 def test_chain_conversation_queries_what_is_missing_and_masks_only_model_text():
-    _, tok, docs, qa = world()
+    _, tok, docs, qa = rag_world()
     q = next(q for q in qa if q["hops"] == 3)
     distractors = [d for d in docs.values() if d["id"] not in q["gold_ids"]][:2]
-    first = docs[q["chain"][0]["doc_id"]]
+    first = docs[q["gold_ids"][0]]
     # the question's retrieval finds step 1's document; the queries' retrievals miss theirs: the gold goes in
     retrieve = lambda query, k: ([first] if query == q["question"] else []) + distractors[:k - (query == q["question"])]
     msgs = refrag()["chain_messages"](q, retrieve, docs)
     assert [m["role"] for m in msgs] == ["user", "documents", "query", "documents", "query", "documents", "assistant"]
-    assert [m["content"] for m in msgs if m["role"] == "query"] == [s["query"] for s in q["chain"][1:]]
+    assert [m["content"] for m in msgs if m["role"] == "query"] == q["queries"][1:]
     seen = [d["id"] for m in msgs if m["role"] == "documents" for d in m["content"]]
-    assert seen[0] == first["id"] and seen[3] == q["chain"][1]["doc_id"] and seen[5] == q["chain"][2]["doc_id"]
+    assert seen[0] == first["id"] and seen[3] == q["gold_ids"][1] and seen[5] == q["gold_ids"][2]
     assert msgs[-1]["content"] == prepare_answer(q, cite=6)  # the last gold document is [6]
     ids, mask = render_conversation(tok, msgs)
     learned = [t for t, m in zip(ids, mask) if m]
-    expected = sum((turn(tok, "query", s["query"]) for s in q["chain"][1:]), []) + turn(tok, "answer", msgs[-1]["content"])
+    expected = sum((turn(tok, "query", query) for query in q["queries"][1:]), []) + turn(tok, "answer", msgs[-1]["content"])
     assert learned == expected  # queries and the answer, never the question or a document
 
 
 def prepare_answer(qa, cite):
-    from prepare import answer_sentence
-    return answer_sentence(qa, cite=cite)
+    return rag.with_citation(qa["response"], cite)
 
 
 def test_chain_conversation_single_hop_answers_at_once_unanswerable_abstains():
-    _, tok, docs, qa = world()
+    _, tok, docs, qa = rag_world()
     one = next(q for q in qa if q["hops"] == 1)
     none = next(q for q in qa if q["hops"] == 0)
     gold, other = docs[one["gold_ids"][0]], next(d for d in docs.values() if d["id"] not in one["gold_ids"])
@@ -1869,7 +2605,7 @@ def test_renamed_world_retrieves_real_documents_under_invented_names():
           "Velnor Group": {"id": "c1", "title": "Velnor Group", "text": "Velnor Group was founded in 1971."}}
     asked = []
     retrieve = lambda query, k: asked.append(query) or [d for t, d in kb.items() if t in query][:k]
-    qa = {"question": "When was the employer of Kel Odri founded?", "answer": "1971", "entity": "Kel Odri"}
+    qa = {"question": "When was the employer of Kel Odri founded?", "golden_answers": ["1971"], "entity": "Kel Odri"}
     qa2, retrieve2 = refrag()["renamed_world"](qa, retrieve, {"Kel", "Odri", "Velnor"}, random.Random(0))
     kel, odri = qa2["entity"].split()
     assert {kel, odri}.isdisjoint({"Kel", "Odri"}) and qa2["question"] == f"When was the employer of {kel} {odri} founded?"
@@ -1878,23 +2614,23 @@ def test_renamed_world_retrieves_real_documents_under_invented_names():
     velnor = person["text"].split()[4]
     assert person["text"] == f"{kel} {odri} works for {velnor} Group." and velnor != "Velnor"
     [company] = retrieve2(f"When was {velnor} Group founded?", 1)
-    assert company["id"] == "c1" and company["title"] == f"{velnor} Group" and qa2["answer"] == "1971"
+    assert company["id"] == "c1" and company["title"] == f"{velnor} Group" and qa2["golden_answers"] == ["1971"]
 
 
 # -----------------------------------------------------------------------------
 # the loop as RL drives it: stopping rules and masks
 
 def test_rollout_hops_then_answers_mask_is_exactly_the_sampled_tokens():
-    _, tok, _, _ = world()
+    _, tok, _, _ = rag_world()
     q, docs = two_hop()
-    step0, step1 = (docs[s["doc_id"]] for s in q["chain"])
+    step0, step1 = (docs[g] for g in q["gold_ids"])
     answer = prepare_answer(q, cite=2)
-    script = turn(tok, "query", q["chain"][1]["query"]) + turn(tok, "answer", answer)
+    script = turn(tok, "query", q["queries"][1]) + turn(tok, "answer", answer)
     calls = []
     retrieve = lambda query, k: calls.append(query) or ([step0] if query == q["question"] else [step1])
     out = refrag()["rollout"](ScriptedRefrag(script, tok.vocab_size), tok, q, retrieve, k=1, hops=3)
-    assert out["stop"] == "answer" and out["answer"] == answer and out["queries"] == [q["chain"][1]["query"]]
-    assert calls == [q["question"], q["chain"][1]["query"]]
+    assert out["stop"] == "answer" and out["answer"] == answer and out["queries"] == [q["queries"][1]]
+    assert calls == [q["question"], q["queries"][1]]
     assert [d["id"] for d in out["docs"]] == [step0["id"], step1["id"]]
     assert [t for t, m in zip(out["ids"], out["mask"]) if m] == script  # the model's tokens, nothing else
     ids, mask = render_conversation(tok, out["messages"])
@@ -1904,9 +2640,9 @@ def test_rollout_hops_then_answers_mask_is_exactly_the_sampled_tokens():
 
 
 def test_rollout_stops_at_max_hops_and_on_format():
-    _, tok, _, _ = world()
+    _, tok, _, _ = rag_world()
     q, docs = two_hop()
-    retrieve = lambda query, k: [docs[q["chain"][0]["doc_id"]]]
+    retrieve = lambda query, k: [docs[q["gold_ids"][0]]]
     queries = turn(tok, "query", "Where is it?") * 3
     out = refrag()["rollout"](ScriptedRefrag(queries, tok.vocab_size), tok, q, retrieve, k=1, hops=2)
     assert out["stop"] == "max_hops" and len(out["queries"]) == 3 and out["answer"] is None
@@ -1923,18 +2659,18 @@ def test_rollout_stops_at_max_hops_and_on_format():
 def test_reward_hand_made_cases():
     g = refrag()
     q, docs = two_hop()
-    d0, d1 = docs[q["chain"][0]["doc_id"]], docs[q["chain"][1]["doc_id"]]
+    d0, d1 = docs[q["gold_ids"][0]], docs[q["gold_ids"][1]]
     run = lambda answer, stop="answer", n_queries=1: {"answer": answer, "stop": stop, "queries": ["q"] * n_queries,
                                                        "docs": [rag.doc_dict(d0), rag.doc_dict(d1)]}
     right, wrong_cite = prepare_answer(q, cite=2), prepare_answer(q, cite=1)
     assert g["reward"](q, run(right)) == (g["w_em"] + g["w_cite"] - g["w_hop"], {"em": 1.0, "cite": 1.0, "format": 0.0, "hops": 1})
     assert g["reward"](q, run(wrong_cite))[0] == g["w_em"] - g["w_hop"]  # [1] does not hold the answer
     assert g["reward"](q, run(right, n_queries=3))[0] == g["w_em"] + g["w_cite"] - 3 * g["w_hop"]
-    wrong = right.replace(q["answer"], "Nowhere")
+    wrong = right.replace(q["golden_answers"][0], "Nowhere")
     assert g["reward"](q, run(wrong)) == (g["w_cite"] - g["w_hop"], {"em": 0.0, "cite": 1.0, "format": 0.0, "hops": 1})
     assert g["reward"](q, run(ABSTAIN))[0] == -g["w_hop"]  # the KB holds the answer: abstaining is wrong
     assert g["reward"](q, run(None, "max_hops", 4))[0] == -g["w_format"] - 4 * g["w_hop"]
-    none = {**q, "answer": "", "gold_ids": [], "chain": []}
+    none = {**q, "golden_answers": [], "gold_ids": [], "queries": []}
     assert g["reward"](none, run(ABSTAIN, n_queries=0))[0] == g["w_em"]
     assert g["reward"](none, run(right, n_queries=0))[0] == 0.0
     assert g["advantages"]([1.0, 0.0, 0.0, 1.0]).tolist() == [0.5, -0.5, -0.5, 0.5]
@@ -1950,9 +2686,9 @@ def sampled_logp(model, out):
 
 
 def test_policy_gradient_step_raises_rewarded_and_lowers_punished_rollout():
-    _, tok, _, _ = world()
+    _, tok, _, _ = rag_world()
     q, docs = two_hop()
-    retrieve = lambda query, k: [docs[s["doc_id"]] for s in q["chain"]][:k]
+    retrieve = lambda query, k: [docs[g] for g in q["gold_ids"]][:k]
     good = refrag()["rollout"](ScriptedRefrag(turn(tok, "answer", prepare_answer(q, 2)), tok.vocab_size), tok, q, retrieve, k=2)
     bad = refrag()["rollout"](ScriptedRefrag(turn(tok, "answer", ABSTAIN), tok.vocab_size), tok, q, retrieve, k=2)
     model = tiny_gpt(tok)
@@ -1972,9 +2708,9 @@ def test_policy_gradient_step_raises_rewarded_and_lowers_punished_rollout():
 
 
 def test_kl_penalty_is_zero_at_the_warm_start_and_pulls_back_to_it():
-    _, tok, _, _ = world()
+    _, tok, _, _ = rag_world()
     q, docs = two_hop()
-    retrieve = lambda query, k: [docs[s["doc_id"]] for s in q["chain"]][:k]
+    retrieve = lambda query, k: [docs[g] for g in q["gold_ids"]][:k]
     out = refrag()["rollout"](ScriptedRefrag(turn(tok, "answer", prepare_answer(q, 2)), tok.vocab_size), tok, q, retrieve, k=2)
     ref, model = tiny_gpt(tok), tiny_gpt(tok)
     no_adv, g = torch.zeros(1), refrag()
@@ -2001,7 +2737,7 @@ def test_kl_penalty_is_zero_at_the_warm_start_and_pulls_back_to_it():
 # the stage end to end: refusal, sft -> rl, checkpoints, eval.json and the curve
 
 def refrag_checkpoint(pattern, path):
-    _, tok, _, _ = world()
+    _, tok, _, _ = rag_world()
     model = tiny_gpt(tok, pattern)
     save_checkpoint(path, {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config), "step": 0,
                            "optimizer": [], "config": {}, "tokenizer": tok.to_json(), "val_loss": 0.0, "stage": "rag"})
@@ -2014,7 +2750,7 @@ def refrag_train(*args):
 
 
 def test_refrag_refuses_pure_transformer():
-    data, *_ = world()
+    data, *_ = rag_world()
     r = refrag_train(f"--init_from={refrag_checkpoint('T', os.path.join(TMP_REFRAG.name, 't.pt'))}", f"--data_dir={data}",
                      f"--out_dir={TMP_REFRAG.name}/t", "--baseline_ckpt=")
     assert r.returncode == 1 and "pure Transformer" in r.stderr and "allow_transformer" in r.stderr
@@ -2022,7 +2758,7 @@ def test_refrag_refuses_pure_transformer():
 
 
 def test_sft_then_rl_end_to_end():
-    data, *_ = world()
+    data, *_ = rag_world()
     base = refrag_checkpoint("TM", os.path.join(TMP_REFRAG.name, "hybrid.pt"))
     small = [f"--data_dir={data}", "--eval_n=2", "--max_new_tokens=8", "--device=cpu", f"--baseline_ckpt={base}"]
     r = refrag_train(f"--init_from={base}", f"--out_dir={TMP_REFRAG.name}/sft", "--sft_iters=2", "--sft_batch_size=2", *small)
@@ -2043,7 +2779,7 @@ def test_sft_then_rl_end_to_end():
 def test_rl_resume_after_kill_continues_exactly():
     """RL killed right after a checkpoint and resumed ends with the same weights and logs as an uninterrupted run:
     the KL reference is the warm start again, not the checkpoint resumed from."""
-    data, *_ = world()
+    data, *_ = rag_world()
     base = refrag_checkpoint("TM", os.path.join(TMP_REFRAG.name, "hybrid.pt"))
     # the random tiny model's rollouts all fail alike (advantage 0); weight decay moves it off the warm start, so
     # the KL term is live and a wrong reference after the resume changes the updates

@@ -1,8 +1,11 @@
 """
 A real data directory from V.E.R.A. (Virtual Entity of Relevant Acronyms, Debian's dict-vera): one document per
 dictionary entry, "What does X stand for?" for every acronym with a single entry, answered by its expansion, and
-questions about acronyms that are in no entry (the answer is to abstain). Split by document: held-out questions
-ask about entries that no training stage sees (they are left out of pretrain.jsonl and of qa_train.jsonl).
+questions about acronyms that are in no entry (the answer is to abstain). Split by document, as the synthetic world
+is: held-out questions ask about entries that no training stage sees, and qa_train's about entries that pretraining
+does not see either, so that fine-tuning can only answer them by reading (not from memory). The rest of the entries
+are pretraining text, each followed by its question and answer, plus reading exercises as the world has them: made-up
+acronyms of real words, each seen once, then asked about, which the model can answer only by copying.
 
     apt-get download dict-vera && dpkg -x dict-vera_*.deb /tmp/vera     # or: apt-get install dict-vera
     python dev/vera.py --dict=/tmp/vera/usr/share/dictd/vera --out=data/vera
@@ -19,6 +22,7 @@ import re
 import string
 
 B64 = string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/"  # dictd's numbers in the .index
+QA_SHARES = {"heldout": 0.05, "train": 0.45}  # of the answerable questions; the rest pretrain
 PHRASINGS = ["What does {a} stand for?", "What is {a} short for?", "What is the expansion of {a}?",
              "{a} is an abbreviation of what?"]
 
@@ -40,11 +44,19 @@ def expansion(text):
     return re.sub(r"\s*\([^()]*\)$", "", text).strip()
 
 
+def new_acronym(rng, taken, a=""):
+    """An acronym no entry has (a itself when free), marked taken."""
+    while not a or a.lower() in taken:
+        a = "".join(rng.choices(string.ascii_uppercase, k=rng.randint(3, 5)))
+    taken[a.lower()] = 0
+    return a
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dict", default="/usr/share/dictd/vera", help="the dictionary, without .index / .dict.dz")
     p.add_argument("--out", default="data/vera")
-    p.add_argument("--heldout", type=float, default=0.05, help="share of questions (and their entries) held out")
+    p.add_argument("--reading", type=int, default=20000, help="reading exercises in pretrain.jsonl")
     p.add_argument("--unanswerable", type=float, default=0.1, help="questions about acronyms in no entry, per question")
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args()
@@ -63,27 +75,40 @@ def main():
             qas.append({"id": f"vera-qa-{len(qas)}", "question": rng.choice(PHRASINGS).format(a=d["title"]),
                         "golden_answers": [answer], "gold_ids": [d["id"]]})
     rng.shuffle(qas)
-    n_held = round(len(qas) * args.heldout)
-    splits = {"heldout": qas[:n_held], "train": qas[n_held:]}
+    n_held, n_train = (round(len(qas) * share) for share in QA_SHARES.values())
+    splits = {"heldout": qas[:n_held], "train": qas[n_held:n_held + n_train]}
     for split, items in splits.items():  # unanswerable: a made-up acronym that no entry has
         for i in range(round(len(items) * args.unanswerable)):
-            while (a := "".join(rng.choices(string.ascii_uppercase, k=rng.randint(3, 5)))).lower() in count:
-                pass
-            count[a.lower()] = 0
-            items.append({"id": f"vera-{split}-none-{i}", "question": rng.choice(PHRASINGS).format(a=a),
+            items.append({"id": f"vera-{split}-none-{i}", "question": rng.choice(PHRASINGS).format(a=new_acronym(rng, count)),
                           "golden_answers": [], "gold_ids": []})
         rng.shuffle(items)
-    held_docs = {g for q in splits["heldout"] for g in q["gold_ids"]}
+    unseen = {g for items in splits.values() for q in items for g in q["gold_ids"]}
+    by_id = {q["gold_ids"][0]: q for q in qas[n_held + n_train:]}
+    pretrain = []
+    for d in docs:
+        if d["id"] not in unseen:
+            q = by_id.get(d["id"])
+            pretrain.append(f"{d['title']}: {d['text']}" + (f"\nQuestion: {q['question']}\nAnswer: {q['golden_answers'][0]}" if q else ""))
+    words = sorted({w for d in docs if d["id"] not in unseen for w in expansion(d["text"]).split() if w[:1].isupper() and w.isalpha()})
+    for _ in range(args.reading):  # one to three made-up entries, then questions about them
+        made = []
+        for _ in range(rng.randint(1, 3)):
+            ws = rng.sample(words, rng.randint(2, 5))
+            made.append((new_acronym(rng, count, "".join(w[0] for w in ws).upper()), " ".join(ws)))
+        pretrain.append("\n".join(f"{a}: {e}" for a, e in made) + "".join(
+            f"\nQuestion: {rng.choice(PHRASINGS).format(a=a)}\nAnswer: {e}" for a, e in rng.sample(made, len(made))))
+    rng.shuffle(pretrain)
     os.makedirs(args.out, exist_ok=True)
     files = {"kb": docs, "qa_train": splits["train"], "qa_heldout": splits["heldout"],
-             "pretrain": [{"text": f"{d['title']}: {d['text']}"} for d in docs if d["id"] not in held_docs]}
+             "pretrain": [{"text": t} for t in pretrain]}
     for name, rows in files.items():
         path = os.path.join(args.out, name + ".jsonl")
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         os.replace(path + ".tmp", path)
     print(f"wrote {args.out}/: {len(docs):,} documents, {len(splits['train']):,} training and "
-          f"{len(splits['heldout']):,} held-out questions, {len(files['pretrain']):,} entries to pretrain on")
+          f"{len(splits['heldout']):,} held-out questions, {len(docs) - len(unseen):,} entries and {args.reading:,} "
+          "reading exercises to pretrain on")
 
 
 if __name__ == "__main__":
