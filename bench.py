@@ -222,8 +222,8 @@ if "decode" in what:
           ["pattern", "context", "prefill ms", "decode ms/token", "tokens/s", "cache MB/sequence"], rows)
     d = results["decode"]
     lo, hi = contexts[0], contexts[-1]
-    table(f"decode per token as the context grows, and against T (issues 2, 22: pure M, M3 at {hi} within 1.3x of at {lo}; "
-          "issue 7 on GPU: hybrid decode tokens/s at 16k >= 3x T's)", ["pattern", f"ms/token at {hi} / at {lo}",
+    table(f"decode per token as the context grows, and against T (target: pure M, M3 at {hi} within 1.3x of at {lo}; "
+          "on GPU: hybrid decode tokens/s at 16k >= 3x T's)", ["pattern", f"ms/token at {hi} / at {lo}",
           f"tokens/s vs T at {hi}"], [[name, f"{d[name][hi]['per_token_s'] / d[name][lo]['per_token_s']:.2f}",
                                        f"{d['T'][hi]['per_token_s'] / d[name][hi]['per_token_s']:.2f}"] for name in PATTERNS])
     if args.plot:
@@ -256,7 +256,7 @@ if "mixer" in what:
     ref_name = "mamba-ssm Mamba + selective_scan_ref" if ref else "sequential loop (no mamba-ssm source in .gpu/)"
     ours_path = ("mamba-ssm kernels" if model.cuda_kernels() else "chunked scan") if on_gpu else \
         ("C scan" if model.cpu_scan_available() else "chunked scan")
-    sizes = [(2, 512, 128), (8, 512, 256)] + ([(8, 2048, 1024)] if on_gpu else [])  # issue 7: fallback at L=2048
+    sizes = [(2, 512, 128), (8, 512, 256)] + ([(8, 2048, 1024)] if on_gpu else [])  # the fallback at L=2048
     rows = []
     for B, L, d in sizes:
         torch.manual_seed(0)
@@ -283,7 +283,7 @@ if "mixer" in what:
         results.setdefault("mixer", {})[f"{B}x{L}x{d}"] = dict(ours_s=t["ours"], chunked_s=t["chunked"], ref_s=t["ref"],
                                                                ours_path=ours_path, reference=ref_name)
     table(f"Mamba-1 mixer forward+backward, fp32: ours ({ours_path}) and our chunked PyTorch scan vs {ref_name} "
-          "(issue 2: ours >= 30x the reference)",
+          "(target: ours >= 30x the reference)",
           ["B x L x d_model", "ours ms", "chunked ms", "reference ms", "ref / ours", "ref / chunked", "chunked / ours"],
           rows)
 
@@ -296,8 +296,8 @@ if "block" in what:
     cos, sin = model.rotary(0, L, d // cfg["n_head"], device)
     x = torch.randn(B, L, d, device=device, requires_grad=True)
     t = timed({name: lambda blk=blk.to(device): blk(x, cos, sin).square().mean().backward() for name, blk in blocks.items()}, 7)
-    table(f"one block forward+backward, fp32, d_model {d}, batch {B} x {L} (issue 2: Mamba-2 <= 1.5x T, Mamba-1 <= 5x T; "
-          "issue 22: Mamba-3 <= 1.5x T)",
+    table(f"one block forward+backward, fp32, d_model {d}, batch {B} x {L} (targets: Mamba-2 <= 1.5x T, Mamba-1 <= 5x T, "
+          "Mamba-3 <= 1.5x T)",
           ["block", "ms", "vs T"], [[name, f"{1000 * s:.1f}", f"{s / t['T']:.2f}"] for name, s in t.items()])
     results["block"] = {name: dict(seconds=s, vs_T=s / t["T"]) for name, s in t.items()}
 
@@ -329,9 +329,9 @@ if "bm25" in what:
                "bm25s (lucene)": lambda: [fast.retrieve([qt], k=10, show_progress=False) for qt in qtok]}, 3)
     print(f"## BM25 okapi vs rank_bm25 BM25Okapi, {n_docs:,} synthetic documents, {n_queries} queries: top-10 ids identical "
           f"for {same}/{n_queries} ({same_but_ties}/{n_queries} up to ties at the 10th score), max |score difference| "
-          f"{err:.1e} (issue 4: same top-10, scores to 1e-6)\n")
+          f"{err:.1e} (target: same top-10, scores to 1e-6)\n")
     table(f"BM25 latency, top 10 of {n_docs:,} documents, one query at a time "
-          "(issue 4: >= 50x faster than rank_bm25, within 1.5x of bm25s)",
+          "(target: >= 50x faster than rank_bm25, within 1.5x of bm25s)",
           ["retriever", "ms/query", "rank_bm25 / this", "this / bm25s"],
           [[name, f"{1000 * s / n_queries:.3f}", f"{t['rank_bm25 (okapi)'] / s:.0f}x", f"{s / t['bm25s (lucene)']:.2f}"]
            for name, s in t.items()])
@@ -359,7 +359,7 @@ if "retrieval" in what:
         m["ms_per_query"] = 1000 * t[label] / len(questions)
         rows.append([label, f"{m['recall@1']:.3f}", f"{m['recall@5']:.3f}", f"{m['mrr']:.3f}", f"{m['ms_per_query']:.2f}"])
     table(f"retrieval on data/world: {len(docs)} documents, {len(single)} held-out single-hop questions; latency is one "
-          "query at a time, top 5 (issue 4: hybrid at least as good as the better of its parts)",
+          "query at a time, top 5 (target: hybrid at least as good as the better of its parts)",
           ["retriever", "recall@1", "recall@5", "MRR@10", "ms/query"], rows)
 
 if "ann" in what:
@@ -393,7 +393,7 @@ if "ann" in what:
             results.setdefault("ann", {}).setdefault(name, {})[ef] = dict(recall10=recall, hnsw_s=t["hnsw"] / n_queries,
                                                                            flat_s=t["flat"] / n_queries, hnsw_build_s=t_build)
     table(f"HNSW (M={HNSW_M}, efConstruction={HNSW_EF_CONSTRUCTION}) vs exact inner product, {n:,} x {dim} unit vectors, "
-          f"{n_queries} single queries, k=10, {faiss.omp_get_max_threads()} faiss thread(s) (issue 4: recall@10 >= 0.95, faster)",
+          f"{n_queries} single queries, k=10, {faiss.omp_get_max_threads()} faiss thread(s) (target: recall@10 >= 0.95, faster)",
           ["vectors", "efSearch", "recall@10", "HNSW ms/query", "exact ms/query", "speed-up", "HNSW build s"], rows)
 
 if "build_one" in what:  # one (type, size), alone in this process, so that peak memory is this build's own
