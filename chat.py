@@ -22,10 +22,10 @@ import sys
 import torch
 
 import rag
-from common import load_checkpoint
+from common import first_line, load_checkpoint
 from model import GPT
 from tokenizer import Tokenizer
-from retrieve import RETRIEVERS, load_documents, load_kb
+from retrieve import RETRIEVERS, load_documents, load_kb, new_retriever
 
 # -----------------------------------------------------------------------------
 # what a turn prints
@@ -59,7 +59,7 @@ def load_model(path, device):
     try:
         model = GPT.from_checkpoint(ckpt).to(device).eval()
     except (ValueError, RuntimeError, TypeError) as e:
-        raise ValueError(f"checkpoint {path} does not fit this model.py ({str(e).splitlines()[0][:160]})") from None
+        raise ValueError(f"checkpoint {path} does not fit this model.py ({first_line(e)[:160]})") from None
     tok = Tokenizer.from_json(ckpt["tokenizer"])
     if tok.vocab_size != model.config.vocab_size:
         raise ValueError(f"checkpoint {path}: tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
@@ -74,7 +74,7 @@ def load_retriever(path, kind, stopwords=""):
         raise FileNotFoundError(f"--kb {path}: no such KB directory or documents file")
     if not path.endswith(".jsonl"):
         raise ValueError(f"--kb {path}: expected a KB directory or a .jsonl of documents")
-    retriever = RETRIEVERS[kind](**({"stopwords": stopwords} if stopwords else {}))
+    retriever = new_retriever(kind, stopwords)
     retriever.add_documents(load_documents(path))
     return retriever
 
@@ -162,7 +162,7 @@ def main():
         except KeyboardInterrupt:
             print("\n(interrupted)")
         except Exception as e:  # a chat session outlives a bad turn
-            print(f"\nerror: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            print(f"\nerror: {type(e).__name__}: {first_line(e)}")
 
     if args.prompt is not None:
         safe_turn(args.prompt)

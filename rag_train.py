@@ -33,7 +33,7 @@ from common import (StepLog, all_reduce_mean, autocast, check_config, die, first
 from configurator import ConfigError, configure
 from model import GPT
 import world
-from retrieve import RETRIEVERS, read_jsonl
+from retrieve import new_retriever, read_jsonl
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -85,10 +85,10 @@ except ConfigError as e:
     die(e)
 if data_mode not in ("dynamic", "static"):
     die(f"--data_mode: must be 'dynamic' or 'static', got {data_mode!r}")
-if retriever not in RETRIEVERS:
-    die(f"--retriever: must be one of {', '.join(RETRIEVERS)}, got {retriever!r}")
-if stopwords not in ("", "en", "en_plus") or stopwords and retriever == "dense":
-    die(f"--stopwords: '', 'en' or 'en_plus', for the simple, bm25 and hybrid retrievers; got {stopwords!r} with {retriever}")
+try:
+    new_retriever(retriever, stopwords)  # checks both before any work
+except ValueError as e:
+    die(f"--{e}")
 if min(rag_weight, closed_book_weight, text_weight) < 0 or rag_weight + closed_book_weight + text_weight <= 0:
     die("task weights rag_weight, closed_book_weight, text_weight must be >= 0 and not all 0")
 check_config(config, [
@@ -142,7 +142,7 @@ train_docs = [d for d in kb_docs if d.id not in heldout_docs]
 
 
 def build_retriever(docs):
-    r = RETRIEVERS[retriever](**({"stopwords": stopwords} if stopwords else {}))
+    r = new_retriever(retriever, stopwords)
     r.add_documents(docs)
     return r
 

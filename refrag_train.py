@@ -42,7 +42,7 @@ from common import (StepLog, all_reduce_mean, autocast, die, first_line, load_ch
                     raw_state_dict, save_checkpoint, setup, step_optimizers, teardown)
 from configurator import ConfigError, configure
 from model import GPT
-from retrieve import RETRIEVERS
+from retrieve import new_retriever
 from tokenizer import Tokenizer, render_conversation
 from world import COMPANY_SUFFIXES, NamePool
 
@@ -215,10 +215,10 @@ except ConfigError as e:
     die(e)
 if phase not in ("sft", "rl"):
     die(f"--phase: must be 'sft' or 'rl', got {phase!r}")
-if retriever not in RETRIEVERS:
-    die(f"--retriever: must be one of {', '.join(RETRIEVERS)}, got {retriever!r}")
-if stopwords not in ("", "en", "en_plus") or stopwords and retriever == "dense":
-    die(f"--stopwords: '', 'en' or 'en_plus', for the simple, bm25 and hybrid retrievers; got {stopwords!r} with {retriever}")
+try:
+    new_retriever(retriever, stopwords)  # checks both before any work
+except ValueError as e:
+    die(f"--{e}")
 init_from = init_from or {"sft": "out/rag2/ckpt.pt", "rl": "out/refrag_sft/ckpt.pt"}[phase]
 out_dir = out_dir or {"sft": "out/refrag_sft", "rl": "out/refrag"}[phase]
 config.update(init_from=init_from, out_dir=out_dir)
@@ -298,7 +298,7 @@ if not eval_only and (phase == "sft" and any(mix[h] > 0 and not qa_by_hops[h] fo
 
 
 def retriever_over(docs):
-    r = RETRIEVERS[retriever](**({"stopwords": stopwords} if stopwords else {}))
+    r = new_retriever(retriever, stopwords)
     r.add_documents(docs)
     return lambda query, k: [d for d, _ in r.retrieve(query, k)]
 

@@ -572,6 +572,15 @@ class HybridRetriever(Retriever):
 
 RETRIEVERS = {"simple": SimpleRetriever, "bm25": BM25Retriever, "dense": DenseRetriever, "hybrid": HybridRetriever}
 
+def new_retriever(kind, stopwords=""):
+    """An empty retriever of type `kind`; stopwords ("" | "en" | "en_plus") for the ones with terms to leave out."""
+    if kind not in RETRIEVERS:
+        raise ValueError(f"retriever: must be one of {', '.join(RETRIEVERS)}, got {kind!r}")
+    if stopwords not in ("", "en", "en_plus") or stopwords and kind == "dense":
+        raise ValueError(f"stopwords: '', 'en' or 'en_plus', for the simple, bm25 and hybrid retrievers; got {stopwords!r} "
+                         f"with {kind}")
+    return RETRIEVERS[kind](**({"stopwords": stopwords} if stopwords else {}))
+
 class RetrievalManager:
     """A KB as the rest of the repo uses it: build it from a JSONL, save it, load it, grow it, search it."""
 
@@ -675,8 +684,8 @@ if __name__ == "__main__":
                 if os.path.exists(os.path.join(args.output, "manifest.json")) and not args.overwrite:
                     raise ValueError(f"{args.output} already holds a KB: add to it with --kb {args.output}, "
                                      f"or replace it with --overwrite")
-                manager = RetrievalManager.build(args.documents, args.type,
-                                                 **({"stopwords": args.stopwords} if args.stopwords else {}))
+                manager = RetrievalManager(new_retriever(args.type, args.stopwords))
+                manager.add_documents(load_documents(args.documents))
                 manager.save(args.output)
             print(f"built a {args.type} KB of {len(manager.retriever.docs)} documents in {args.output}")
         elif args.documents and args.kb:

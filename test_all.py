@@ -1514,6 +1514,23 @@ def test_empty_dense_and_hybrid_kbs_load_and_grow(tmp_path):
         kb = load_kb(path)
         assert [[d.id for d, _ in kb.retrieve(retrieve.doc_text(d), 1)] for d in docs] == [[d.id] for d in docs]
 
+def kill_while_saving(save_forever, delay):
+    """Forks a child that runs save_forever() and kill -9s it `delay` seconds after it starts."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(w, b"go")
+            save_forever()
+        finally:
+            os._exit(1)
+    os.read(r, 2)
+    time.sleep(delay)
+    os.kill(pid, signal.SIGKILL)
+    assert os.waitpid(pid, 0)[1] == signal.SIGKILL
+    os.close(r), os.close(w)
+
+
 def test_kill_during_kb_save_leaves_the_previous_kb(tmp_path):
     """kill -9 a process while it saves a KB, 10 times: the KB always loads as one of the two states it was saving,
     and the next save leaves no temp or old directory behind."""
@@ -1521,22 +1538,12 @@ def test_kill_during_kb_save_leaves_the_previous_kb(tmp_path):
     states = [build_retriever("bm25", make_docs(n, seed=n)) for n in (2000, 2100)]
     states[0].save(kb)
     expected, left_behind = [retrieve_all(s) for s in states], 0
+    def save_forever():  # the two states in turn, until killed
+        while True:
+            for s in states:
+                s.save(kb)
     for i in range(10):
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child saves the two states in turn until it is killed
-            try:
-                os.write(w, b"go")
-                while True:
-                    for s in states:
-                        s.save(kb)
-            finally:
-                os._exit(1)
-        os.read(r, 2)
-        time.sleep(rng.uniform(0, 0.1))
-        os.kill(pid, signal.SIGKILL)
-        assert os.waitpid(pid, 0)[1] == signal.SIGKILL
-        os.close(r), os.close(w)
+        kill_while_saving(save_forever, rng.uniform(0, 0.1))
         assert retrieve_all(load_kb(kb)) in expected
         left_behind += len(glob.glob(kb + ".*")) > 0
         states[i % 2].save(kb)
@@ -1611,22 +1618,12 @@ def test_kill_during_checkpoint_save_leaves_the_previous_one(tmp_path):
     states = [{"model": {"w": torch.full((1_000_000,), float(s))}, "model_args": {}, "step": s} for s in (0, 1)]
     save_checkpoint(path, states[0])
     left_behind = 0
+    def save_forever():
+        while True:
+            for s in states:
+                save_checkpoint(path, s)
     for i in range(10):
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.write(w, b"go")
-                while True:
-                    for s in states:
-                        save_checkpoint(path, s)
-            finally:
-                os._exit(1)
-        os.read(r, 2)
-        time.sleep(rng.uniform(0, 0.05))
-        os.kill(pid, signal.SIGKILL)
-        assert os.waitpid(pid, 0)[1] == signal.SIGKILL
-        os.close(r), os.close(w)
+        kill_while_saving(save_forever, rng.uniform(0, 0.05))
         ckpt = load_checkpoint(path)
         assert torch.equal(ckpt["model"]["w"], states[ckpt["step"]]["model"]["w"])
         left_behind += len(os.listdir(tmp_path)) > 1
