@@ -2382,7 +2382,7 @@ def test_rag_train_followup_and_out_of_world_examples():
     ns = rag_train_functions(rag=rag, world=world, stopwords="", tok=tok, by_id=by_id, k_max=3, p_no_gold=0.0,
                              retrieve_depth=8, followup_about={entity: about[entity]}, followup_qa=about[entity],
                              first_names=world.first_names(kb), searched={}, search_retriever=None, train_docs=kb,
-                             RETRIEVERS=RETRIEVERS, retriever="bm25", out_of_world_qa=world.out_of_world("train", random.Random(0)))
+                             new_retriever=retrieve.new_retriever, retriever="bm25", out_of_world_qa=world.out_of_world("train", random.Random(0)))
     for seed, p_rename in ((0, 0.0), (1, 0.0), (2, 1.0), (3, 1.0)):
         ns["p_rename"] = p_rename
         ids, mask = ns["followup_example"](random.Random(seed))
