@@ -1129,6 +1129,30 @@ def test_from_checkpoint_round_trip():
         raise AssertionError("unknown model_args key accepted")
 
 
+def test_checkpoints_and_kbs_written_by_format_1_still_load_identically():
+    """dev/compat holds tiny checkpoints (Mamba-1/2/3 hybrids, from train.py, optimizer state dropped) and KBs
+    (retrieve.py --type bm25 / dense / hybrid), written by the code of the first stable layout, with their logits
+    and search results: later code must read them and give the same numbers."""
+    from common import load_checkpoint
+    from retrieve import load_kb
+    fx = os.path.join(HERE, "dev", "compat")
+    expected = json.load(open(os.path.join(fx, "expected.json")))
+    for name, e in expected["logits"].items():
+        ckpt = load_checkpoint(os.path.join(fx, name))
+        m = GPT.from_checkpoint(ckpt).eval()
+        assert Tokenizer.from_json(ckpt["tokenizer"]).vocab_size == m.config.vocab_size
+        with torch.no_grad():
+            logits = m(torch.tensor([e["ids"]]))[0][0]
+        assert logits.argmax(-1).tolist() == e["argmax"], name
+        assert torch.allclose(logits[-1, :32], torch.tensor(e["last"]), atol=1e-5), name
+    for name, queries in expected["retrieval"].items():
+        kb = load_kb(os.path.join(fx, name))
+        for q, hits in queries.items():
+            got = kb.retrieve(q, 5)
+            assert [d.id for d, _ in got] == [i for i, _ in hits], (name, q)
+            assert np.allclose([s for _, s in got], [s for _, s in hits], atol=1e-4), (name, q)
+
+
 def test_sample_next():
     logits = torch.tensor([[0.0, 5.0, 1.0, 4.0]])
     assert sample_next(logits).item() == 1
