@@ -1,68 +1,62 @@
 """
-Measures every speed and size figure the README quotes, side by side in one run, and prints markdown tables.
+Measures every speed and size figure the README quotes, side by side in one run, and prints markdown tables; and
+the RAG diagnostics, from a checkpoint or from rag_train.py's eval.json files.
 Speeds are medians over rounds in which the contenders take turns, so that changes in machine load hit them alike.
 
     python bench.py                               # the default sections, on this machine (CPU or one GPU)
-    python bench.py --what=train,decode --out=out/bench.json --plot=out/bench_decode.svg
+    python bench.py --what=train,decode --out=out/bench.json --plot=out/bench_decode
     python bench.py --what=ann,build              # the expensive ones: minutes each on 2 CPU cores
+    python bench.py --reading out/tiny/ckpt.pt    # can a base model read? [--data_dir=data/world]
+    python bench.py --choice out/rag/ckpt.pt      # does a RAG model prefer the gold document's fact?
+    python bench.py --vs_k out/rag_T/eval.json out/rag/eval.json --plot=acc_vs_k   # accuracy vs k: table and plot
 
   train:     training tokens/s (and MFU on GPU) of T, M (Mamba-1), M2, M3 (Mamba-2, -3) and hybrid models, equal width
-  decode:    prefill time, per-token decode time and cache memory per sequence as the context grows (and a plot)
+  decode:    prefill time, per-token decode time and cache size per sequence as the context grows (and a plot)
   mixer:     Mamba-1 mixer forward+backward: ours vs mamba-ssm's own module on its sequential selective_scan_ref,
              and our chunked PyTorch scan (the path without the C scan or mamba-ssm's kernels)
   block:     one block's forward+backward, T vs Mamba-1 vs Mamba-2 vs Mamba-3 at equal width
   bm25:      our BM25 vs rank_bm25 (same top-10 and scores) and bm25s (latency), 50k synthetic documents
   retrieval: recall@1/5 and MRR on data/world's held-out single-hop questions, and latency per query, per retriever
-  memory:    training memory of every config in configs/ (weights, grads, AdamW state and measured activations)
+  memory:    estimated training memory of every GPU config in configs/ (weights, grads, AdamW state, activations)
   ann:       (not in the default) HNSW vs exact search at 100k random unit vectors: recall@10 and speed-up
   build:     (not in the default) build time and memory per retriever type at 10k and 100k documents, BM25 at 1M,
              each in a fresh process (--what=build_one --kind=bm25 --n=100000) so that peak memory is its own
+
+Memory figures: a decode cache's and a retrieval index's size are the bytes of their tensors and arrays; a build's
+peak memory is measured (the process's VmHWM); training memory (the memory section) is an estimate.
 """
 import argparse
 import contextlib
 import dataclasses
 import glob
+import importlib.util
 import io
 import json
-import math
 import os
 import platform
+import random
+import runpy
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import types
+from unittest import mock
 
 import numpy as np
 import torch
 
 import model
-from common import autocast, peak_flops
-from configurator import configure, script_defaults
+from common import autocast, load_model, peak_flops, plot, write_atomic
 from model import GPT, GPTConfig
+from rag import load_data, messages_for, with_citation
+from tokenizer import render_conversation
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--what", default="train,decode,mixer,block,bm25,retrieval,memory")
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-# Tiny models gain nothing from a second CPU thread, and on a loaded machine OpenMP threads spin-wait on each
-# other (10x slower with 2 threads than with 1 at load average 8 on 2 cores). 0: torch's default.
-parser.add_argument("--threads", type=int, default=1)
-parser.add_argument("--out", default="", help="also write the numbers as JSON here")
-parser.add_argument("--plot", default="out/bench_decode.svg", help="decode time vs context plot ('' for none)")
-parser.add_argument("--kind", default="bm25", help="build_one: simple, bm25, bm25s, encode, flat, hnsw")
-parser.add_argument("--n", type=int, default=10_000, help="build_one: number of documents")
-args = parser.parse_args()
-what = set(args.what.split(","))
-device, on_gpu = args.device, args.device.startswith("cuda")
-if args.threads:
-    torch.set_num_threads(args.threads)
-cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-           platform.processor() or platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
-results = {"device": torch.cuda.get_device_name() if on_gpu else f"{cpu}, {os.cpu_count()} cores",
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "load_average": os.getloadavg()[0]}
-if what != {"build_one"}:
-    print(f"# bench on {results['device']}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
-          f"load average {results['load_average']:.1f}\n", flush=True)
+
+def sync():
+    if torch.cuda.is_initialized():  # GPU work is asynchronous: wait for it before reading the clock
+        torch.cuda.synchronize()
 
 
 def timed(fns, rounds=5, warmup=True):
@@ -70,12 +64,10 @@ def timed(fns, rounds=5, warmup=True):
     times = {name: [] for name in fns}
     for r in range(-1 if warmup else 0, rounds):
         for name, fn in fns.items():
-            if on_gpu:
-                torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             fn()
-            if on_gpu:
-                torch.cuda.synchronize()
+            sync()
             if r >= 0:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
@@ -86,51 +78,6 @@ def table(title, header, rows):
     for r in rows:
         print("| " + " | ".join(str(x) for x in r) + " |")
     print(flush=True)
-
-
-def write_atomic(path, text):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def svg_plot(path, title, xlabel, ylabel, series):
-    """Log-log line plot of series {name: [(x, y), ...]} as a hand-written SVG."""
-    W, H, m = 640, 420, 70
-    xs, ys = [x for s in series.values() for x, _ in s], [y for s in series.values() for _, y in s]
-    def scale(v, lo, hi, a, b):
-        return a + (b - a) * (math.log(v / lo) / math.log(hi / lo) if hi > lo else 0.5)
-    px = lambda x: scale(x, min(xs), max(xs), m, W - m)
-    py = lambda y: scale(y, min(ys) / 1.2, max(ys) * 1.2, H - m, m)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{W / 2}" y="24" text-anchor="middle" font-size="14">{title}</text>',
-           f'<path d="M{m},{m} V{H - m} H{W - m}" stroke="black" fill="none"/>',
-           f'<text x="{W / 2}" y="{H - 20}" text-anchor="middle">{xlabel}</text>',
-           f'<text transform="translate(18,{H / 2}) rotate(-90)" text-anchor="middle">{ylabel}</text>']
-    out += [f'<text x="{px(x):.1f}" y="{H - m + 16}" text-anchor="middle">{x}</text>' for x in sorted(set(xs))]
-    lo, hi = math.log10(min(ys) / 1.2), math.log10(max(ys) * 1.2)
-    out += [f'<text x="{m - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>'
-            for y in (10 ** (lo + (hi - lo) * i / 4) for i in range(5))]
-    for i, (name, pts) in enumerate(series.items()):
-        color = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"][i % 5]
-        out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="'
-                   + " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts) + '"/>')
-        out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"/>' for x, y in pts]
-        out.append(f'<text x="{W - m + 6}" y="{py(pts[-1][1]) + 4:.1f}" fill="{color}">{name}</text>')
-    write_atomic(path, "\n".join(out + ["</svg>\n"]))
-
-
-@contextlib.contextmanager
-def patched(module, **attrs):
-    """Temporarily replace module-level names, e.g. to force model.py down its fallback path."""
-    saved = {k: getattr(module, k) for k in attrs}
-    vars(module).update(attrs)
-    try:
-        yield
-    finally:
-        vars(module).update(saved)
 
 
 def synthetic_docs(n, vocab=30_000, seed=0):
@@ -148,20 +95,53 @@ def synthetic_queries(n, vocab=30_000, seed=1):
     return [" ".join(f"w{min(w, vocab) - 1}" for w in rng.zipf(1.1, rng.integers(2, 6))) for _ in range(n)]
 
 
+def mamba_ssm_mamba():
+    """mamba-ssm's own Mamba (Mamba-1) module, from its source (the sdist unpacked under .gpu/, or at
+    $MAMBA_SSM_SRC) on its sequential selective_scan_ref, the CUDA-only imports stubbed; None without the source."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    src = os.environ.get("MAMBA_SSM_SRC") or next(iter(sorted(glob.glob(os.path.join(here, ".gpu", "mamba_ssm-*/")))), None)
+    if src is None or importlib.util.find_spec("einops") is None:
+        return None
+    before = set(sys.modules)
+
+    def load(name, rel):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(src, "mamba_ssm", rel))
+        sys.modules[name] = mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    try:  # empty modules in place of the package __init__s (they import the CUDA kernels) and of the CUDA scan
+        for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton", "mamba_ssm.utils", "mamba_ssm.modules",
+                     "mamba_ssm.ops.triton.layer_norm", "selective_scan_cuda"):
+            sys.modules[name] = types.ModuleType(name)
+        sys.modules["mamba_ssm.ops.triton.layer_norm"]._layer_norm_fwd = None
+        load("mamba_ssm.utils.torch", "utils/torch.py")
+        scan = load("mamba_ssm.ops.selective_scan_interface", "ops/selective_scan_interface.py")
+        simple = load("mamba_ssm.modules.mamba_simple", "modules/mamba_simple.py")
+    finally:
+        for name in set(sys.modules) - before:
+            del sys.modules[name]
+    simple.selective_scan_fn = scan.selective_scan_ref
+    return simple.Mamba
+
+
 # the same width and depth for every pattern: on CPU the tiny config's shape, on GPU the d20 shape
-SHAPE = dict(n_layer=20, n_embd=1280, n_head=10, n_kv_head=10, vocab_size=32768, mamba_mlp=True) if on_gpu else \
-    dict(n_layer=4, n_embd=128, n_head=4, n_kv_head=2, vocab_size=2048)
+SHAPE_CPU = dict(n_layer=4, n_embd=128, n_head=4, n_kv_head=2, vocab_size=2048)
+SHAPE_GPU = dict(n_layer=20, n_embd=1280, n_head=10, n_kv_head=10, vocab_size=32768, mamba_mlp=True)
 PATTERNS = {"T": dict(block_pattern="T"), "M": dict(block_pattern="M"), "M2": dict(block_pattern="M", mamba_version=2),
             "M3": dict(block_pattern="M", mamba_version=3), "hybrid TM": dict(block_pattern="TM")}
 
-if "train" in what:
-    T, B = (2048, 8) if on_gpu else (256, 16)
+# -----------------------------------------------------------------------------
+# the benchmarks: one function per section, each adding its numbers to results
+
+def bench_train(args, results):
+    device, shape = args.device, SHAPE_GPU if args.on_gpu else SHAPE_CPU
+    T, B = (2048, 8) if args.on_gpu else (256, 16)
 
     def train_step(kw):
         torch.manual_seed(0)
-        m = GPT(GPTConfig(block_size=T, **SHAPE, **kw)).to(device)
+        m = GPT(GPTConfig(block_size=T, **shape, **kw)).to(device)
         opts = m.configure_optimizers(1e-4, 0.0, (0.9, 0.95), device.split(":")[0])
-        x = torch.randint(0, SHAPE["vocab_size"], (B, T + 1), device=device)
+        x = torch.randint(0, shape["vocab_size"], (B, T + 1), device=device)
 
         def step():
             with autocast(device):
@@ -172,7 +152,7 @@ if "train" in what:
             m.zero_grad(set_to_none=True)
         return step, m.num_params(), m.flops_per_token(T)
 
-    if on_gpu:  # a dedicated device needs no turns, and four d20 models with AdamW state may not fit at once
+    if args.on_gpu:  # a dedicated device needs no turns, and four d20 models with AdamW state may not fit at once
         t, info = {}, {}
         for name, kw in PATTERNS.items():
             step, *info[name] = train_step(kw)
@@ -188,19 +168,21 @@ if "train" in what:
         mfu = f"{100 * tok_s * flops / peak:.1f}%" if peak else "-"
         rows.append([name, f"{params / 1e6:.2f}M", f"{tok_s:,.0f}", f"{t['T'] / t[name]:.2f}", mfu])
         results.setdefault("train", {})[name] = dict(params=params, tokens_per_s=tok_s, vs_T=t["T"] / t[name])
-    table(f"training step (forward + backward + AdamW), batch {B} x {T}, {SHAPE['n_layer']} layers x {SHAPE['n_embd']}",
+    table(f"training step (forward + backward + AdamW), batch {B} x {T}, {shape['n_layer']} layers x {shape['n_embd']}",
           ["pattern", "params", "tokens/s", "vs T", "MFU"], rows)
 
-if "decode" in what:
-    contexts = [1024, 4096, 16384, 32768] if on_gpu else [256, 1024, 4096]
+
+def bench_decode(args, results):
+    device, shape = args.device, SHAPE_GPU if args.on_gpu else SHAPE_CPU
+    contexts = [1024, 4096, 16384, 32768] if args.on_gpu else [256, 1024, 4096]
     steps = 100  # decode steps timed per context; each one grows the context by a token, which is negligible
-    rows = []
+    rows, d = [], results.setdefault("decode", {})
     for name, kw in PATTERNS.items():
         torch.manual_seed(0)
-        m = GPT(GPTConfig(block_size=max(contexts), **SHAPE, **kw)).to(device).eval()
-        if on_gpu:
+        m = GPT(GPTConfig(block_size=max(contexts), **shape, **kw)).to(device).eval()
+        if args.on_gpu:
             m = m.to(torch.bfloat16)
-        prompts = {ctx: torch.randint(0, SHAPE["vocab_size"], (1, ctx), device=device) for ctx in contexts}
+        prompts = {ctx: torch.randint(0, shape["vocab_size"], (1, ctx), device=device) for ctx in contexts}
         tok, caches = prompts[contexts[0]][:, -1:], {}
 
         def prefill(ctx):  # a fresh cache every time: an M state cannot be rewound to an earlier position
@@ -215,31 +197,26 @@ if "decode" in what:
             cache_mb = sum(t.numel() * t.element_size() for layer in caches[ctx].layers for t in layer) / 2**20
             rows.append([name, ctx, f"{1000 * t_prefill[ctx]:.1f}", f"{1000 * t_tok[ctx]:.2f}", f"{1 / t_tok[ctx]:,.0f}",
                          f"{cache_mb:.2f}"])
-            results.setdefault("decode", {}).setdefault(name, {})[ctx] = dict(
-                prefill_s=t_prefill[ctx], per_token_s=t_tok[ctx], cache_mb=cache_mb)
+            d.setdefault(name, {})[ctx] = dict(prefill_s=t_prefill[ctx], per_token_s=t_tok[ctx], cache_mb=cache_mb)
         del m, caches
-    table(f"prefill and decode, batch 1, {SHAPE['n_layer']} layers x {SHAPE['n_embd']}" + (" bf16" if on_gpu else " fp32"),
-          ["pattern", "context", "prefill ms", "decode ms/token", "tokens/s", "cache MB/sequence"], rows)
-    d = results["decode"]
+    table(f"prefill and decode, batch 1, {shape['n_layer']} layers x {shape['n_embd']}" + (" bf16" if args.on_gpu else " fp32")
+          + "; cache: the bytes of its tensors", ["pattern", "context", "prefill ms", "decode ms/token", "tokens/s",
+                                                  "cache MB/sequence"], rows)
     lo, hi = contexts[0], contexts[-1]
     table(f"decode per token as the context grows, and against T (target: pure M, M3 at {hi} within 1.3x of at {lo}; "
           "on GPU: hybrid decode tokens/s at 16k >= 3x T's)", ["pattern", f"ms/token at {hi} / at {lo}",
           f"tokens/s vs T at {hi}"], [[name, f"{d[name][hi]['per_token_s'] / d[name][lo]['per_token_s']:.2f}",
                                        f"{d['T'][hi]['per_token_s'] / d[name][hi]['per_token_s']:.2f}"] for name in PATTERNS])
-    if args.plot:
-        svg_plot(args.plot, f"decode, batch 1, {SHAPE['n_layer']} x {SHAPE['n_embd']}, {results['device']}",
-                 "tokens of context", "ms per token",
-                 {name: [(ctx, 1000 * d[name][ctx]["per_token_s"]) for ctx in contexts] for name in PATTERNS})
-        print(f"(plot: {args.plot})\n")
+    stem = "out/bench_decode" if args.plot is None else args.plot
+    if stem:
+        plot(stem, f"decode, batch 1, {shape['n_layer']} x {shape['n_embd']}, {results['device']}", "tokens of context",
+             "ms per token", {name: (contexts, [1000 * d[name][ctx]["per_token_s"] for ctx in contexts]) for name in PATTERNS},
+             xlog=True, ylog=True)
+        print(f"(plot: {stem}.png, {stem}.svg)\n")
 
-if "mixer" in what:
-    try:
-        from test_all import mamba_ssm_reference
-    except ImportError:
-        from test_part_model import mamba_ssm_reference
-    if args.threads:
-        torch.set_num_threads(args.threads)  # the test files set their own thread count on import
-    ref = mamba_ssm_reference()
+
+def bench_mixer(args, results):
+    device, reference_mamba = args.device, mamba_ssm_mamba()
 
     def loop_scan(x, dt, A, B, C, h0=None):
         """The definition one time step at a time, as selective_scan_ref: when mamba-ssm's source is not here."""
@@ -253,27 +230,28 @@ if "mixer" in what:
     def fwd_bwd(mixer, x):
         mixer(x).square().mean().backward()
 
-    ref_name = "mamba-ssm Mamba + selective_scan_ref" if ref else "sequential loop (no mamba-ssm source in .gpu/)"
-    ours_path = ("mamba-ssm kernels" if model.cuda_kernels() else "chunked scan") if on_gpu else \
+    ref_name = "mamba-ssm Mamba + selective_scan_ref" if reference_mamba else "sequential loop (no mamba-ssm source in .gpu/)"
+    ours_path = ("mamba-ssm kernels" if model.cuda_kernels() else "chunked scan") if args.on_gpu else \
         ("C scan" if model.cpu_scan_available() else "chunked scan")
-    sizes = [(2, 512, 128), (8, 512, 256)] + ([(8, 2048, 1024)] if on_gpu else [])  # the fallback at L=2048
+    sizes = [(2, 512, 128), (8, 512, 256)] + ([(8, 2048, 1024)] if args.on_gpu else [])  # the fallback at L=2048
     rows = []
     for B, L, d in sizes:
         torch.manual_seed(0)
         ours = model.Mamba(d).to(device)
-        theirs = ref.Mamba(d_model=d).to(device) if ref else None
+        # use_fast_path=False: its fused path would call the CUDA scan (stubbed) where causal-conv1d is installed
+        theirs = reference_mamba(d_model=d, use_fast_path=False).to(device) if reference_mamba else None
         if theirs is not None:
             ours.load_state_dict(theirs.state_dict())
         x = torch.randn(B, L, d, device=device, requires_grad=True)
 
         def chunked():
-            with patched(model, selective_scan=model.chunked_scan, cuda_kernels=lambda: None):
+            with mock.patch.multiple(model, selective_scan=model.chunked_scan, cuda_kernels=lambda: None):
                 fwd_bwd(ours, x)
 
         def reference():
             if theirs is not None:
                 return fwd_bwd(theirs, x)
-            with patched(model, selective_scan=loop_scan, cuda_kernels=lambda: None):
+            with mock.patch.multiple(model, selective_scan=loop_scan, cuda_kernels=lambda: None):
                 fwd_bwd(ours, x)
 
         t = timed({"ours": lambda: fwd_bwd(ours, x), "chunked": chunked}, 3)
@@ -287,21 +265,24 @@ if "mixer" in what:
           ["B x L x d_model", "ours ms", "chunked ms", "reference ms", "ref / ours", "ref / chunked", "chunked / ours"],
           rows)
 
-if "block" in what:
+
+def bench_block(args, results):
     B, L, d = 8, 256, 256
     cfg = dict(block_size=L, vocab_size=256, n_layer=1, n_head=4, n_kv_head=4, n_embd=d)
     blocks = {"T": model.AttentionBlock(GPTConfig(**cfg)), "Mamba-1": model.MambaBlock(GPTConfig(**cfg, mamba_version=1)),
               "Mamba-2": model.MambaBlock(GPTConfig(**cfg, mamba_version=2)),
               "Mamba-3": model.MambaBlock(GPTConfig(**cfg, mamba_version=3))}
-    cos, sin = model.rotary(0, L, d // cfg["n_head"], device)
-    x = torch.randn(B, L, d, device=device, requires_grad=True)
-    t = timed({name: lambda blk=blk.to(device): blk(x, cos, sin).square().mean().backward() for name, blk in blocks.items()}, 7)
+    cos, sin = model.rotary(0, L, d // cfg["n_head"], args.device)
+    x = torch.randn(B, L, d, device=args.device, requires_grad=True)
+    t = timed({name: lambda blk=blk.to(args.device): blk(x, cos, sin).square().mean().backward()
+               for name, blk in blocks.items()}, 7)
     table(f"one block forward+backward, fp32, d_model {d}, batch {B} x {L} (targets: Mamba-2 <= 1.5x T, Mamba-1 <= 5x T, "
           "Mamba-3 <= 1.5x T)",
           ["block", "ms", "vs T"], [[name, f"{1000 * s:.1f}", f"{s / t['T']:.2f}"] for name, s in t.items()])
     results["block"] = {name: dict(seconds=s, vs_T=s / t["T"]) for name, s in t.items()}
 
-if "bm25" in what:
+
+def bench_bm25(args, results):
     import bm25s
     from rank_bm25 import BM25Okapi
     from retrieve import BM25Retriever, tokenize
@@ -338,31 +319,33 @@ if "bm25" in what:
     results["bm25"] = dict(top10_identical=same, top10_identical_up_to_ties=same_but_ties, max_score_diff=err,
                            ms_per_query={name: 1000 * s / n_queries for name, s in t.items()})
 
-if "retrieval" in what:
+
+def bench_retrieval(args, results):
     from retrieve import RETRIEVERS, evaluate, load_documents, read_jsonl
     docs = load_documents("data/world/kb.jsonl")
     single = [r for _, r in read_jsonl("data/world/qa_heldout.jsonl") if r["hops"] == 1]
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:  # evaluate() reads a file
         f.writelines(json.dumps(r) + "\n" for r in single)
-    retrievers, rows = {}, []
+    retrievers, rows, metrics = {}, [], results.setdefault("retrieval", {})
     for label, kind, options in [("TF-IDF", "simple", {}), ("BM25 (lucene)", "bm25", {}), ("BM25 (okapi)", "bm25", {"method": "okapi"}),
                                  ("dense MiniLM (exact)", "dense", {}), ("hybrid (convex 0.5)", "hybrid", {}),
                                  ("hybrid (RRF 60)", "hybrid", {"fusion": "rrf"})]:
         retrievers[label] = r = RETRIEVERS[kind](**options)
         r.add_documents(docs)
         with contextlib.redirect_stdout(io.StringIO()):
-            results.setdefault("retrieval", {})[label] = evaluate(r, f.name)
+            metrics[label] = evaluate(r, f.name)
     os.remove(f.name)
     questions = [r["question"] for r in single[:50]]
     t = timed({label: lambda r=r: [r.retrieve(q, 5) for q in questions] for label, r in retrievers.items()}, 3)
-    for label, m in results["retrieval"].items():
+    for label, m in metrics.items():
         m["ms_per_query"] = 1000 * t[label] / len(questions)
         rows.append([label, f"{m['recall@1']:.3f}", f"{m['recall@5']:.3f}", f"{m['mrr']:.3f}", f"{m['ms_per_query']:.2f}"])
     table(f"retrieval on data/world: {len(docs)} documents, {len(single)} held-out single-hop questions; latency is one "
           "query at a time, top 5 (target: hybrid at least as good as the better of its parts)",
           ["retriever", "recall@1", "recall@5", "MRR@10", "ms/query"], rows)
 
-if "ann" in what:
+
+def bench_ann(args, results):
     import faiss
     from retrieve import HNSW_EF_CONSTRUCTION, HNSW_M, DenseRetriever
     if args.threads:
@@ -396,7 +379,9 @@ if "ann" in what:
           f"{n_queries} single queries, k=10, {faiss.omp_get_max_threads()} faiss thread(s) (target: recall@10 >= 0.95, faster)",
           ["vectors", "efSearch", "recall@10", "HNSW ms/query", "exact ms/query", "speed-up", "HNSW build s"], rows)
 
-if "build_one" in what:  # one (type, size), alone in this process, so that peak memory is this build's own
+
+def bench_build_one(args, results):
+    """One (type, size), alone in this process, so that peak memory is this build's own: prints one JSON line."""
     import retrieve
     # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's RSS (kept across fork and exec)
     status_mb = lambda key: int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) / 1024
@@ -431,7 +416,8 @@ if "build_one" in what:  # one (type, size), alone in this process, so that peak
     print(json.dumps(dict(kind=args.kind, n=args.n, seconds=seconds, index_mb=nbytes / 2**20, peak_rss_mb=peak,
                           rss_before_mb=before)))
 
-if "build" in what:
+
+def bench_build(args, results):
     rows = []
     for kind, n in [("simple", 10_000), ("bm25", 10_000), ("bm25s", 10_000), ("simple", 100_000), ("bm25", 100_000),
                     ("bm25s", 100_000), ("bm25", 1_000_000), ("bm25s", 1_000_000), ("encode", 10_000),
@@ -446,32 +432,235 @@ if "build" in what:
                      f"{b['peak_rss_mb'] - b['rss_before_mb']:.0f}", f"{b['peak_rss_mb']:.0f}"])
         results.setdefault("build", {}).setdefault(kind, {})[n] = b
     table("index build, each in a fresh process: synthetic Zipf documents (simple = TF-IDF); encode = dense build's "
-          "MiniLM encoding of world documents; flat / hnsw = FAISS on random 384-d unit vectors",
+          "MiniLM encoding of world documents; flat / hnsw = FAISS on random 384-d unit vectors; index MB: the bytes "
+          "of its arrays; RSS measured (VmRSS, VmHWM)",
           ["type", "documents", "seconds", "documents/s", "index MB", "peak RSS - RSS before MB", "peak RSS MB"], rows)
 
-if "memory" in what:
+
+def bench_memory(args, results):
     # An estimate, not a measurement (no GPU here): weights, grads and AdamW moments in fp32 are 16 bytes a
     # parameter (exact count, model built on the meta device); activations saved for backward in bf16 are ~34 bytes
     # per token per unit of width per layer (Korthikanti et al. 2022, without the s^2 attention term that flash
     # attention removes; a Mamba mixer + MLP block saves about as much), plus fp32 logits and their gradient
     # (8 bytes per token per vocabulary entry). Allocator slack and CUDA context (~1-2 GiB) come on top.
-    train_defaults = script_defaults("train.py")
     rows = []
     for path in sorted(glob.glob("configs/*.py")):
-        if os.path.basename(path).startswith(("rag_", "refrag_", "tiny")):
+        name = os.path.basename(path)
+        if name.startswith(("rag_", "refrag_", "tiny")):
             continue
-        cfg = configure(dict(train_defaults), [path])
+        cfg = runpy.run_path(path)  # a GPU config sets the whole model shape and the batch
         margs = {f.name: cfg[f.name] for f in dataclasses.fields(GPTConfig) if f.name in cfg} | {"vocab_size": 32768}
         with torch.device("meta"):
             m = GPT(GPTConfig(**margs))
         params, tokens = m.num_params(), cfg["device_batch_size"] * cfg["block_size"]
         state = 16 * params
         act = tokens * (34 * cfg["n_embd"] * cfg["n_layer"] + 8 * margs["vocab_size"])
-        rows.append([os.path.basename(path), m.pattern, f"{params / 1e6:.0f}M", f"{cfg['device_batch_size']} x {cfg['block_size']}",
+        rows.append([name, m.pattern, f"{params / 1e6:.0f}M", f"{cfg['device_batch_size']} x {cfg['block_size']}",
                      f"{state / 2**30:.1f}", f"{act / 2**30:.1f}", f"{(state + act) / 2**30:.1f}"])
-        results.setdefault("memory", {})[os.path.basename(path)] = dict(params=params, state_bytes=state, activation_bytes=act)
+        results.setdefault("memory", {})[name] = dict(params=params, state_bytes=state, activation_bytes=act)
     table("estimated training memory per GPU (bf16 autocast, fp32 AdamW; vocab 32768)",
           ["config", "pattern", "params", "batch", "weights+grads+AdamW GiB", "activations GiB", "total GiB"], rows)
 
-if args.out:
-    write_atomic(args.out, json.dumps(results, indent=1))
+
+SECTIONS = {"train": bench_train, "decode": bench_decode, "mixer": bench_mixer, "block": bench_block,
+            "bm25": bench_bm25, "retrieval": bench_retrieval, "ann": bench_ann, "build_one": bench_build_one,
+            "build": bench_build, "memory": bench_memory}
+
+# -----------------------------------------------------------------------------
+# can a base model read? python bench.py --reading out/tiny/ckpt.pt
+
+@torch.no_grad()
+def reading_loss(model, tok, qas, by_id):
+    """Loss per token of the answer to a question asked right after its gold document, in the pretraining format
+    (world.reading_items), the entity given: a model that ignores the document pays the full price of every
+    name (10+ nats a token), one that copies pays almost nothing on them. Before any RAG fine-tuning."""
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    for q in qas:
+        d = by_id[q["gold_ids"][0]]
+        prompt = tok.encode(f"{d.title}: {d.text}\nQuestion: {q['question']}\nAnswer: {q['entity']}")
+        answer = tok.encode(q["response"][len(q["entity"]):])
+        ids = torch.tensor([[tok.bos_id] + prompt + answer], device=device)
+        y = ids[:, 1:].clone()
+        y[:, :len(prompt)] = -1
+        total += model(ids[:, :-1], y, loss_reduction="none")[1].sum().item()
+        n += len(answer)
+    return total / n
+
+# -----------------------------------------------------------------------------
+# does a model pick the right document? python bench.py --choice CKPT
+
+def choice_items(qas, candidates, by_id, answers):
+    """(qa, gold document, distractor, the distractor's answer): for each single-hop qa the first of its candidate
+    documents that is about another entity and answers the same question type differently.
+    answers: {(document id, question type): answer}."""
+    items = []
+    for q, docs in zip(qas, candidates):
+        for d in docs:
+            a = answers.get((d.id, q["type"]))
+            if d.id not in q["gold_ids"] and a is not None and a != q["golden_answers"][0]:
+                items.append((q, by_id[q["gold_ids"][0]], d, a))
+                break
+    return items
+
+
+def swap_answer(qa, answer):
+    """qa's answer sentence with another answer in its answer slot."""
+    head, _, tail = qa["response"].rpartition(qa["golden_answers"][0])
+    return head + answer + tail
+
+
+@torch.no_grad()
+def choice_accuracy(model, tok, items):
+    """-> (whole, fact): shares of trials in which the model finds its answer from the gold document likelier than
+    the same sentence with the distractor's fact, with only those two documents in context, each item tried with
+    the gold document first and second. whole: the sentences as the model should write them, each citing the
+    document its fact comes from; fact: only the tokens before the citation. 50% = no better than a coin; neither
+    depends on sampling or on copying the rest of the sentence right."""
+    device = next(model.parameters()).device
+
+    def logps(msgs):  # log-probability of each assistant token
+        ids, mask = render_conversation(tok, msgs)
+        x = torch.tensor([ids[:-1]], device=device)
+        y = torch.tensor([[t if m else -1 for t, m in zip(ids[1:], mask[1:])]], device=device)
+        return [-v for v, m in zip(model(x, y, loss_reduction="none")[1].view(-1).tolist(), mask[1:]) if m]
+    whole, fact = [], []
+    for q, gold, other, other_answer in items:
+        for docs in ([gold, other], [other, gold]):
+            msgs = messages_for(q["question"], docs)
+            scores = []
+            for sentence, d in ((q["response"], gold), (swap_answer(q, other_answer), other)):
+                lp = logps(msgs + [{"role": "assistant", "content": with_citation(sentence, docs.index(d) + 1)}])
+                n_fact = 1 + len(tok.encode(" " + sentence[:-1]))  # <|assistant_start|>, the sentence
+                scores.append((sum(lp), sum(lp[:n_fact])))
+            whole.append(scores[0][0] > scores[1][0])
+            fact.append(scores[0][1] > scores[1][1])
+    n = max(1, len(whole))
+    return sum(whole) / n, sum(fact) / n
+
+
+def diagnose(args):
+    """--reading or --choice on a checkpoint, with the held-out questions of args.data_dir."""
+    try:
+        m, tok, _ = load_model(args.reading or args.choice, "cpu", args.data_dir)
+        docs, by_id, qa = load_data(args.data_dir)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    m.eval()
+    if args.reading:
+        qas = [q for q in qa["heldout"] if q.get("hops") == 1 and q["response"].startswith(q["entity"])]
+        qas = random.Random(0).sample(qas, min(100, len(qas)))
+        print(f"reading loss: {reading_loss(m, tok, qas, by_id):.3f} nats per answer token "
+              f"({len(qas)} held-out questions, each right after its document)")
+        return
+    from retrieve import BM25Retriever
+    rng = random.Random(0)
+    qas = [q for q in qa["heldout"] if q.get("hops") == 1]
+    qas = rng.sample(qas, min(300, len(qas)))
+    answers = {(q["gold_ids"][0], q["type"]): q["golden_answers"][0] for s in qa.values() for q in s if q.get("hops") == 1}
+    bm25 = BM25Retriever()
+    bm25.add_documents(docs)
+    ranked = [[d for d, _ in hits] for hits in bm25.retrieve_batch([q["question"] for q in qas], 16)]
+    heldout = [d for d in docs if d.metadata.get("world") == "heldout"]
+    strangers = [[d for d in heldout if not set(d.title.split()) & set(by_id[q["gold_ids"][0]].title.split())] for q in qas]
+    unrelated = [rng.sample(s, len(s)) for s in strangers]
+    for name, candidates in (("BM25's best distractor (mostly a namesake)", ranked), ("an unrelated entity", unrelated)):
+        items = choice_items(qas, candidates, by_id, answers)
+        whole, fact = choice_accuracy(m, tok, items)
+        print(f"gold document vs {name}: the model prefers the gold answer in {100 * whole:.1f}% of "
+              f"{2 * len(items)} trials, its fact alone (the tokens before the citation) in {100 * fact:.1f}% "
+              "(chance 50%)")
+
+# -----------------------------------------------------------------------------
+# accuracy vs documents in context, from rag_train.py's eval.json files:
+#   python bench.py --vs_k out/rag_T/eval.json out/rag_M/eval.json out/rag/eval.json --plot=acc_vs_k
+
+def curves(results):
+    """(index of its eval.json, label, params, {k: EM}, reread?) for each eval.json: one pass, and cite-then-read
+    where it was measured."""
+    out = []
+    for i, r in enumerate(results):
+        for key, label in (("vs_k", r["pattern"]), ("vs_k_reread", r["pattern"] + ", reread")):
+            if key in r:
+                out.append((i, label, r["params"], {int(k): s["em"] for k, s in r[key].items()}, key == "vs_k_reread"))
+    return out
+
+
+def vs_k_table(results):
+    """Markdown table: a row per eval.json (and its cite-then-read sweep), EM (%) with k documents in context."""
+    ks = sorted({int(k) for r in results for k in r["vs_k"]})
+    lines = ["| model | params | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
+    for _, label, params, em, _ in curves(results):
+        cells = [f"{100 * em[k]:.1f}" if k in em else "" for k in ks]
+        lines.append(f"| {label} | {params:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def vs_k_plot(stem, results):
+    """A line per model, a colour per eval.json (dashed: cite, then read): EM (%) against k on a log2 axis."""
+    colors = ["C0", "C3", "C2", "C4", "C1"]  # blue, red, green, purple, orange
+    return plot(stem, "held-out exact match vs documents in context", "k (documents)", "exact match (%)",
+                {label: (sorted(em), [100 * em[k] for k in sorted(em)],
+                         dict(color=colors[i % len(colors)], linestyle="--" if reread else "-"))
+                 for i, label, _, em, reread in curves(results)}, xlog=True, ylim=(0, 100))
+
+
+def vs_k(args):
+    results = []
+    for path in args.vs_k:
+        try:
+            results.append(json.load(open(path)))
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: {path}: {e}")
+        if not isinstance(results[-1], dict) or not {"pattern", "params", "vs_k"} <= results[-1].keys():
+            sys.exit(f"error: {path} is not an eval.json of rag_train.py (it needs pattern, params and vs_k)")
+    print(vs_k_table(results))
+    if args.plot:
+        vs_k_plot(args.plot, results)
+        print(f"wrote {args.plot}.png and {args.plot}.svg")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--what", default="train,decode,mixer,block,bm25,retrieval,memory", help="sections, comma-separated")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    # Tiny models gain nothing from a second CPU thread, and on a loaded machine OpenMP threads spin-wait on each
+    # other (10x slower with 2 threads than with 1 at load average 8 on 2 cores). 0: torch's default.
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="", help="also write the numbers as JSON here")
+    parser.add_argument("--plot", help="the plot's path without extension (STEM.png and STEM.svg are written); "
+                                       "default out/bench_decode for the decode section, none for --vs_k; '' for none")
+    parser.add_argument("--kind", default="bm25", help="build_one: simple, bm25, bm25s, encode, flat, hnsw")
+    parser.add_argument("--n", type=int, default=10_000, help="build_one: number of documents")
+    task = parser.add_mutually_exclusive_group()
+    task.add_argument("--reading", metavar="CKPT", help="a base model's loss per answer token after the gold document")
+    task.add_argument("--choice", metavar="CKPT", help="how often a model prefers the gold document's fact to a distractor's")
+    task.add_argument("--vs_k", nargs="+", metavar="EVAL_JSON", help="rag_train.py's EM vs k: a table (and --plot)")
+    parser.add_argument("--data_dir", default="data/world", help="--reading, --choice: the questions and documents")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.reading or args.choice:
+        return diagnose(args)
+    if args.vs_k:
+        return vs_k(args)
+    what = args.what.split(",")
+    if set(what) - set(SECTIONS):
+        parser.error(f"--what: unknown section(s) {sorted(set(what) - set(SECTIONS))}; choose from {', '.join(SECTIONS)}")
+    args.on_gpu = args.device.startswith("cuda")
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor() or platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
+    results = {"device": torch.cuda.get_device_name() if args.on_gpu else f"{cpu}, {os.cpu_count()} cores",
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "load_average": os.getloadavg()[0]}
+    if what != ["build_one"]:
+        print(f"# bench on {results['device']}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
+              f"load average {results['load_average']:.1f}\n", flush=True)
+    for name, section in SECTIONS.items():
+        if name in what:
+            section(args, results)
+    if args.out:
+        write_atomic(args.out, json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

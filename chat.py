@@ -22,9 +22,7 @@ import sys
 import torch
 
 import rag
-from common import first_line, load_checkpoint
-from model import GPT
-from tokenizer import Tokenizer
+from common import first_line, load_model
 from retrieve import RETRIEVERS, load_documents, load_kb, new_retriever
 
 # -----------------------------------------------------------------------------
@@ -50,21 +48,6 @@ def continue_text(model, tok, prompt, max_len, max_new_tokens, temperature):
     return prompt + tok.decode(new[:new.index(tok.bos_id)] if tok.bos_id in new else new)
 
 # -----------------------------------------------------------------------------
-
-
-def load_model(path, device):
-    ckpt = load_checkpoint(path, device)
-    if "tokenizer" not in ckpt:
-        raise ValueError(f"checkpoint {path} has no tokenizer: not written by train.py / rag_train.py")
-    try:
-        model = GPT.from_checkpoint(ckpt).to(device).eval()
-    except (ValueError, RuntimeError, TypeError) as e:
-        raise ValueError(f"checkpoint {path} does not fit this model.py ({first_line(e)[:160]})") from None
-    tok = Tokenizer.from_json(ckpt["tokenizer"])
-    if tok.vocab_size != model.config.vocab_size:
-        raise ValueError(f"checkpoint {path}: tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
-    max_len = (ckpt.get("config") or {}).get("seq_len") or model.config.block_size
-    return model, tok, max_len, ckpt.get("stage", "?")
 
 
 def load_retriever(path, kind, stopwords=""):
@@ -101,11 +84,14 @@ def main():
     if args.top_k < 1 or args.hops < 0 or args.max_new_tokens < 1:
         sys.exit("error: --top_k and --max_new_tokens must be >= 1 and --hops >= 0")
     try:
-        model, tok, max_len, stage = load_model(args.ckpt, args.device)
+        model, tok, ckpt = load_model(args.ckpt, args.device)
+        stage = ckpt.get("stage", "?")
         base = stage == "train"
         retriever = load_retriever(args.kb, args.retriever, args.stopwords) if args.kb and not base else None
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    model.eval()
+    max_len = (ckpt.get("config") or {}).get("seq_len") or model.config.block_size  # its fine-tuning's context
     if base:
         print(f"note: {args.ckpt} is pre-trained, not fine-tuned for chat (rag_train.py): it continues your text"
               + (", without the KB" if args.kb else ""), file=sys.stderr)

@@ -4,6 +4,7 @@ written atomically, and the one-line-per-step log. Kept here so train.py, rag_tr
 refrag_train.py stay short and agree with each other.
 """
 import glob
+import io
 import math
 import os
 import socket
@@ -12,6 +13,9 @@ import time
 
 import torch
 import torch.distributed as dist
+
+from model import GPT
+from tokenizer import Tokenizer
 
 
 def die(msg):
@@ -167,6 +171,26 @@ def load_checkpoint(path, device="cpu"):
     return ckpt
 
 
+def load_model(path, device="cpu", data_dir=None):
+    """(model, tokenizer, ckpt) from a stage's checkpoint, the model on device. A file that is missing, damaged,
+    not a checkpoint, or does not fit model.py, or a tokenizer that is not the model's (or, given data_dir, not that
+    directory's tokenizer.json) is a one-line ValueError naming the file."""
+    ckpt = load_checkpoint(path, device)
+    if "tokenizer" not in ckpt:
+        raise ValueError(f"checkpoint {path} has no tokenizer: not written by train.py / rag_train.py")
+    try:
+        model = GPT.from_checkpoint(ckpt).to(device)
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise ValueError(f"checkpoint {path} does not fit this model.py ({first_line(e)[:160]})") from None
+    tok = Tokenizer.from_json(ckpt["tokenizer"])
+    if tok.vocab_size != model.config.vocab_size:
+        raise ValueError(f"checkpoint {path}: its tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
+    data_tok = data_dir and os.path.join(data_dir, "tokenizer.json")
+    if data_tok and os.path.isfile(data_tok) and open(data_tok).read() != ckpt["tokenizer"]:
+        raise ValueError(f"checkpoint {path}: its tokenizer is not {data_tok}'s: the checkpoint was trained on other data")
+    return model, tok, ckpt
+
+
 def raw_state_dict(model):
     """The state dict without DDP's 'module.' or torch.compile's '_orig_mod.' prefixes."""
     model = getattr(model, "module", model)
@@ -209,3 +233,57 @@ class StepLog:
         if self.path and int(os.environ.get("RANK", 0)) == 0:
             with open(self.path, "a") as f:
                 f.write(line + "\n")
+
+
+# -----------------------------------------------------------------------------
+# files written atomically, and plots
+
+def write_atomic(path, data):
+    """Writes data (str, bytes, or an iterable of str lines, written as they come) to a temp file, then renames it
+    over path: a reader never sees half a file, and a crash mid-write leaves the previous one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") if isinstance(data, bytes) else open(tmp, "w", encoding="utf-8") as f:
+            f.write(data) if isinstance(data, (str, bytes)) else f.writelines(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def plot(stem, title, xlabel, ylabel, series, xlog=False, ylog=False, ylim=None):
+    """A line plot written as stem.png and stem.svg. series: {label: (xs, ys)} or {label: (xs, ys, style)}, style
+    a dict of matplotlib line options (color, linestyle, marker, ...) over the default, a line with dots.
+    xlog: a log2 x axis with a tick at every x; ylog: a log10 y axis. Returns {label: (xs, ys)} as drawn."""
+    import matplotlib  # here, not at the top: the scripts that never plot do not pay for importing it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, (xs, ys, *style) in series.items():
+        ax.plot(xs, ys, label=label, **{"marker": "o", "markersize": 4, **(style[0] if style else {})})
+    if xlog:
+        ticks = sorted({x for xs, *_ in series.values() for x in xs})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(x) for x in ticks], minor=False)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    if ylim:
+        ax.set_ylim(*ylim)
+    if ylog:  # five ticks evenly spaced on the log axis, as plain numbers: a decade can be wider than the data
+        ax.set_yscale("log")
+        lo, hi = ax.get_ylim()
+        ticks = [lo * (hi / lo) ** (i / 4) for i in range(5)]
+        ax.set_yticks(ticks, [f"{t:.3g}" for t in ticks], minor=False)
+        ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    drawn = {line.get_label(): (line.get_xdata().tolist(), line.get_ydata().tolist()) for line in ax.get_lines()}
+    # SVG text as text, not glyph outlines; fixed ids and no date: the same data gives the same file, for git
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "plot"}):
+        for ext in ("png", "svg"):
+            buf = io.BytesIO()
+            fig.savefig(buf, format=ext, dpi=150, bbox_inches="tight", metadata={"Date": None} if ext == "svg" else None)
+            write_atomic(f"{stem}.{ext}", buf.getvalue())
+    plt.close(fig)
+    return drawn

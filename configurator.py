@@ -1,7 +1,7 @@
 """
 nanoGPT-style configuration: a stage script's module globals are its defaults, and
 
-    python train.py configs/tiny_cpu.py --max_iters=100 --block_pattern=TMMM
+    python train.py configs/hybrid_d20.py --max_iters=100 --block_pattern=TMMM
 
 overrides them, first from config files (plain Python assignments), then from --key=value.
 Unlike nanoGPT's exec'd configurator, a typo fails loudly: an unknown key or a value of the wrong
@@ -74,10 +74,3 @@ def configure(g, argv=None):
             g[key] = _coerce(key, value, g[key], f"--{key}")
     return {k: g[k] for k in sorted(keys)}
 
-
-def script_defaults(script):
-    """A stage script's defaults without running it: its source above the configure() call, executed."""
-    src = open(script).read()
-    g = {"__name__": "defaults"}
-    exec(src[:src.index("config = configure(")].rsplit("try:", 1)[0], g)
-    return g

@@ -198,28 +198,31 @@ def causal_conv_step(conv1d, x, conv_state, kernels=None):
                                                conv1d.bias, "silu")
     conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
     conv_state[:, :, -1] = x
-    x = (conv_state * conv1d.weight.squeeze(1)).sum(-1)
-    return F.silu(x if conv1d.bias is None else x + conv1d.bias)
+    return F.silu((conv_state * conv1d.weight.squeeze(1)).sum(-1) + conv1d.bias)
+
+
+def dt_bias_init(n):
+    """softplus^-1(dt) with dt log-uniform in [0.001, 0.1], floored at 1e-4: mamba-ssm's dt bias, for every mixer."""
+    dt = torch.exp(torch.rand(n) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
+    return dt + torch.log(-torch.expm1(-dt))
 
 
 class Mamba(nn.Module):
-    """Mamba-1 mixer with mamba_ssm.modules.mamba_simple.Mamba's arguments, parameters and init."""
+    """Mamba-1 mixer with mamba_ssm.modules.mamba_simple.Mamba's parameters and init at its defaults (dt_rank
+    ceil(d_model / 16), biases only on the conv and dt_proj): state dicts load both ways."""
 
-    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
-                 dt_init_floor=1e-4, conv_bias=True, bias=False):
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2):
         super().__init__()
-        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
-        self.d_inner = int(expand * d_model)
-        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
-        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
-        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
-        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1,
-                                bias=conv_bias)
-        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.d_state, self.d_conv = d_state, d_conv
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16)
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)  # x, z
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)  # dt (low rank), B, C
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner)
         self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state))
         self.D = nn.Parameter(torch.empty(self.d_inner))
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -228,23 +231,20 @@ class Mamba(nn.Module):
             m.reset_parameters()  # torch defaults, as mamba-ssm
         std = self.dt_rank ** -0.5  # dt_proj keeps the variance of dt at init
         nn.init.uniform_(self.dt_proj.weight, -std, std)
-        # dt bias = softplus^-1(dt) with dt log-uniform in [dt_min, dt_max]
-        dt = torch.exp(torch.rand(self.d_inner) * (math.log(self.dt_max) - math.log(self.dt_min))
-                       + math.log(self.dt_min)).clamp(min=self.dt_init_floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj.bias.copy_(dt_bias_init(self.d_inner))
         # S4D-real: A = -(1, 2, ..., N) for every channel
         self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
         self.D.fill_(1.0)
 
-    def allocate_state(self, batch_size, dtype=None):
+    def allocate_state(self, batch_size):
         """(conv_state (B, D, d_conv) the last d_conv conv inputs, ssm_state (B, D, N) fp32), mamba-ssm's layout."""
         w = self.conv1d.weight
-        return (torch.zeros(batch_size, self.d_inner, self.d_conv, device=w.device, dtype=dtype or w.dtype),
+        return (torch.zeros(batch_size, self.d_inner, self.d_conv, device=w.device, dtype=w.dtype),
                 torch.zeros(batch_size, self.d_inner, self.d_state, device=w.device, dtype=torch.float32))
 
     def forward(self, u, state=None):
         """u (B, L, d_model) -> (B, L, d_model). state: (conv_state, ssm_state), continued and updated in place."""
-        kernels = cuda_kernels() if u.is_cuda else None
+        kernels = kernels_for(u)
         if state is not None and u.shape[1] == 1:
             return self.step(u, state, kernels)
         A = -torch.exp(self.A_log.float())  # (D, N)
@@ -327,9 +327,9 @@ def ssd_scan(x, a, B, C, chunk_size, h0=None):
 class GatedRMSNorm(nn.Module):
     """Mamba-2's output norm: rmsnorm(y * silu(z)) * weight (mamba-ssm's RMSNormGated, norm_before_gate=False)."""
 
-    def __init__(self, d, eps=1e-5):
+    def __init__(self, d):
         super().__init__()
-        self.eps = eps
+        self.eps = 1e-5
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, y, z):
@@ -341,41 +341,36 @@ class Mamba2(nn.Module):
     gated RMSNorm): state dicts load both ways. chunk_size changes speed, never results: 64 is the fastest
     PyTorch chunk on CPU (fwd+bwd at B=8, L=256, d=256: 287 ms vs 466 ms at mamba-ssm's default 256)."""
 
-    def __init__(self, d_model, d_state=128, d_conv=4, expand=2, headdim=64, A_init_range=(1, 16), dt_min=0.001,
-                 dt_max=0.1, dt_init_floor=1e-4, bias=False, conv_bias=True, chunk_size=64):
+    def __init__(self, d_model, d_state=128, d_conv=4, expand=2, headdim=64, chunk_size=64):
         super().__init__()
-        self.d_model, self.d_state, self.d_conv, self.expand, self.headdim = d_model, d_state, d_conv, expand, headdim
+        self.d_state, self.d_conv, self.headdim, self.chunk_size = d_state, d_conv, headdim, chunk_size
         self.d_inner = expand * d_model
         if self.d_inner % headdim:
             raise ValueError(f"Mamba2: expand * d_model = {self.d_inner} is not a multiple of headdim={headdim}")
         self.nheads = self.d_inner // headdim
-        self.A_init_range, self.dt_min, self.dt_max, self.dt_init_floor = A_init_range, dt_min, dt_max, dt_init_floor
-        self.chunk_size = chunk_size
-        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * d_state + self.nheads, bias=bias)  # z, x, B, C, dt
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * d_state + self.nheads, bias=False)  # z, x, B, C, dt
         conv_dim = self.d_inner + 2 * d_state
-        self.conv1d = nn.Conv1d(conv_dim, conv_dim, d_conv, groups=conv_dim, padding=d_conv - 1, bias=conv_bias)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, d_conv, groups=conv_dim, padding=d_conv - 1)  # over x, B, C
         self.dt_bias = nn.Parameter(torch.empty(self.nheads))
         self.A_log = nn.Parameter(torch.empty(self.nheads))
         self.D = nn.Parameter(torch.empty(self.nheads))
         self.norm = GatedRMSNorm(self.d_inner)
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self):
         for m in (self.in_proj, self.conv1d, self.out_proj):
             m.reset_parameters()
-        dt = torch.exp(torch.rand(self.nheads) * (math.log(self.dt_max) - math.log(self.dt_min))
-                       + math.log(self.dt_min)).clamp(min=self.dt_init_floor)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1
-        self.A_log.copy_(torch.log(torch.empty(self.nheads).uniform_(*self.A_init_range)))
+        self.dt_bias.copy_(dt_bias_init(self.nheads))
+        self.A_log.copy_(torch.log(torch.empty(self.nheads).uniform_(1, 16)))  # A = -uniform(1, 16) per head
         self.D.fill_(1.0)
         self.norm.weight.fill_(1.0)
 
-    def allocate_state(self, batch_size, dtype=None):
+    def allocate_state(self, batch_size):
         """(conv_state (B, d_inner + 2N, d_conv), ssm_state (B, H, P, N) fp32)."""
         w = self.conv1d.weight
-        return (torch.zeros(batch_size, w.shape[0], self.d_conv, device=w.device, dtype=dtype or w.dtype),
+        return (torch.zeros(batch_size, w.shape[0], self.d_conv, device=w.device, dtype=w.dtype),
                 torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=w.device, dtype=torch.float32))
 
     def forward(self, u, state=None):
@@ -450,77 +445,63 @@ def rotate_pairs(x, cos, sin):
 
 
 class Mamba3(nn.Module):
-    """Mamba-3 mixer (SISO) with mamba_ssm.modules.mamba3.Mamba3's arguments, parameters and init: state dicts
-    load both ways. It has no conv: the trapezoid's look-back of one token replaces it."""
+    """Mamba-3 mixer (SISO) with mamba_ssm.modules.mamba3.Mamba3's parameters and init at its defaults (one group
+    of B and C, half the state dims rotated, no output norm): state dicts load both ways. It has no conv: the
+    trapezoid's look-back of one token replaces it."""
 
-    def __init__(self, d_model, d_state=128, expand=2, headdim=64, ngroups=1, rope_fraction=0.5, dt_min=0.001,
-                 dt_max=0.1, dt_init_floor=1e-4, A_floor=1e-4, is_outproj_norm=False, is_mimo=False, mimo_rank=4,
-                 chunk_size=64):
+    def __init__(self, d_model, d_state=128, expand=2, headdim=64, chunk_size=64):
         super().__init__()
-        self.d_model, self.d_state, self.expand, self.headdim, self.ngroups = d_model, d_state, expand, headdim, ngroups
+        self.d_state, self.headdim, self.chunk_size = d_state, headdim, chunk_size
         self.d_inner = expand * d_model
         self.nheads = self.d_inner // headdim
-        self.n_angles = int(d_state * rope_fraction) // 2  # rotated pairs of state dims
-        if is_mimo:
-            raise NotImplementedError("Mamba3: only SISO is implemented (is_mimo=False)")
-        if self.d_inner % headdim or self.nheads % ngroups or rope_fraction not in (0.5, 1.0) or not self.n_angles:
-            raise ValueError(f"Mamba3: expand * d_model = {self.d_inner} must be a multiple of headdim={headdim}, "
-                             f"heads of ngroups={ngroups}, rope_fraction 0.5 or 1 and d_state={d_state} >= 4")
-        self.dt_min, self.dt_max, self.dt_init_floor, self.A_floor = dt_min, dt_max, dt_init_floor, A_floor
-        self.is_outproj_norm, self.chunk_size = is_outproj_norm, chunk_size
-        GN, H = ngroups * d_state, self.nheads  # z, x, B, C, dt, A, trap, angle:
-        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * GN + 3 * H + self.n_angles, bias=False)
+        self.n_angles = d_state // 4  # rotated pairs: half the state dims turn
+        if self.d_inner % headdim or not self.n_angles:
+            raise ValueError(f"Mamba3: expand * d_model = {self.d_inner} must be a multiple of headdim={headdim} "
+                             f"and d_state={d_state} >= 4")
+        H = self.nheads  # z, x, B, C, dt, A, trap, angle:
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * d_state + 3 * H + self.n_angles, bias=False)
         self.dt_bias = nn.Parameter(torch.empty(H))
         self.B_bias = nn.Parameter(torch.empty(H, 1, d_state))  # (H, MIMO rank 1, N)
         self.C_bias = nn.Parameter(torch.empty(H, 1, d_state))
         self.B_norm, self.C_norm = nn.RMSNorm(d_state, eps=1e-5), nn.RMSNorm(d_state, eps=1e-5)
         self.D = nn.Parameter(torch.empty(H))
-        if is_outproj_norm:  # per head: rmsnorm(y) * weight * silu(z)
-            self.norm = nn.RMSNorm(self.d_inner, eps=1e-5)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self):
-        for m in (self.in_proj, self.out_proj, self.B_norm, self.C_norm, getattr(self, "norm", None)):
-            if m is not None:
-                m.reset_parameters()
-        dt = torch.exp(torch.rand(self.nheads) * (math.log(self.dt_max) - math.log(self.dt_min))
-                       + math.log(self.dt_min)).clamp(min=self.dt_init_floor)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1
+        for m in (self.in_proj, self.out_proj, self.B_norm, self.C_norm):
+            m.reset_parameters()
+        self.dt_bias.copy_(dt_bias_init(self.nheads))
         for p in (self.B_bias, self.C_bias, self.D):
             p.fill_(1.0)
 
-    def allocate_state(self, batch_size, dtype=None):
+    def allocate_state(self, batch_size):
         """(angle (B, H, S) fp32, ssm_state (B, H, P, N) fp32, k (B, 1, H, N), v (B, H, P)), mamba-ssm's layout:
         k and v of the last token, whose beta term the next token adds."""
         w, (H, P, N) = self.in_proj.weight, (self.nheads, self.headdim, self.d_state)
         return (torch.zeros(batch_size, H, self.n_angles, device=w.device),
                 torch.zeros(batch_size, H, P, N, device=w.device),
-                torch.zeros(batch_size, 1, H, N, device=w.device, dtype=dtype or w.dtype),
-                torch.zeros(batch_size, H, P, device=w.device, dtype=dtype or w.dtype))
+                torch.zeros(batch_size, 1, H, N, device=w.device, dtype=w.dtype),
+                torch.zeros(batch_size, H, P, device=w.device, dtype=w.dtype))
 
     def project(self, u):
-        """u (..., d_model) -> z, x (..., H, P); BC (..., 2, G, N): B and C normed, no bias; dt, dt * A (..., H)
-        fp32; trap (..., H) and angle (..., S) before their sigmoid and tanh, as the kernel takes them."""
-        H, G, N = self.nheads, self.ngroups, self.d_state
+        """u (..., d_model) -> z, x (..., H, P); BC (..., 2, 1, N): B and C normed, no bias, in the kernels' layout
+        (one group); dt, dt * A (..., H) fp32; trap (..., H) and angle (..., S) before their sigmoid and tanh, as
+        the kernel takes them."""
+        H, N = self.nheads, self.d_state
         z, x, BC, dt, A, trap, angle = self.in_proj(u).split(
-            [self.d_inner, self.d_inner, 2 * G * N, H, H, H, self.n_angles], dim=-1)
+            [self.d_inner, self.d_inner, 2 * N, H, H, H, self.n_angles], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())
-        A = -F.softplus(A.float()).clamp(min=self.A_floor)
-        BC = F.rms_norm(BC.unflatten(-1, (2, G, N)), (N,), eps=self.B_norm.eps)  # B and C at once (speed)
+        A = -F.softplus(A.float()).clamp(min=1e-4)
+        BC = F.rms_norm(BC.unflatten(-1, (2, 1, N)), (N,), eps=self.B_norm.eps)  # B and C at once (speed)
         BC = BC * torch.stack([self.B_norm.weight, self.C_norm.weight]).unsqueeze(1)
         return z.unflatten(-1, (H, -1)), x.unflatten(-1, (H, -1)), BC, dt, dt * A, trap, angle
 
     def kq(self, BC, theta):
-        """Biased, rotated k and q (..., H, N) fp32 from BC (..., 2, G, N), each group shared by H / G heads."""
-        kq = BC.float().unsqueeze(-2) + torch.stack([self.B_bias, self.C_bias]).view(2, self.ngroups, -1, self.d_state)
-        return rotate_pairs(kq.flatten(-3, -2), theta.cos().unsqueeze(-3), theta.sin().unsqueeze(-3)).unbind(-3)
-
-    def gate(self, y, z):  # y, z (..., H, P)
-        if self.is_outproj_norm:
-            y = F.rms_norm(y, (self.headdim,), eps=1e-5) * self.norm.weight.float().view(self.nheads, self.headdim)
-        return y * F.silu(z.float())
+        """Biased, rotated k and q (..., H, N) fp32 from BC (..., 2, 1, N) and theta (..., H, S)."""
+        kq = BC.float() + torch.stack([self.B_bias, self.C_bias]).squeeze(2)  # (..., 2, H, N)
+        return rotate_pairs(kq, theta.cos().unsqueeze(-3), theta.sin().unsqueeze(-3)).unbind(-3)
 
     def forward(self, u, state=None):
         """u (B, L, d_model) -> (B, L, d_model). state: allocate_state's tuple, continued and updated in place."""
@@ -532,14 +513,13 @@ class Mamba3(nn.Module):
         if kernels and kernels.get("mamba3_siso_combined"):  # fused rotary + trapezoid + chunked scan + gate
             y = kernels["mamba3_siso_combined"](
                 BC[:, :, 1], BC[:, :, 0], x, adt.transpose(1, 2), dt.transpose(1, 2), trap.transpose(1, 2), self.C_bias.squeeze(1),
-                self.B_bias.squeeze(1), angle.float().unsqueeze(2).expand(-1, -1, H, -1), self.D,
-                None if self.is_outproj_norm else z, chunk_size=self.chunk_size, return_final_states=state is not None,
+                self.B_bias.squeeze(1), angle.float().unsqueeze(2).expand(-1, -1, H, -1), self.D, z,
+                chunk_size=self.chunk_size, return_final_states=state is not None,
                 Input_States=None if state is None else (state[0], state[1], state[2].squeeze(1), state[3]))
             if state is not None:
                 y, *new = y
                 for s, n in zip(state, (new[0], new[1], new[2].unsqueeze(1), new[3])):
                     s.copy_(n)
-            y = self.gate(y.float(), z) if self.is_outproj_norm else y
             return self.out_proj(y.reshape(b, L, self.d_inner).to(u.dtype))
         lam = torch.sigmoid(trap.float())                                           # (b, L, H)
         theta = (torch.pi * torch.tanh(angle.float())).unsqueeze(2) * dt.unsqueeze(-1)  # (b, L, H, S)
@@ -556,7 +536,7 @@ class Mamba3(nn.Module):
         if state is not None:
             for s, n in zip(state, (theta[:, -1] % (2 * math.pi), h.view(b, H, P, N), k[:, -1:], x[:, -1])):
                 s.copy_(n)
-        return self.out_proj(self.gate(y, z).reshape(b, L, self.d_inner).to(u.dtype))
+        return self.out_proj((y * F.silu(z.float())).reshape(b, L, self.d_inner).to(u.dtype))
 
     def step(self, u, state):
         """One token: u (B, 1, d_model), O(1) in the context length."""
@@ -570,7 +550,7 @@ class Mamba3(nn.Module):
         y = (ssm_state @ q.unsqueeze(-1)).squeeze(-1) + self.D.float().unsqueeze(-1) * v.float()
         for s, n in zip(state, (theta % (2 * math.pi), ssm_state, k.unsqueeze(1), v)):
             s.copy_(n)
-        return self.out_proj(self.gate(y, z).reshape(-1, self.d_inner).to(u.dtype)).unsqueeze(1)
+        return self.out_proj((y * F.silu(z.float())).reshape(-1, self.d_inner).to(u.dtype)).unsqueeze(1)
 
 
 # -----------------------------------------------------------------------------
@@ -703,20 +683,16 @@ class GPT(nn.Module):
         scores and values, plus the scan (what a matmul-only count misses for Mamba)."""
         flops = 6 * sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         for block in self.transformer.h:
-            if isinstance(block, AttentionBlock):  # QK^T and AV: 2 * 2 * n_embd * seq_len forward
+            m = getattr(block, "mixer", None)
+            if m is None:  # attention: QK^T and AV, 2 * 2 * n_embd * seq_len forward
                 flops += 3 * 4 * self.config.n_embd * seq_len
-                continue
-            m = block.mixer
-            if isinstance(m, Mamba3):  # SSD with B, C per head: C B^T per head too; no conv
-                Q = min(m.chunk_size, seq_len)
-                flops += 3 * m.nheads * (2 * Q * m.d_state + 2 * Q * m.headdim + 4 * m.headdim * m.d_state)
-                continue
-            flops += 3 * 2 * m.conv1d.weight.numel()
-            if isinstance(m, Mamba):  # ~9 flops per (channel, state): exp(dt A), dt B x, decay, add, C h
-                flops += 3 * 9 * m.d_inner * m.d_state
-            else:  # SSD: C B^T over a chunk (shared by heads); per head the masked scores times x, state in, state out
-                Q = min(m.chunk_size, seq_len)
-                flops += 3 * (2 * Q * m.d_state + m.nheads * (2 * Q * m.headdim + 4 * m.headdim * m.d_state))
+            elif isinstance(m, Mamba):  # conv, and ~9 flops per (channel, state): exp(dt A), dt B x, decay, add, C h
+                flops += 3 * (2 * m.conv1d.weight.numel() + 9 * m.d_inner * m.d_state)
+            else:  # SSD over chunks of Q: C B^T (once: Mamba-2's B, C are shared by the heads; per head for Mamba-3),
+                # and per head the masked scores times x, state in, state out; Mamba-2's conv (Mamba-3 has none)
+                Q, H, P, N = min(m.chunk_size, seq_len), m.nheads, m.headdim, m.d_state
+                conv = m.conv1d.weight.numel() if isinstance(m, Mamba2) else 0
+                flops += 3 * ((1 if conv else H) * 2 * Q * N + H * (2 * Q * P + 4 * P * N) + 2 * conv)
         return flops
 
     def configure_optimizers(self, learning_rate, weight_decay, betas, device_type, muon=False, embedding_lr_mult=1.0):

@@ -30,11 +30,13 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from common import write_atomic
+from configurator import configure
 from tokenizer import Tokenizer
 from world import corpus_items, doc_id, make_qa, make_world, make_worlds, reading_items, render_doc
 
 # -----------------------------------------------------------------------------
-# defaults, overridden on the command line with --key=value (or --key value)
+# defaults, overridden as in every stage: python prepare.py [config.py] --key=value
 config = dict(
     out="",             # output directory; "" = data/world, or data/text with --input
     input="",           # your text: a .txt/.jsonl/.parquet file or a folder of them; "" = the synthetic world
@@ -53,21 +55,14 @@ TOKENIZER_MAX_CHARS = 100_000_000  # BPE merge statistics settle long before thi
 # -----------------------------------------------------------------------------
 # Writing
 
-def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+
+def jsonl(rows):
+    return (json.dumps(r) + "\n" for r in rows)
 
 
-def write_jsonl(path, rows):
-    with open(path + ".tmp", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(path + ".tmp", path)
-
-
-def write_bins(out, tok, items, total, desc):
-    """Tokenise (is_val, text) items into train.bin / val.bin, each document preceded by <|bos|>."""
+def write_bins(out, tok, items, total=None):
+    """Tokenise (is_val, text) items into train.bin / val.bin, each document preceded by <|bos|>; returns the
+    first fields of meta.json."""
     dtype = np.uint16 if tok.vocab_size < 2**16 else np.uint32
     paths = {s: os.path.join(out, f"{s}.bin") for s in ("train", "val")}
     files = {s: open(p + ".tmp", "wb") for s, p in paths.items()}
@@ -82,7 +77,7 @@ def write_bins(out, tok, items, total, desc):
 
     try:
         batch = []
-        for item in tqdm(items, total=total, desc=desc, unit="doc", mininterval=1.0):
+        for item in tqdm(items, total=total, desc="tokenise", unit="doc", mininterval=1.0):
             batch.append(item)
             if len(batch) == 4096:
                 flush(batch)
@@ -99,13 +94,16 @@ def write_bins(out, tok, items, total, desc):
             f.close()
             if os.path.exists(paths[s] + ".tmp"):
                 os.remove(paths[s] + ".tmp")
-    return np.dtype(dtype).name, counts
+    return dict(vocab_size=tok.vocab_size, dtype=np.dtype(dtype).name, bos_id=tok.bos_id,
+                n_train_tokens=counts["train"][0], n_val_tokens=counts["val"][0], n_train_docs=counts["train"][1],
+                n_val_docs=counts["val"][1])
 
 
-def tally(qas, hops):
-    for q in qas:
-        hops[q["hops"]] += 1
-        yield q
+def write_meta(out, tok, meta, t0):
+    """tokenizer.json and meta.json, the last files of a data directory; returns meta and the seconds taken."""
+    write_atomic(os.path.join(out, "tokenizer.json"), [tok.to_json()])
+    write_atomic(os.path.join(out, "meta.json"), [json.dumps(meta, indent=2)])
+    return dict(meta, seconds=time.time() - t0)
 
 
 def prepare_world(out, seed, world_size, heldout_frac, n_renderings, vocab_size, val_frac, rag_frac=2.0,
@@ -130,12 +128,13 @@ def prepare_world(out, seed, world_size, heldout_frac, n_renderings, vocab_size,
                 for i in range(n):
                     title, text = render_doc(w, kind, i, kb_rng)
                     yield {"id": doc_id(w, kind, i), "title": title, "text": text, "metadata": {"world": w.split, "type": kind}}
-    write_jsonl(os.path.join(out, "kb.jsonl"), tqdm(kb_rows(), total=sum(n_docs.values()), desc="kb", unit="doc", mininterval=1.0))
+    write_atomic(os.path.join(out, "kb.jsonl"),
+                 jsonl(tqdm(kb_rows(), total=sum(n_docs.values()), desc="kb", unit="doc", mininterval=1.0)))
     qa_counts = {}
     for w, split in zip(worlds, ("closed", "heldout", "train")):  # RAG fine-tunes on the RAG world
-        hops = qa_counts[split] = {h: 0 for h in range(4)}
-        write_jsonl(os.path.join(out, f"qa_{split}.jsonl"),
-                    tqdm(tally(make_qa(w, rng, pool, first_names), hops), desc=f"qa_{split}", unit="qa", mininterval=1.0))
+        qas = list(tqdm(make_qa(w, rng, pool, first_names), desc=f"qa_{split}", unit="qa", mininterval=1.0))
+        write_atomic(os.path.join(out, f"qa_{split}.jsonl"), jsonl(qas))
+        qa_counts[split] = {h: sum(q["hops"] == h for q in qas) for h in range(4)}
     print("questions by hops (0 = unanswerable): " + ", ".join(f"{s} {c}" for s, c in qa_counts.items()))
 
     # BPE on the training world itself would give each training name its own token while held-out names fall
@@ -158,16 +157,11 @@ def prepare_world(out, seed, world_size, heldout_frac, n_renderings, vocab_size,
             if reading:
                 yield from reading_items(reading[r], random.Random(f"{seed}-reading-{r}"), val_frac)
     total = n_renderings * (2 * n_docs["train"] + sum(sum(n for _, n in w.kinds()) for w in reading[:1]))
-    dtype, counts = write_bins(out, tok, all_renderings(), total, "tokenise")
-    write_atomic(os.path.join(out, "tokenizer.json"), tok.to_json())
-    meta = dict(vocab_size=tok.vocab_size, dtype=dtype, bos_id=tok.bos_id, n_train_tokens=counts["train"][0],
-                n_val_tokens=counts["val"][0], n_train_docs=counts["train"][1], n_val_docs=counts["val"][1],
-                source="world", kb_docs=n_docs, qa=qa_counts,
+    meta = dict(write_bins(out, tok, all_renderings(), total), source="world", kb_docs=n_docs, qa=qa_counts,
                 config=dict(seed=seed, world_size=world_size, heldout_frac=heldout_frac, rag_frac=rag_frac,
-                            reading_frac=reading_frac, n_renderings=n_renderings,
-                            vocab_size=vocab_size, val_frac=val_frac))
-    write_atomic(os.path.join(out, "meta.json"), json.dumps(meta, indent=2))
-    return dict(meta, seconds=time.time() - t0)
+                            reading_frac=reading_frac, n_renderings=n_renderings, vocab_size=vocab_size,
+                            val_frac=val_frac))
+    return write_meta(out, tok, meta, t0)
 
 
 # -----------------------------------------------------------------------------
@@ -256,46 +250,22 @@ def prepare_text(input_path, out, seed, vocab_size, val_frac):
                                  "metadata": {"source": source}}) + "\n")
             yield (n == 0 and val_frac > 0) or rng.random() < val_frac, text  # doc 0 to val: val.bin never empty
     try:
-        dtype, counts = write_bins(out, tok, items(), None, "tokenise")
+        meta = write_bins(out, tok, items())
     except BaseException:
         kb.close()
         os.remove(kb.name)
         raise
     kb.close()
     os.replace(kb.name, kb_path)
-    write_atomic(os.path.join(out, "tokenizer.json"), tok.to_json())
-    meta = dict(vocab_size=tok.vocab_size, dtype=dtype, bos_id=tok.bos_id, n_train_tokens=counts["train"][0],
-                n_val_tokens=counts["val"][0], n_train_docs=counts["train"][1], n_val_docs=counts["val"][1],
-                source=os.path.abspath(input_path), config=dict(seed=seed, vocab_size=vocab_size, val_frac=val_frac))
-    write_atomic(os.path.join(out, "meta.json"), json.dumps(meta, indent=2))
-    return dict(meta, seconds=time.time() - t0)
+    meta = dict(meta, source=os.path.abspath(input_path), config=dict(seed=seed, vocab_size=vocab_size, val_frac=val_frac))
+    return write_meta(out, tok, meta, t0)
 
 
 # -----------------------------------------------------------------------------
 
-def parse_args(argv, cfg):
-    cfg = dict(cfg)
-    args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r} (use --key=value)")
-        key, eq, val = arg[2:].partition("=")
-        if not eq:
-            if not args:
-                raise ValueError(f"--{key} needs a value")
-            val = args.pop(0)
-        if key not in cfg:
-            raise ValueError(f"unknown option --{key} (known: {', '.join('--' + k for k in cfg)})")
-        try:
-            cfg[key] = type(cfg[key])(val)
-        except ValueError:
-            raise ValueError(f"--{key}={val}: expected {type(cfg[key]).__name__}") from None
-    return cfg
-
-
 def main(argv):
-    cfg = parse_args(argv, config)
+    cfg = dict(config)
+    configure(cfg, argv)
     if cfg["input"]:
         out = cfg["out"] or "data/text"
         s = prepare_text(cfg["input"], out, cfg["seed"], cfg["vocab_size"] or 8192, cfg["val_frac"])

@@ -14,11 +14,15 @@ refrag_train.py and chat.py:
 - the generation loop: the model answers, or writes a query that the loop retrieves documents for, appends
   (chunked prefill into the same cache) and continues, until an answer, max_hops, or the context limit;
   then, optionally, cite-then-read: the answer is asked again with the one document it cites
+- multi-hop RL (refrag_train.py): the gold query chains of the warm start, rollouts through the loop, their
+  reward, and the policy-gradient loss
 
 How an answer is read: citations "[n]" are taken out; what is left must be ABSTAIN (an abstention) or a definite
 answer. When the record has a "response" (an answer sentence, as the world's), the short answer is the part of
 the sentence where the response has its golden answer, if the rest matches; otherwise the whole text is the answer.
 """
+import json
+import math
 import os
 import re
 import string
@@ -26,9 +30,11 @@ from collections import Counter
 
 import torch
 
+from common import autocast
 from model import sample_next
 from retrieve import load_documents, read_jsonl
 from tokenizer import ABSTAIN, render_conversation
+from world import ENTITY_KIND, PRONOUNS, NamePool, refer_back, rename_names
 
 # -----------------------------------------------------------------------------
 # data
@@ -159,6 +165,65 @@ def raft_docs(qa, retrieved, by_id, rng, k, p_no_gold):
     docs = gold + distractors
     rng.shuffle(docs)
     return docs
+
+
+def by_entity(qas):
+    """{entity: its answerable single-hop questions} of the world's records, for entities asked about in more than
+    one relation: the pairs a conversation can ask about (a first question, then a follow-up)."""
+    about = {}
+    for q in qas:
+        if q["golden_answers"] and single_hop(q) and q.get("type") in ENTITY_KIND and q.get("response"):
+            about.setdefault(q["entity"], []).append(q)
+    return {e: qs for e, qs in about.items() if len({q["type"] for q in qs}) > 1}
+
+
+def followup_example(tok, rng, about, search, by_id, k_max, p_no_gold, p_rename, first_names):
+    """(ids, mask) of a second turn about an entity of `about` (by_entity's): a question that refers back with a
+    pronoun to the first turn's entity, about another of its relations, with RAFT documents from search(query) ->
+    ranked Documents, for the query chat.py retrieves with (search_query). The first turn is text only, as chat.py
+    keeps it, and carries no loss: without its documents it cannot be read. A share p_rename is renamed
+    (world.rename_names, first_names: the pool of fresh first names)."""
+    qa = rng.choice([q for qs in about.values() for q in qs])
+    first = rng.choice([q for q in about[qa["entity"]] if q["type"] != qa["type"]])
+    pronoun = rng.choice(PRONOUNS[ENTITY_KIND[qa["type"]]])
+    query = search_query(refer_back(qa["question"], qa["entity"], pronoun), first["question"])
+    docs = raft_docs(qa, search(query), by_id, rng, rng.randint(1, k_max), p_no_gold)
+    qa = {**qa, "question": "\n".join((first["question"], first["response"], qa["question"]))}  # renamed alike
+    if rng.random() < p_rename:
+        qa, docs = rename_names(qa, docs, rng, first_names)
+    q1, a1, q2 = qa["question"].split("\n")
+    history = messages_for(q1, None, a1)
+    turn = messages_for(refer_back(q2, qa["entity"], pronoun), docs, target_answer(qa, docs))
+    ids, mask = render_conversation(tok, history + turn)
+    n = len(render_conversation(tok, history)[0])
+    return ids, [0] * n + mask[n:]
+
+
+def out_of_world_example(tok, rng, qas, search, k_max):
+    """(ids, mask) of a question of qas (world.out_of_world's: a real person, company, city, country or fact) over
+    the world's KB, search(query) -> ranked Documents: the best hits share only its question words ("capital"), and
+    the answer is to abstain."""
+    qa = rng.choice(qas)
+    return render_example(tok, qa, search(qa["question"])[:rng.randint(1, k_max)])
+
+
+def pack(next_example, rows, seq_len):
+    """(x, y), rows x seq_len: conversations (next_example() -> (ids, mask)) packed greedily, the rest padded;
+    y is the next token where the mask is 1, else -1 (no loss). An example that does not fit is lost, not carried
+    over, so that rows stay independent of each other."""
+    x = torch.zeros(rows, seq_len, dtype=torch.long)
+    y = torch.full((rows, seq_len), -1, dtype=torch.long)
+    for row in range(rows):
+        ids, mask = [], []
+        while len(ids) < seq_len + 1:
+            e_ids, e_mask = next_example()
+            if ids and len(ids) + len(e_ids) > seq_len + 1:
+                break
+            ids, mask = ids + e_ids, mask + e_mask
+        ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
+        x[row, :len(ids) - 1] = torch.tensor(ids[:-1])
+        y[row, :len(ids) - 1] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
+    return x, y
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -408,179 +473,115 @@ def ask(model, tok, question, history=(), topic=None, retrieve=None, top_k=4, ch
     return first, reread(model, tok, first, **kw) if check else first
 
 # -----------------------------------------------------------------------------
-# can a base model read? python rag.py --reading out/tiny/ckpt.pt [data/world]
+# multi-hop RL: rollout, reward, policy gradient
+# (refrag_train.py; with the gold query chains its warm start imitates and the renamed worlds both phases train in)
 
-@torch.no_grad()
-def reading_loss(model, tok, qas, by_id):
-    """Loss per token of the answer to a question asked right after its gold document, in the pretraining format
-    (world.reading_items), the entity given: a model that ignores the document pays the full price of every
-    name (10+ nats a token), one that copies pays almost nothing on them. Before any RAG fine-tuning."""
-    device = next(model.parameters()).device
-    total, n = 0.0, 0
-    for q in qas:
-        d = by_id[q["gold_ids"][0]]
-        prompt = tok.encode(f"{d.title}: {d.text}\nQuestion: {q['question']}\nAnswer: {q['entity']}")
-        answer = tok.encode(q["response"][len(q["entity"]):])
-        ids = torch.tensor([[tok.bos_id] + prompt + answer], device=device)
-        y = ids[:, 1:].clone()
-        y[:, :len(prompt)] = -1
-        total += model(ids[:, :-1], y, loss_reduction="none")[1].sum().item()
-        n += len(answer)
-    return total / n
-
-# -----------------------------------------------------------------------------
-# does a model pick the right document? python rag.py --choice CKPT [DATA_DIR]
-
-def choice_items(qas, candidates, by_id, answers):
-    """(qa, gold document, distractor, the distractor's answer): for each single-hop qa the first of its candidate
-    documents that is about another entity and answers the same question type differently.
-    answers: {(document id, question type): answer}."""
-    items = []
-    for q, docs in zip(qas, candidates):
-        for d in docs:
-            a = answers.get((d.id, q["type"]))
-            if d.id not in q["gold_ids"] and a is not None and a != q["golden_answers"][0]:
-                items.append((q, by_id[q["gold_ids"][0]], d, a))
-                break
-    return items
+def chain_messages(qa, retrieve, by_id, top_k):
+    """The gold conversation of a training question, interleaved with retrieval as in IRCoT: the question and the
+    documents retrieved for it, then for each chain step whose document is not in context yet its query and the
+    documents retrieved for it (the gold one made sure of), then the answer citing the last gold document.
+    retrieve(query, k) -> ranked docs; by_id: id -> doc."""
+    docs = [doc_dict(d) for d in retrieve(qa["question"], top_k)]
+    messages, seen = messages_for(qa["question"], docs), list(docs)
+    for query, doc_id in zip(qa.get("queries", []), qa.get("gold_ids", [])):
+        if doc_id in {d["id"] for d in seen}:
+            continue  # its document is already in context: read it, do not ask for it
+        found = [doc_dict(d) for d in retrieve(query, top_k)]
+        if doc_id not in {d["id"] for d in found}:
+            found[-1] = doc_dict(by_id[doc_id])  # imitate queries that work: their document is found
+        messages += [{"role": "query", "content": query}, {"role": "documents", "content": found}]
+        seen += found
+    return messages + [{"role": "assistant", "content": target_answer(qa, seen)}]
 
 
-def swap_answer(qa, answer):
-    """qa's answer sentence with another answer in its answer slot."""
-    head, _, tail = qa["response"].rpartition(qa["golden_answers"][0])
-    return head + answer + tail
+def renamer(names, rng):
+    """(forward, back): forward swaps every word of `names` in a text for an invented word, the same one each
+    time; back maps invented words to the real ones."""
+    pool, fresh, real = NamePool(rng), {}, {}
+    word = re.compile(r"\b[A-Z][a-z]+\b")
+
+    def invent(w):
+        if w not in fresh:
+            fresh[w] = pool.word()
+            real[fresh[w]] = w
+        return fresh[w]
+    forward = lambda text: word.sub(lambda m: invent(m[0]) if m[0] in names else m[0], text)
+    back = lambda text: word.sub(lambda m: real.get(m[0], m[0]), text)
+    return forward, back
 
 
-@torch.no_grad()
-def choice_accuracy(model, tok, items):
-    """-> (whole, fact): shares of trials in which the model finds its answer from the gold document likelier than
-    the same sentence with the distractor's fact, with only those two documents in context, each item tried with
-    the gold document first and second. whole: the sentences as the model should write them, each citing the
-    document its fact comes from; fact: only the tokens before the citation. 50% = no better than a coin; neither
-    depends on sampling or on copying the rest of the sentence right."""
-    device = next(model.parameters()).device
-
-    def logps(msgs):  # log-probability of each assistant token
-        ids, mask = render_conversation(tok, msgs)
-        x = torch.tensor([ids[:-1]], device=device)
-        y = torch.tensor([[t if m else -1 for t, m in zip(ids[1:], mask[1:])]], device=device)
-        return [-v for v, m in zip(model(x, y, loss_reduction="none")[1].view(-1).tolist(), mask[1:]) if m]
-    whole, fact = [], []
-    for q, gold, other, other_answer in items:
-        for docs in ([gold, other], [other, gold]):
-            msgs = messages_for(q["question"], docs)
-            scores = []
-            for sentence, d in ((q["response"], gold), (swap_answer(q, other_answer), other)):
-                lp = logps(msgs + [{"role": "assistant", "content": with_citation(sentence, docs.index(d) + 1)}])
-                n_fact = 1 + len(tok.encode(" " + sentence[:-1]))  # <|assistant_start|>, the sentence
-                scores.append((sum(lp), sum(lp[:n_fact])))
-            whole.append(scores[0][0] > scores[1][0])
-            fact.append(scores[0][1] > scores[1][1])
-    n = max(1, len(whole))
-    return sum(whole) / n, sum(fact) / n
-
-# -----------------------------------------------------------------------------
-# the accuracy-vs-k table and plot from rag_train.py's eval.json files:
-#   python rag.py out/rag_T/eval.json out/rag_M/eval.json out/rag/eval.json --svg out/acc_vs_k.svg
-
-def curves(results):
-    """(index of its eval.json, label, params, {k: EM}, reread?) for each eval.json: one pass, and cite-then-read
-    where it was measured."""
-    out = []
-    for i, r in enumerate(results):
-        for key, label in (("vs_k", r["pattern"]), ("vs_k_reread", r["pattern"] + ", reread")):
-            if key in r:
-                out.append((i, label, r["params"], {int(k): s["em"] for k, s in r[key].items()}, key == "vs_k_reread"))
-    return out
+def renamed(messages, names, rng):
+    """messages with every word of the known entity names replaced by a fresh invented word, consistently: a model
+    pretrained on the training world must then read a bridge, not recall it."""
+    forward, _ = renamer(names, rng)
+    return json.loads(forward(json.dumps(messages)))
 
 
-def vs_k_table(results):
-    """Markdown table: a row per eval.json (and its cite-then-read sweep), EM (%) with k documents in context."""
-    ks = sorted({int(k) for r in results for k in r["vs_k"]})
-    lines = ["| model | params | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
-    for _, label, params, em, _ in curves(results):
-        cells = [f"{100 * em[k]:.1f}" if k in em else "" for k in ks]
-        lines.append(f"| {label} | {params:,} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def renamed_world(qa, retrieve, names, rng):
+    """(qa, retrieve) of a world whose names are invented: the question and answer renamed, queries mapped back
+    to the real names before retrieval and the documents found renamed forward. RL on recalled facts would
+    teach recall; here, as on held-out questions, the answer can only come from what the loop retrieves."""
+    forward, back = renamer(names, rng)
+    qa = {**qa, "question": forward(qa["question"]), "entity": forward(qa.get("entity", "")),
+          "response": forward(qa.get("response", "")), "golden_answers": [forward(a) for a in qa["golden_answers"]]}
+
+    def retrieve_renamed(query, k):
+        return [{**d, "title": forward(d["title"]), "text": forward(d["text"])}
+                for d in map(doc_dict, retrieve(back(query), k))]
+    return qa, retrieve_renamed
 
 
-def vs_k_svg(results, width=600, height=300, pad=50, legend=130):
-    """A line per model (dashed: cite, then read): EM against k on a log2 axis. Plain SVG: no plotting library."""
-    ks = sorted({int(k) for r in results for k in r["vs_k"]})
-    x = lambda k: pad + (width - pad - legend) * (ks.index(k) / max(1, len(ks) - 1))
-    y = lambda v: height - pad - (height - 2 * pad) * v
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{width / 2}" y="20" text-anchor="middle">held-out exact match vs documents in context</text>']
-    for v in (0, 0.25, 0.5, 0.75, 1.0):
-        out.append(f'<line x1="{pad}" x2="{width - legend}" y1="{y(v)}" y2="{y(v)}" stroke="#ddd"/>'
-                   f'<text x="{pad - 6}" y="{y(v) + 4}" text-anchor="end">{100 * v:.0f}%</text>')
-    for k in ks:
-        out.append(f'<text x="{x(k)}" y="{height - pad + 16}" text-anchor="middle">{k}</text>')
-    out.append(f'<text x="{(width - legend + pad) / 2}" y="{height - 12}" text-anchor="middle">k (documents)</text>')
-    for line, (i, label, _, em, reread) in enumerate(curves(results)):
-        c, dash = colors[i % len(colors)], ' stroke-dasharray="5,3"' if reread else ""
-        pts = [(x(k), y(v)) for k, v in em.items() if k in ks]
-        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2"{dash} points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in pts)}"/>')
-        out += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{c}"/>' for a, b in pts]
-        out.append(f'<text x="{width - legend + 8}" y="{pad + 16 * line}" fill="{c}">{label}</text>')
-    return "\n".join(out + ["</svg>"])
+def rollout(model, tok, qa, retrieve, top_k, max_hops, **kw):
+    """One pass of the loop on a question: the documents retrieved on it, then up to max_hops queries, then the
+    answer. kw: generate's (max_len, max_new_tokens, temperature, generator)."""
+    docs = retrieve(qa["question"], top_k)
+    return generate(model, tok, messages_for(qa["question"], docs), retrieve=retrieve, top_k=top_k, max_hops=max_hops, **kw)
 
 
-if __name__ == "__main__":
-    import json
-    import sys
-    args = sys.argv[1:]
-    if args[:1] in (["--reading"], ["--choice"]) and len(args) in (2, 3):
-        import random
-        from common import load_checkpoint
-        from model import GPT
-        from retrieve import BM25Retriever
-        from tokenizer import Tokenizer
-        torch.set_num_threads(1)
-        try:
-            ckpt = load_checkpoint(args[1], "cpu")
-            docs, by_id, qa = load_data(args[2] if len(args) == 3 else "data/world")
-        except (OSError, ValueError) as e:
-            sys.exit(f"error: {e}")
-        model, tok = GPT.from_checkpoint(ckpt).eval(), Tokenizer.from_json(ckpt["tokenizer"])
-        if args[0] == "--reading":
-            qas = [q for q in qa["heldout"] if q.get("hops") == 1 and q["response"].startswith(q["entity"])]
-            qas = random.Random(0).sample(qas, min(100, len(qas)))
-            print(f"reading loss: {reading_loss(model, tok, qas, by_id):.3f} nats per answer token "
-                  f"({len(qas)} held-out questions, each right after its document)")
-            sys.exit(0)
-        rng = random.Random(0)
-        qas = [q for q in qa["heldout"] if q.get("hops") == 1]
-        qas = rng.sample(qas, min(300, len(qas)))
-        answers = {(q["gold_ids"][0], q["type"]): q["golden_answers"][0] for s in qa.values() for q in s if q.get("hops") == 1}
-        bm25 = BM25Retriever()
-        bm25.add_documents(docs)
-        ranked = [[d for d, _ in hits] for hits in bm25.retrieve_batch([q["question"] for q in qas], 16)]
-        heldout = [d for d in docs if d.metadata.get("world") == "heldout"]
-        strangers = [[d for d in heldout if not set(d.title.split()) & set(by_id[q["gold_ids"][0]].title.split())] for q in qas]
-        unrelated = [rng.sample(s, len(s)) for s in strangers]
-        for name, candidates in (("BM25's best distractor (mostly a namesake)", ranked), ("an unrelated entity", unrelated)):
-            items = choice_items(qas, candidates, by_id, answers)
-            whole, fact = choice_accuracy(model, tok, items)
-            print(f"gold document vs {name}: the model prefers the gold answer in {100 * whole:.1f}% of "
-                  f"{2 * len(items)} trials, its fact alone (the tokens before the citation) in {100 * fact:.1f}% "
-                  "(chance 50%)")
-        sys.exit(0)
-    svg = args.pop(args.index("--svg") + 1) if "--svg" in args else None
-    args = [a for a in args if a != "--svg"]
-    if not args:
-        sys.exit("usage: python rag.py EVAL_JSON [EVAL_JSON ...] [--svg OUT.svg] | python rag.py --reading|--choice CKPT [DATA_DIR]")
-    try:
-        results = [json.load(open(p)) for p in args]
-        if any("vs_k" not in r for r in results):
-            raise ValueError("not an eval.json of rag_train.py (no vs_k)")
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    print(vs_k_table(results))
-    if svg:
-        with open(svg + ".tmp", "w") as f:
-            f.write(vs_k_svg(results))
-        os.replace(svg + ".tmp", svg)
-        print(f"wrote {svg}")
+def reward(qa, out, w_em, w_f1, w_cite, w_format, w_hop):
+    """(reward, parts) of one rollout, weighted as Search-R1: EM and token F1 of the outcome, citation, format (no
+    well-formed answer), queries. EM is against the true answer (the KB holds it, whatever the model found; for an
+    unanswerable question abstaining is the answer); citation: the cited documents hold the answer."""
+    outcome = score(qa, out["answer"], None)  # closed-book scoring: the right answer, wherever it came from
+    em, f1 = outcome["em"], outcome["f1"]
+    cite = score(qa, out["answer"], out["docs"]).get("citation_ok", 0.0)
+    fmt = float(out["stop"] != "answer")
+    hops = len(out["queries"])
+    return w_em * em + w_f1 * f1 + w_cite * cite - w_format * fmt - w_hop * hops, \
+        {"em": em, "cite": cite, "format": fmt, "hops": hops}
+
+
+def padded(convs):
+    """(ids, mask) conversations -> inputs x and targets y, a row each: targets -1 where the mask is 0 (the prompt,
+    the retrieved documents: context, never targets) and past each conversation's end."""
+    T = max(len(ids) for ids, _ in convs) - 1
+    x = torch.zeros(len(convs), T, dtype=torch.long)
+    y = torch.full((len(convs), T), -1, dtype=torch.long)
+    for i, (ids, mask) in enumerate(convs):
+        x[i, :len(ids) - 1] = torch.tensor(ids[:-1])
+        y[i, :len(ids) - 1] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
+    return x, y
+
+
+def pg_loss(model, outs, rewards, device="cpu", ref=None, kl_coef=0.0):
+    """The policy-gradient loss of one question's rollouts, as nanochat's chat_rl: -sum over rollouts of advantage
+    (reward - the group's mean) * log p(each token the model sampled), over the number of such tokens. With a
+    reference model (the warm start) and kl_coef > 0, plus kl_coef * KL(policy || ref) per sampled token (the k3
+    estimator, as GRPO)."""
+    x, y = (t.to(device) for t in padded([(o["ids"], o["mask"]) for o in outs]))
+    r = torch.tensor(rewards, dtype=torch.float32)
+    with autocast(device):
+        _, nll = model(x, y, loss_reduction="none")  # (G, T) = -log p, 0 where y is -1
+    loss = nll * (r - r.mean()).to(device)[:, None]
+    if ref is not None and kl_coef:
+        with torch.no_grad(), autocast(device):
+            ref_nll = ref(x, y, loss_reduction="none")[1]
+        log_ratio = nll - ref_nll  # log p_ref - log p on each sampled token, 0 elsewhere
+        loss = loss + kl_coef * (torch.exp(log_ratio) - log_ratio - 1)
+    return loss.sum() / (y >= 0).sum().clamp(min=1)
+
+
+def sign_test(fixed, broken):
+    """Two-sided exact sign test: how likely a split at least this uneven is if changes go either way at 50%."""
+    n = fixed + broken
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(fixed, broken) + 1)) / 2 ** n) if n else 1.0

@@ -11,11 +11,13 @@ the answer; then measure it on the held-out questions, about documents no traini
 data_dir is any data directory (prepare.py's layout: kb.jsonl, qa_train.jsonl, qa_heldout.jsonl). Every training
 row packs conversations of a task mixture: RAG QA on qa_train's questions (RAFT-style documents, see rag.py),
 closed-book QA on qa_closed.jsonl where there is one (the world's pretrained facts), and plain text windows from
-train.bin (data_dir's, else the one the checkpoint was pretrained on), so the model keeps what it knew. Loss only on what the assistant says (and on plain text). Data modes: "dynamic"
-retrieves while building batches, "static" retrieves every training question once into a JSONL and reuses it.
+train.bin (data_dir's, else the one the checkpoint was pretrained on), so the model keeps what it knew. Loss only
+on what the assistant says (and on plain text). Data modes: "dynamic" retrieves while building batches, "static"
+retrieves every training question once into a JSONL and reuses it.
 RAG is for models with Mamba blocks: a pure-T checkpoint is refused unless allow_transformer=True, the override
 for the Transformer baseline of the accuracy-vs-k comparison. The evaluation writes out_dir/eval.json.
 """
+import functools
 import json
 import os
 import random
@@ -28,13 +30,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import rag
-from common import (StepLog, all_reduce_mean, autocast, check_config, die, first_line, load_checkpoint, lr_at,
-                    peak_flops, print0, raw_state_dict, save_checkpoint, setup, step_optimizers, teardown)
-from configurator import ConfigError, configure
-from model import GPT
 import world
+from common import (StepLog, all_reduce_mean, autocast, check_config, die, load_model, lr_at, peak_flops, print0,
+                    raw_state_dict, save_checkpoint, setup, step_optimizers, teardown, write_atomic)
+from configurator import ConfigError, configure
 from retrieve import new_retriever, read_jsonl
-from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -50,7 +50,7 @@ stopwords = ""                 # "" | "en" | "en_plus": English stopwords the sp
 data_mode = "dynamic"          # "dynamic": retrieve while building batches | "static": once, into a JSONL
 retrieve_depth = 16            # ranked documents kept per question: the distractors come from these
 seq_len = 1024                 # tokens per packed row
-k_max = 4                      # documents per RAG example: uniform in 1..k_max
+k_max = 4                      # documents per RAG example: uniform in 1..k_max (with 8, 2000 steps read one worse)
 p_no_gold = 0.2                # share of RAG examples whose gold document is removed (answer: abstain)
 p_rename = 0.7                 # the world's RAG examples: share whose names are swapped for fresh ones (world.rename_names)
 p_followup = 0.2               # the world's RAG examples: share that are a second turn referring back with a pronoun
@@ -62,7 +62,7 @@ text_len = 256                 # tokens per plain-text window
 # optimisation
 total_batch_size = 4096        # tokens per optimizer step (rows * seq_len), across processes and micro-steps
 device_batch_size = 4          # rows per micro-step per process
-max_iters = 2000
+max_iters = 1500               # run_pipeline.sh's; configs/rag_tiny.py: 2000, the README's models
 learning_rate = 6e-3
 min_lr_frac = 0.1
 warmup_iters = 10
@@ -70,7 +70,7 @@ lr_schedule = "cosine"
 weight_decay = 0.0
 grad_clip = 1.0
 # evaluation (qa_heldout.jsonl)
-eval_n = 200                   # questions per evaluation set (0 = all)
+eval_n = 0                     # questions per evaluation set (0 = all: the world's 378 single-hop, 89 unanswerable)
 eval_k = 4                     # documents retrieved for the main RAG numbers
 eval_ks = "1,2,4,8,16"         # the accuracy-vs-k sweep
 eval_max_len = 2048            # context limit when generating (k=16 needs ~900 tokens)
@@ -86,7 +86,7 @@ except ConfigError as e:
 if data_mode not in ("dynamic", "static"):
     die(f"--data_mode: must be 'dynamic' or 'static', got {data_mode!r}")
 try:
-    new_retriever(retriever, stopwords)  # checks both before any work
+    eval_retriever = new_retriever(retriever, stopwords)  # checks both before any work; filled with the KB below
 except ValueError as e:
     die(f"--{e}")
 if min(rag_weight, closed_book_weight, text_weight) < 0 or rag_weight + closed_book_weight + text_weight <= 0:
@@ -105,28 +105,15 @@ print0(json.dumps(config, indent=1))
 # the model, from a train.py checkpoint (or our own, to resume or evaluate)
 ckpt_path = os.path.join(out_dir, "ckpt.pt") if eval_only or init_from == "resume" else init_from
 try:
-    ckpt = load_checkpoint(ckpt_path, device)
+    model, tok, ckpt = load_model(ckpt_path, device, data_dir)
 except ValueError as e:
-    die(f"{e} (init_from: train one with `python train.py`)" if not eval_only else e)
-try:
-    model = GPT.from_checkpoint(ckpt).to(device)
-except (ValueError, RuntimeError) as e:
-    die(f"{ckpt_path}: incompatible with model.py ({first_line(e)[:200]})")
-pattern = model.pattern
-if "M" not in pattern and not allow_transformer:
-    die(f"{ckpt_path} is a pure Transformer (pattern {pattern}): RAG fine-tuning here is for models with Mamba "
+    die(e if eval_only else f"{e} (init_from: train one with `python train.py`)")
+if "M" not in model.pattern and not allow_transformer:
+    die(f"{ckpt_path} is a pure Transformer (pattern {model.pattern}): RAG fine-tuning here is for models with Mamba "
         "blocks; pass --allow_transformer=True to train the Transformer baseline anyway")
-if "tokenizer" not in ckpt:
-    die(f"{ckpt_path} has no tokenizer")
-tok = Tokenizer.from_json(ckpt["tokenizer"])
-data_tok = os.path.join(data_dir, "tokenizer.json")
-if os.path.isfile(data_tok) and open(data_tok).read() != ckpt["tokenizer"]:
-    die(f"{data_dir}/tokenizer.json differs from {ckpt_path}'s tokenizer: the checkpoint was trained on other data")
 pretrain_dir = (ckpt.get("config") or {}).get("data_dir", "")  # where its train.bin is, for the text windows
-model_args = ckpt["model_args"]
 start_step = ckpt["step"] if init_from == "resume" and not eval_only else 0
-print0(f"model: {pattern} pattern, {model.num_params():,} parameters, from {ckpt_path} (stage {ckpt.get('stage')})")
-
+print0(f"model: {model.pattern} pattern, {model.num_params():,} parameters, from {ckpt_path} (stage {ckpt.get('stage')})")
 
 try:
     kb_docs, by_id, qa_sets = rag.load_data(data_dir, ("heldout",) if eval_only else ("train", "heldout"))
@@ -139,36 +126,26 @@ closed_qa = [q for q in qa_sets.get("closed", []) if q["golden_answers"] and rag
 first_names = world.first_names(kb_docs) if any("entity" in q for q in rag_qa) else []
 heldout_docs = {g for q in heldout_qa for g in q.get("gold_ids", [])}  # never in a training example
 train_docs = [d for d in kb_docs if d.id not in heldout_docs]
-
-
-def build_retriever(docs):
-    r = new_retriever(retriever, stopwords)
-    r.add_documents(docs)
-    return r
-
+eval_retriever.add_documents(kb_docs)  # both worlds: the real KB
 
 # -----------------------------------------------------------------------------
 # data: packed rows of conversations. Each micro-batch's examples depend only on (seed, step, rank, micro), so a
 # resumed run sees the same batches, and the two data modes give the same examples for the same retriever.
 
-def static_retrievals(questions):
-    """{qa id: [doc ids]}, from {data_dir}/retrieved_{retriever}_top{depth}.jsonl, written once (rank 0)."""
-    path = os.path.join(data_dir, f"retrieved_{retriever}_top{retrieve_depth}.jsonl")
-    if master and not os.path.isfile(path):
-        train_retriever = build_retriever(train_docs)
-        with open(path + ".tmp", "w") as f:
-            for i in tqdm(range(0, len(questions), 256), desc=f"retrieving ({retriever})", unit="batch"):
-                batch = questions[i:i + 256]
-                for q, hits in zip(batch, train_retriever.retrieve_batch([q["question"] for q in batch], retrieve_depth)):
-                    f.write(json.dumps({"id": q["id"], "retrieved": [d.id for d, _ in hits]}) + "\n")
-        os.replace(path + ".tmp", path)
-    if ddp:
-        dist.barrier()
-    table = {r["id"]: r["retrieved"] for _, r in read_jsonl(path)}
-    missing = [q["id"] for q in questions if q["id"] not in table]
-    if missing:
-        die(f"{path} lacks question {missing[0]} (and {len(missing) - 1} more): delete it to retrieve again")
-    return table
+
+@functools.cache
+def train_retriever():
+    """Over the training documents only, built on first use (the static mode may need none)."""
+    r = new_retriever(retriever, stopwords)
+    r.add_documents(train_docs)
+    return r
+
+
+@functools.cache
+def train_search(query):
+    """The training documents ranked for a query: the dynamic mode's retrieval, and both modes' for the follow-ups
+    (made up as training goes: the static mode's table holds the records' own questions)."""
+    return [d for d, _ in train_retriever().retrieve(query, retrieve_depth)]
 
 
 text_dir = next((d for d in (data_dir, pretrain_dir) if d and os.path.isfile(os.path.join(d, "train.bin"))), None)
@@ -180,81 +157,43 @@ n_tasks = (rag_weight, closed_book_weight if closed_qa else 0, text_weight if te
 if not eval_only:
     if not rag_qa:
         die(f"{data_dir}/qa_train.jsonl has no single-hop or unanswerable question to fine-tune on")
-    if data_mode == "static":
-        table = static_retrievals(rag_qa)
+    retrieved_for = lambda q: train_search(q["question"])
+    if data_mode == "static":  # {qa id: [doc ids]}, retrieved once (rank 0) into data_dir and reused
+        path = os.path.join(data_dir, f"retrieved_{retriever}_top{retrieve_depth}.jsonl")
+        if master and not os.path.isfile(path):
+            lines = []
+            for i in tqdm(range(0, len(rag_qa), 256), desc=f"retrieving ({retriever})", unit="batch"):
+                batch = rag_qa[i:i + 256]
+                hits = train_retriever().retrieve_batch([q["question"] for q in batch], retrieve_depth)
+                lines += [json.dumps({"id": q["id"], "retrieved": [d.id for d, _ in h]}) + "\n" for q, h in zip(batch, hits)]
+            write_atomic(path, "".join(lines))
+        if ddp:
+            dist.barrier()
+        table = {r["id"]: r["retrieved"] for _, r in read_jsonl(path)}
+        missing = [q["id"] for q in rag_qa if q["id"] not in table]
+        if missing:
+            die(f"{path} lacks question {missing[0]} (and {len(missing) - 1} more): delete it to retrieve again")
         retrieved_for = lambda q: [by_id[i] for i in table[q["id"]]]
-    else:
-        train_retriever = build_retriever(train_docs)
-        retrieved_for = lambda q: [d for d, _ in train_retriever.retrieve(q["question"], retrieve_depth)]
     if text_dir:
         meta = json.load(open(os.path.join(text_dir, "meta.json")))
         train_data = np.memmap(os.path.join(text_dir, "train.bin"), dtype=meta["dtype"], mode="r")
 
-
-def by_entity(qas):
-    """{entity: its answerable single-hop questions} of the world's records, for entities asked about in more than
-    one relation: the pairs a conversation can ask about (a first question, then a follow-up)."""
-    about = {}
-    for q in qas:
-        if q["golden_answers"] and rag.single_hop(q) and q.get("type") in world.ENTITY_KIND and q.get("response"):
-            about.setdefault(q["entity"], []).append(q)
-    return {e: qs for e, qs in about.items() if len({q["type"] for q in qs}) > 1}
-
-
 # conversations, on the world's records only (they name their entity and its kind; other KBs may well know France)
-followup_about = by_entity(rag_qa)
-followup_qa = [q for qs in followup_about.values() for q in qs]
+followup_about = rag.by_entity(rag_qa)
 kb_titles = {d.title for d in kb_docs}
 out_of_world_qa = [q for q in world.out_of_world("train", random.Random(seed)) if q.get("entity") not in kb_titles] \
-    if followup_qa else []
-searched, search_retriever = {}, None
-
-
-def train_search(query):
-    """The training documents ranked for a query. Follow-ups are made up as training goes, so both data modes
-    retrieve them here (the static mode's table holds the records' own questions)."""
-    global search_retriever
-    if query not in searched:
-        search_retriever = search_retriever or globals().get("train_retriever") or build_retriever(train_docs)
-        searched[query] = [d for d, _ in search_retriever.retrieve(query, retrieve_depth)]
-    return searched[query]
-
-
-def followup_example(rng):
-    """(ids, mask) of a second turn: a question that refers back with a pronoun to the first turn's entity, about
-    another of its relations, its documents retrieved as chat.py retrieves them (rag.search_query). The first
-    turn is text only, as chat.py keeps it, and carries no loss: without its documents it cannot be read."""
-    qa = rng.choice(followup_qa)
-    first = rng.choice([q for q in followup_about[qa["entity"]] if q["type"] != qa["type"]])
-    pronoun = rng.choice(world.PRONOUNS[world.ENTITY_KIND[qa["type"]]])
-    query = rag.search_query(world.refer_back(qa["question"], qa["entity"], pronoun), first["question"])
-    docs = rag.raft_docs(qa, train_search(query), by_id, rng, rng.randint(1, k_max), p_no_gold)
-    qa = {**qa, "question": "\n".join((first["question"], first["response"], qa["question"]))}  # renamed alike
-    if rng.random() < p_rename:
-        qa, docs = world.rename_names(qa, docs, rng, first_names)
-    q1, a1, q2 = qa["question"].split("\n")
-    history = rag.messages_for(q1, None, a1)
-    turn = rag.messages_for(world.refer_back(q2, qa["entity"], pronoun), docs, rag.target_answer(qa, docs))
-    ids, mask = rag.render_conversation(tok, history + turn)
-    n = len(rag.render_conversation(tok, history)[0])
-    return ids, [0] * n + mask[n:]
-
-
-def out_of_world_example(rng):
-    """(ids, mask) of a question about a real person, company, city, country or fact over the world's KB: the
-    best hits share only its question words ("capital"), and the answer is to abstain."""
-    qa = rng.choice(out_of_world_qa)
-    return rag.render_example(tok, qa, train_search(qa["question"])[:rng.randint(1, k_max)])
+    if followup_about else []
 
 
 def example(rng):
     """(ids, mask) of one example of the task mixture."""
     task = rng.choices(("rag", "closed", "text"), weights=n_tasks)[0]
     if task == "rag":
-        if followup_qa and p_followup and rng.random() < p_followup:
-            return followup_example(rng)
+        if followup_about and p_followup and rng.random() < p_followup:
+            return rag.followup_example(tok, rng, followup_about, train_search, by_id, k_max, p_no_gold, p_rename,
+                                        first_names)
         if out_of_world_qa and p_out_of_world and rng.random() < p_out_of_world:
-            return out_of_world_example(rng)
+            return rag.out_of_world_example(tok, rng, out_of_world_qa, train_search, k_max)
         qa = rng.choice(rag_qa)
         docs = rag.raft_docs(qa, retrieved_for(qa), by_id, rng, rng.randint(1, k_max), p_no_gold)
         if rng.random() < p_rename and "entity" in qa:
@@ -266,28 +205,9 @@ def example(rng):
     return train_data[start:start + text_len].astype(np.int64).tolist(), [1] * text_len
 
 
-def pack(examples_rng, rows):
-    """rows x (seq_len + 1) tokens: conversations packed greedily, the rest padded; targets -1 where mask is 0."""
-    x = torch.zeros(rows, seq_len, dtype=torch.long)
-    y = torch.full((rows, seq_len), -1, dtype=torch.long)
-    for row in range(rows):
-        ids, mask = [], []
-        while True:
-            e_ids, e_mask = example(examples_rng)
-            if ids and len(ids) + len(e_ids) > seq_len + 1:
-                break  # this example is lost, not carried over: rows stay independent of each other
-            ids, mask = ids + e_ids[:seq_len + 1], mask + e_mask[:seq_len + 1]
-            if len(ids) >= seq_len + 1:
-                break
-        ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
-        n = len(ids) - 1
-        x[row, :n] = torch.tensor(ids[:-1])
-        y[row, :n] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
-    return x, y
-
-
 def get_batch(step, micro):
-    return [t.to(device) for t in pack(random.Random(f"{seed}-{step}-{rank}-{micro}"), device_batch_size)]
+    rng = random.Random(f"{seed}-{step}-{rank}-{micro}")
+    return [t.to(device) for t in rag.pack(lambda: example(rng), device_batch_size, seq_len)]
 
 
 # -----------------------------------------------------------------------------
@@ -298,17 +218,21 @@ def subsample(qas, name):
     return qas if not eval_n or len(qas) <= eval_n else rng.sample(qas, eval_n)
 
 
+def ranked(questions, k):
+    """The whole KB's k best documents for each question."""
+    return [[d for d, _ in hits] for hits in eval_retriever.retrieve_batch(questions, k)]
+
+
 @torch.no_grad()
 def val_loss(model):
     """Assistant-token loss on held-out RAG conversations (a fixed set): the training-time signal."""
     rng = random.Random(f"{seed}-val")
     qas = [q for q in heldout_qa if rag.single_hop(q)]
     qas = random.Random(f"{seed}-val").sample(qas, min(100, len(qas)))[:64]  # fixed whatever eval_n is
-    retrieved = val_retriever.retrieve_batch([q["question"] for q in qas], retrieve_depth)
     model.eval()
     losses = []
-    for q, hits in zip(qas, retrieved):
-        ids, mask = rag.render_example(tok, q, rag.raft_docs(q, [d for d, _ in hits], by_id, rng, rng.randint(1, k_max), p_no_gold))
+    for q, hits in zip(qas, ranked([q["question"] for q in qas], retrieve_depth)):
+        ids, mask = rag.render_example(tok, q, rag.raft_docs(q, hits, by_id, rng, rng.randint(1, k_max), p_no_gold))
         x = torch.tensor([ids[:-1]], device=device)
         y = torch.tensor([[t if m else -1 for t, m in zip(ids[1:], mask[1:])]], device=device)
         with autocast(device):
@@ -328,16 +252,10 @@ def run_set(model, name, items, reread=True):
         if reread:
             out = rag.reread(model, tok, out, max_len=eval_max_len)
             rows_reread.append(rag.score(qa, out["answer"], None if docs is None else out["docs"]))
-    return summarize(rows, items, dropped), summarize(rows_reread, items, dropped) if reread else None
-
-
-def summarize(rows, items, dropped):
-    s = rag.summarize(rows)
-    s["dropped_docs"] = dropped
     types = sorted({qa.get("type", "") for qa, _ in items})
-    s["em_by_type"] = {t: rag.summarize([r for r, (qa, _) in zip(rows, items) if qa.get("type", "") == t])["em"]
-                       for t in types}
-    return s
+    summary = lambda rows: {**rag.summarize(rows), "dropped_docs": dropped, "em_by_type": {
+        t: rag.summarize([r for r, (qa, _) in zip(rows, items) if qa.get("type", "") == t])["em"] for t in types}}
+    return summary(rows), summary(rows_reread) if reread else None
 
 
 @torch.no_grad()
@@ -347,17 +265,15 @@ def evaluate_heldout(model):
     ks = [int(k) for k in eval_ks.split(",")]
     single = subsample([q for q in heldout_qa if q["golden_answers"] and rag.single_hop(q)], "single")
     unanswerable = subsample([q for q in heldout_qa if not q["golden_answers"]], "unanswerable")
-    depth = max(ks + [eval_k + 1, retrieve_depth])
-    hits = [[d for d, _ in h] for h in eval_retriever.retrieve_batch([q["question"] for q in single], depth)]
-    hits_un = [[d for d, _ in h] for h in eval_retriever.retrieve_batch([q["question"] for q in unanswerable], eval_k)]
+    hits = ranked([q["question"] for q in single], max(ks + [eval_k + 1, retrieve_depth]))
     no_gold = lambda q, h: [d for d in h if not rag.is_gold(q, d)]
-    res = {"checkpoint": os.path.join(out_dir, "ckpt.pt"), "pattern": pattern, "params": model.num_params(),
+    res = {"checkpoint": os.path.join(out_dir, "ckpt.pt"), "pattern": model.pattern, "params": model.num_params(),
            "retriever": retriever, "eval_k": eval_k, "n_single": len(single), "n_unanswerable": len(unanswerable),
            "recall": {k: sum(rag.has_gold(q, h[:k]) for q, h in zip(single, hits)) / len(single) for k in ks}}
     res["closed_book"], _ = run_set(model, "closed-book", [(q, None) for q in single], reread=False)
     sets = {"rag": [(q, h[:eval_k]) for q, h in zip(single, hits)],
             "gold_removed": [(q, no_gold(q, h)[:eval_k]) for q, h in zip(single, hits)],
-            "unanswerable": [(q, h) for q, h in zip(unanswerable, hits_un)]}
+            "unanswerable": list(zip(unanswerable, ranked([q["question"] for q in unanswerable], eval_k)))}
     for name, items in sets.items():  # each answered in one pass, and in two (cite, then read: rag.reread)
         res[name], res[name + "_reread"] = run_set(model, name, items)
     # accuracy vs documents in context: the gold document among the k-1 best-ranked distractors, at a random
@@ -386,11 +302,11 @@ def evaluate_conversations(model):
     follow-up's retrieval query against its literal words. And out-of-world questions (world.out_of_world) over
     the KB, where abstaining is right. Only on the world's records: {} for other data."""
     rng = random.Random(f"{seed}-conversations")
-    about = by_entity(heldout_qa)
+    about = rag.by_entity(heldout_qa)
     if not about:
         return {}
     pairs = subsample([tuple(rng.sample(about[e], 2)) for e in sorted(about)], "conversations")
-    top = lambda q, k: [d for d, _ in eval_retriever.retrieve(q, k)]
+    top = lambda q, k: ranked([q], k)[0]
     kw = dict(retrieve=top, top_k=eval_k, max_len=eval_max_len)
     rows, recall = {"single": [], "second": [], "followup": []}, {"query": 0, "literal": 0}
     for first, qa in tqdm(pairs, desc="eval conversations", unit="pair", leave=False, mininterval=2):
@@ -412,7 +328,9 @@ def evaluate_conversations(model):
     return res
 
 
-def report(res):
+def evaluate_and_report(model):
+    """The held-out evaluation: printed as tables, and written to out_dir/eval.json."""
+    res = evaluate_heldout(model)
     pct = lambda v: "  -  " if v is None else f"{100 * v:5.1f}"
     print0(f"held-out: {res['n_single']} single-hop + {res['n_unanswerable']} unanswerable questions, "
            f"{res['pattern']} model, {res['retriever']} retriever, k={res['eval_k']}")
@@ -430,34 +348,22 @@ def report(res):
     k, first = next(iter(res["vs_k"].items()))  # eval_ks's first k; at k=1 the gold document alone: reading
     print0(f"EM by relation, gold document among k={k} (%): " +
            ", ".join(f"{t} {pct(v).strip()}" for t, v in first["em_by_type"].items()))
-    if "conversation" not in res:
-        return
-    c, o = res["conversation"], res["out_of_world_reread"]
-    print0(f"conversations on {c['single']['n']} held-out entities, cite then read, EM (%): single-turn "
-           f"{pct(c['single']['em']).strip()}, second question of a session {pct(c['second']['em']).strip()}, pronoun "
-           f"follow-up {pct(c['followup']['em']).strip()}; follow-up recall@{res['eval_k']} (%): with the previous "
-           f"question {pct(c['followup_recall']['query']).strip()}, its own words {pct(c['followup_recall']['literal']).strip()}")
-    print0(f"out-of-world questions: {o['n']}, abstained (%) {pct(o['abstained']).strip()} "
-           f"(one pass {pct(res['out_of_world']['abstained']).strip()})")
-
-
-eval_retriever = build_retriever(kb_docs) if master or not eval_only else None  # both worlds: the real KB
-val_retriever = eval_retriever
-
-
-def write_eval(res):
+    if "conversation" in res:
+        c, o = res["conversation"], res["out_of_world_reread"]
+        print0(f"conversations on {c['single']['n']} held-out entities, cite then read, EM (%): single-turn "
+               f"{pct(c['single']['em']).strip()}, second question of a session {pct(c['second']['em']).strip()}, pronoun "
+               f"follow-up {pct(c['followup']['em']).strip()}; follow-up recall@{res['eval_k']} (%): with the previous "
+               f"question {pct(c['followup_recall']['query']).strip()}, its own words {pct(c['followup_recall']['literal']).strip()}")
+        print0(f"out-of-world questions: {o['n']}, abstained (%) {pct(o['abstained']).strip()} "
+               f"(one pass {pct(res['out_of_world']['abstained']).strip()})")
     path = os.path.join(out_dir, "eval.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, json.dumps(res, indent=1))
     print0(f"wrote {path} ({res['seconds']:.0f}s)")
 
 
 if eval_only:
     if master:
-        res = evaluate_heldout(model)
-        report(res)
-        write_eval(res)
+        evaluate_and_report(model)
     teardown(ddp)
     raise SystemExit(0)
 
@@ -478,24 +384,14 @@ if compile:
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
-tokenizer_json, ckpt = ckpt["tokenizer"], None
+model_args, tokenizer_json, ckpt = ckpt["model_args"], ckpt["tokenizer"], None  # the optimizer state freed
 os.makedirs(out_dir, exist_ok=True)
 log = StepLog(max_iters, start_step, os.path.join(out_dir, "log.txt") if master else None,
               raw_model.flops_per_token(seq_len), peak_flops(device), world_size)
 if master:
     log.write(f"config {json.dumps(config)}")
 
-
-def checkpoint(step, loss):
-    save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
-        "model": raw_state_dict(raw_model), "model_args": model_args, "step": step, "val_loss": loss,
-        "optimizer": [opt.state_dict() for opt in optimizers], "config": config, "stage": "rag",
-        "data_state": {"seed": seed, "rows_consumed": step * rows_per_step, "seq_len": seq_len, "data_mode": data_mode},
-        "tokenizer": tokenizer_json})
-    log.write(f"saved {out_dir}/ckpt.pt at step {step}")
-
-
-t_start, loss_val = time.time(), None
+t_start = time.time()
 for step in range(start_step, max_iters):
     lr = lr_at(step, max_iters, learning_rate, warmup_iters, lr_schedule, min_lr_frac)
     loss_sum, n_tokens = torch.zeros((), device=device), 0
@@ -515,12 +411,15 @@ for step in range(start_step, max_iters):
         if master:
             loss_val = val_loss(raw_model)
             log.write(f"step {step + 1}/{max_iters} | held-out RAG val loss {loss_val:.4f}")
-            checkpoint(step + 1, loss_val)
+            save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
+                "model": raw_state_dict(raw_model), "model_args": model_args, "step": step + 1, "val_loss": loss_val,
+                "optimizer": [opt.state_dict() for opt in optimizers], "config": config, "stage": "rag",
+                "data_state": {"seed": seed, "rows_consumed": (step + 1) * rows_per_step, "seq_len": seq_len,
+                               "data_mode": data_mode}, "tokenizer": tokenizer_json})
+            log.write(f"saved {out_dir}/ckpt.pt at step {step + 1}")
         if ddp:
             dist.barrier()
 print0(f"done: {max_iters - start_step} steps in {time.time() - t_start:.0f}s")
 if master:
-    res = evaluate_heldout(raw_model)
-    report(res)
-    write_eval(res)
+    evaluate_and_report(raw_model)
 teardown(ddp)

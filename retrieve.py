@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from common import write_atomic
+
 FORMAT_VERSION = 1          # bump when the KB layout changes; newer KBs are refused, not misread
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 HNSW_MIN_SIZE = 250_000     # index="auto" switches from exact search to HNSW here (see HNSW_* below)
@@ -91,10 +93,7 @@ def load_documents(path):
     return docs
 
 def save_documents(docs, path):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps(asdict(d), ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)
+    write_atomic(path, (json.dumps(asdict(d), ensure_ascii=False) + "\n" for d in docs))
 
 # -----------------------------------------------------------------------------
 # shared by all retrievers: the documents, top-k, and the KB directory
@@ -105,27 +104,24 @@ def take_top_k(scores, k):
     return top[np.lexsort((top, -scores[top]))]
 
 class Retriever:
-    """Subclasses build an index over doc_text() and implement _index, _search, _save_index, _load_index."""
+    """Subclasses index doc_text() and implement _index, _search, _save_index, _load_index, _lengths (index sizes)."""
     type = None
 
     def __init__(self, **options):
         self.options = options  # plain JSON values: they go into manifest.json and back into __init__
         self.docs = []
-        self.ids = set()
 
     def add_documents(self, docs):
-        docs = list(docs)
-        new_ids = set()
-        for d in docs:
+        docs, seen = list(docs), {d.id for d in self.docs}
+        for d in docs:  # all checked before any is indexed: a refused batch changes nothing
             if not (isinstance(d.id, str) and isinstance(d.text, str) and isinstance(d.title, str)):
                 raise ValueError(f"document {d.id!r}: id, text and title must be strings")
-            if d.id in self.ids or d.id in new_ids:
+            if d.id in seen:
                 raise ValueError(f"duplicate document id {d.id!r}")
-            new_ids.add(d.id)
+            seen.add(d.id)
         if docs:
             self._index(docs)  # extends the index in place: what is indexed already is not redone
             self.docs.extend(docs)
-            self.ids |= new_ids
 
     def retrieve(self, query, top_k=5):
         return self.retrieve_batch([query], top_k)[0]
@@ -171,13 +167,6 @@ class Retriever:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    @classmethod
-    def load(cls, path):
-        kb = load_kb(path)
-        if not isinstance(kb, cls):
-            raise ValueError(f"{path} holds a '{kb.type}' KB, not '{cls.type}'")
-        return kb
-
 _locks_held = set()  # flock on a second descriptor of a lock this process holds would wait for ourselves
 
 @contextlib.contextmanager
@@ -198,6 +187,13 @@ def kb_lock(path):
         finally:
             _locks_held.discard(lock)
 
+def load_json(file):
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:  # a JSONDecodeError or a UnicodeDecodeError
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+
 def load_array(path, name, dtype, ndim=1):
     file = os.path.join(path, name)
     try:
@@ -217,11 +213,10 @@ def load_kb(path):
     if not os.path.exists(manifest_path):
         raise FileNotFoundError(f"no KB at {path} (missing {manifest_path}); build one with "
                                 f"python retrieve.py --documents docs.jsonl --output {path}")
+    m = load_json(manifest_path)
     try:
-        with open(manifest_path, encoding="utf-8") as f:
-            m = json.load(f)
         version, kind, options, n = m["format_version"], m["type"], m["options"], m["n_documents"]
-    except (ValueError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise ValueError(f"{manifest_path}: not a valid manifest ({e!r})") from None
     if version != FORMAT_VERSION:
         raise ValueError(f"{manifest_path}: format_version {version!r} is not supported by this retrieve.py "
@@ -233,7 +228,6 @@ def load_kb(path):
     except TypeError as e:
         raise ValueError(f"{manifest_path}: bad options for type {kind!r} ({e})") from None
     kb.docs = load_documents(os.path.join(path, "documents.jsonl"))
-    kb.ids = {d.id for d in kb.docs}
     if len(kb.docs) != n:
         raise ValueError(f"{manifest_path}: n_documents is {n} but documents.jsonl has {len(kb.docs)}")
     kb._load_index(path)
@@ -278,7 +272,6 @@ class SparseRetriever(Retriever):
         self.weights = np.zeros(0)                 # (nnz,) float64: float32 would cost 1e-6 of accuracy
 
     def _index(self, docs):
-        n_old, v_old = len(self.doc_len), len(self.vocab)
         vocab = dict(self.vocab)  # a failure halfway leaves the index as it was
         terms, tfs, n_unique, lens = array("i"), array("i"), array("i"), array("i")  # 4 bytes an entry, not 36
         for d in tqdm(docs, desc="indexing", unit="doc", delay=2):
@@ -287,21 +280,18 @@ class SparseRetriever(Retriever):
             tfs.extend(counts.values())
             n_unique.append(len(counts))
             lens.append(sum(counts.values()))
-        terms = np.frombuffer(terms, np.int32)
-        new_doc = np.repeat(np.arange(n_old, n_old + len(docs), dtype=np.int32), n_unique)
-        # merge the new postings in after the old ones of each term, keeping documents ascending
+        # the old postings come sorted by term, the new ones by document: one stable sort by term puts each term's
+        # new documents after its old ones, all ascending, exactly as indexing every document at once would
+        # (and costs O(nnz) more than sorting the new ones alone: timsort merges the sorted run of the old ones)
+        old_terms = np.repeat(np.arange(len(self.vocab), dtype=np.int32), np.diff(self.indptr))
+        terms = np.concatenate([old_terms, np.frombuffer(terms, np.int32)])
+        new_doc = np.arange(len(self.doc_len), len(self.doc_len) + len(docs), dtype=np.int32).repeat(n_unique)
         order = np.argsort(terms, kind="stable")
-        df_old = np.zeros(len(vocab), np.int64)
-        df_old[:v_old] = np.diff(self.indptr)
-        indptr = np.zeros(len(vocab) + 1, np.int64)
-        np.cumsum(df_old + np.bincount(terms, minlength=len(vocab)), out=indptr[1:])
-        old_pos = np.arange(len(self.post_doc)) + np.repeat(indptr[:v_old] - self.indptr[:-1], df_old[:v_old])
-        is_new = np.ones(indptr[-1], bool)
-        is_new[old_pos] = False
-        post_doc, post_tf = np.empty(indptr[-1], np.int32), np.empty(indptr[-1], np.int32)
-        post_doc[old_pos], post_doc[is_new] = self.post_doc, new_doc[order]
-        post_tf[old_pos], post_tf[is_new] = self.post_tf, np.frombuffer(tfs, np.int32)[order]
-        self.vocab, self.indptr, self.post_doc, self.post_tf = vocab, indptr, post_doc, post_tf
+        self.post_doc = np.concatenate([self.post_doc, new_doc])[order]
+        self.post_tf = np.concatenate([self.post_tf, np.frombuffer(tfs, np.int32)])[order]
+        self.indptr = np.zeros(len(vocab) + 1, np.int64)
+        np.cumsum(np.bincount(terms, minlength=len(vocab)), out=self.indptr[1:])
+        self.vocab = vocab
         self.doc_len = np.concatenate([self.doc_len, np.frombuffer(lens, np.int32)])
         self._reweight()
 
@@ -335,11 +325,7 @@ class SparseRetriever(Retriever):
 
     def _load_index(self, path):
         file = os.path.join(path, "vocab.json")
-        try:
-            with open(file, encoding="utf-8") as f:
-                terms = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{file}: not valid JSON ({e})") from None
+        terms = load_json(file)
         if not isinstance(terms, list):
             raise ValueError(f"{file}: expected a list of terms (corrupt KB)")
         self.vocab = {t: i for i, t in enumerate(terms)}
@@ -352,9 +338,6 @@ class SparseRetriever(Retriever):
             raise ValueError(f"{path}: index files do not match vocab.json / documents.jsonl (corrupt KB)")
         self._reweight()
 
-    def _doc_term_idf(self, idf):
-        return np.repeat(idf, np.diff(self.indptr))  # (nnz,) idf of each posting's term
-
 class SimpleRetriever(SparseRetriever):
     """TF-IDF cosine similarity (numpy only). Weights as scikit-learn's TfidfVectorizer: raw counts times
     idf = ln((1 + N) / (1 + df)) + 1, each document vector L2-normalised; the query alike."""
@@ -366,7 +349,7 @@ class SimpleRetriever(SparseRetriever):
     def _reweight(self):
         N, df = len(self.doc_len), np.diff(self.indptr)
         self.idf = np.log((1 + N) / (1 + df)) + 1
-        w = self.post_tf * self._doc_term_idf(self.idf)
+        w = self.post_tf * np.repeat(self.idf, np.diff(self.indptr))  # (nnz,): each posting's term's idf
         norm = np.sqrt(np.bincount(self.post_doc, weights=w * w, minlength=N))
         self.weights = w / norm[self.post_doc]
 
@@ -399,8 +382,8 @@ class BM25Retriever(SparseRetriever):
             idf = np.log(1 + (N - df + 0.5) / (df + 0.5))
         tf, dl = self.post_tf.astype(np.float64), self.doc_len[self.post_doc]
         avgdl = self.doc_len.mean() if N else 1.0
-        self.weights = self._doc_term_idf(idf) * (tf * (self.k1 + 1 if self.method == "okapi" else 1)
-                                                 / (tf + self.k1 * (1 - self.b + self.b * dl / avgdl)))
+        self.weights = np.repeat(idf, np.diff(self.indptr)) * (tf * (self.k1 + 1 if self.method == "okapi" else 1)
+                                                               / (tf + self.k1 * (1 - self.b + self.b * dl / avgdl)))
 
     def _query_weights(self, terms, counts):
         return counts  # a term twice in the query counts twice, as in rank_bm25, bm25s and Lucene
@@ -581,36 +564,6 @@ def new_retriever(kind, stopwords=""):
                          f"with {kind}")
     return RETRIEVERS[kind](**({"stopwords": stopwords} if stopwords else {}))
 
-class RetrievalManager:
-    """A KB as the rest of the repo uses it: build it from a JSONL, save it, load it, grow it, search it."""
-
-    def __init__(self, retriever):
-        self.retriever = retriever
-
-    @classmethod
-    def build(cls, documents_jsonl, type="bm25", **options):
-        if type not in RETRIEVERS:
-            raise ValueError(f"unknown retriever type {type!r} (known: {', '.join(RETRIEVERS)})")
-        manager = cls(RETRIEVERS[type](**options))
-        manager.add_documents(load_documents(documents_jsonl))
-        return manager
-
-    @classmethod
-    def load(cls, kb_dir):
-        return cls(load_kb(kb_dir))
-
-    def save(self, kb_dir):
-        self.retriever.save(kb_dir)
-
-    def add_documents(self, docs):
-        self.retriever.add_documents(docs)
-
-    def retrieve(self, query, top_k=5):
-        return self.retriever.retrieve(query, top_k)
-
-    def retrieve_batch(self, queries, top_k=5):
-        return self.retriever.retrieve_batch(queries, top_k)
-
 # -----------------------------------------------------------------------------
 # metrics: `retrieved` is a ranked list of document ids, `gold` the ids that answer the question
 
@@ -679,23 +632,18 @@ if __name__ == "__main__":
             raise ValueError(f"--top_k must be at least 1, got {args.top_k}")
         if args.query is not None and not tokenize(args.query):
             raise ValueError(f"--query {args.query!r} has no word to search for")
-        if args.documents and args.output:
-            with kb_lock(args.output):  # held from the check to the save
-                if os.path.exists(os.path.join(args.output, "manifest.json")) and not args.overwrite:
-                    raise ValueError(f"{args.output} already holds a KB: add to it with --kb {args.output}, "
-                                     f"or replace it with --overwrite")
-                manager = RetrievalManager(new_retriever(args.type, args.stopwords))
-                manager.add_documents(load_documents(args.documents))
-                manager.save(args.output)
-            print(f"built a {args.type} KB of {len(manager.retriever.docs)} documents in {args.output}")
-        elif args.documents and args.kb:
-            with kb_lock(args.kb):  # held from load to save: a concurrent writer's documents are not lost
-                manager = RetrievalManager.load(args.kb)
-                manager.add_documents(load_documents(args.documents))
-                manager.save(args.kb)
-            print(f"{args.kb} now holds {len(manager.retriever.docs)} documents")
+        if args.documents and (args.output or args.kb):
+            path = args.output or args.kb
+            with kb_lock(path):  # held from the check (or the load) to the save: no concurrent writer's work is lost
+                if args.output and os.path.exists(os.path.join(path, "manifest.json")) and not args.overwrite:
+                    raise ValueError(f"{path} already holds a KB: add to it with --kb {path}, or replace it with --overwrite")
+                kb = new_retriever(args.type, args.stopwords) if args.output else load_kb(path)
+                kb.add_documents(load_documents(args.documents))
+                kb.save(path)
+            print(f"built a {args.type} KB of {len(kb.docs)} documents in {path}" if args.output else
+                  f"{path} now holds {len(kb.docs)} documents")
         elif args.kb and args.query is not None:
-            hits = RetrievalManager.load(args.kb).retrieve(args.query, args.top_k)
+            hits = load_kb(args.kb).retrieve(args.query, args.top_k)
             if not hits:
                 print(f"no document in {args.kb} matches {args.query!r}")
             for rank, (doc, score) in enumerate(hits, 1):

@@ -7,8 +7,8 @@
 #   bash run_pipeline.sh full       # the README's RAG model instead: the first RAG stage at 2,000 steps, then the
 #                                   # second (the same 2,000 batches again at 3e-3, out/rag2); about 53 minutes
 #   bash run_pipeline.sh compare    # then T, M and the hybrid at ~equal size (1.06M / 1.11M / 1.12M parameters):
-#                                   # accuracy vs documents in context, a markdown table and acc_vs_k.svg (the README's
-#                                   # plot); two more pre-trainings and first RAG stages, about 1 hour
+#                                   # accuracy vs documents in context: a markdown table, acc_vs_k.svg (the README's
+#                                   # plot) and .png; two more pre-trainings and first RAG stages, about 1 hour
 #   bash run_pipeline.sh vera       # real data instead: a dictionary of computing acronyms (Debian's dict-vera) as
 #                                   # the knowledge base, pretraining text and questions (dev/vera.py)
 # Extra arguments for train.py go in TRAIN_ARGS, e.g. TRAIN_ARGS="--max_iters=300" bash run_pipeline.sh
@@ -39,9 +39,10 @@ fi
 
 python prepare.py
 python train.py --out_dir=out/tiny --overwrite=True $TRAIN_ARGS
-# 1,500 RAG steps keep the pipeline within 30 minutes; full and compare run configs/rag_tiny.py's 2,000, the README's runs
-rag_steps=$([ -z "$mode" ] && echo 1500 || echo 2000)
-python rag_train.py configs/rag_tiny.py --init_from=out/tiny/ckpt.pt --out_dir=out/rag --max_iters=$rag_steps
+# rag_train.py's 1,500 steps keep the pipeline within 30 minutes; full and compare run configs/rag_tiny.py's 2,000,
+# the README's runs
+rag_config=$([ -z "$mode" ] || echo configs/rag_tiny.py)
+python rag_train.py $rag_config --init_from=out/tiny/ckpt.pt --out_dir=out/rag
 ckpt=out/rag/ckpt.pt
 if [ "$mode" = full ]; then
     python rag_train.py configs/rag_tiny.py --init_from=out/rag/ckpt.pt --out_dir=out/rag2 --learning_rate=3e-3
@@ -56,5 +57,5 @@ if [ "$mode" = compare ]; then
     python train.py --out_dir=out/tiny_M --block_pattern=M --n_layer=5 --overwrite=True $TRAIN_ARGS
     python rag_train.py configs/rag_tiny.py --init_from=out/tiny_T/ckpt.pt --out_dir=out/rag_T --allow_transformer=True
     python rag_train.py configs/rag_tiny.py --init_from=out/tiny_M/ckpt.pt --out_dir=out/rag_M
-    python rag.py out/rag_T/eval.json out/rag_M/eval.json out/rag/eval.json --svg acc_vs_k.svg
+    python bench.py --vs_k out/rag_T/eval.json out/rag_M/eval.json out/rag/eval.json --plot=acc_vs_k
 fi

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 # and mamba-ssm's Triton kernels run on CPU tensors in the model tests (mamba_ssm_triton)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+import bench
 import cpu_scan
 import model
 import prepare
@@ -47,7 +48,6 @@ import tokenizer
 import world
 import retrieve
 from common import save_checkpoint
-from configurator import script_defaults
 from model import GPT, GPTConfig, Mamba, Mamba2, Mamba3, chunked_scan, layer_pattern, sample_next, selective_scan, ssd_scan
 from prepare import prepare_world
 from tokenizer import ABSTAIN, Tokenizer, render_conversation
@@ -74,6 +74,28 @@ def run(*args, ok=True, env=None, timeout=300):
         # stderr last and in full: CI shows the end of the log
         raise AssertionError(f"{' '.join(args)} failed (exit {p.returncode}):\n{p.stdout[-1500:]}\n{p.stderr[-4000:]}")
     return p
+
+
+def run_here(script, *args):
+    """Runs a project script's __main__ in this process (no interpreter start-up): (exit code, stdout, stderr).
+    Any exception other than SystemExit escapes: that is the traceback a user would have seen."""
+    out, err, argv, code = io.StringIO(), io.StringIO(), sys.argv, 0
+    sys.argv = [script, *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        err.write(f"{e.code}\n" if isinstance(e.code, str) else "")
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()
+
+
+def ran(script, *args):
+    """run_here as a finished process: returncode, stdout, stderr."""
+    code, out, err = run_here(script, *args)
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 def one_line_error(p, *needles):
@@ -128,7 +150,7 @@ def read_bin(out, split):
 
 
 def bin_docs(out, split):
-    tok = tokenizer.Tokenizer.load(os.path.join(out, "tokenizer.json"))
+    tok = tokenizer.Tokenizer.from_json(open(os.path.join(out, "tokenizer.json")).read())
     ids, _ = read_bin(out, split)
     assert ids[0] == tok.bos_id
     cuts = np.flatnonzero(ids == tok.bos_id).tolist() + [len(ids)]
@@ -269,8 +291,8 @@ def test_tokenizer_round_trip_and_json():
     text = "naïve Kelmar <|bos|> 1962"
     assert tok2.encode(text) == tok.encode(text)
     with tempfile.TemporaryDirectory() as d:
-        prepare.write_atomic(os.path.join(d, "t.json"), tok.to_json())
-        assert tokenizer.Tokenizer.load(os.path.join(d, "t.json")).encode(text) == tok.encode(text)
+        prepare.write_atomic(os.path.join(d, "t.json"), [tok.to_json()])
+        assert tokenizer.Tokenizer.from_json(open(os.path.join(d, "t.json")).read()).encode(text) == tok.encode(text)
     try:
         tok.special("<|nope|>")
         assert False
@@ -388,18 +410,18 @@ def test_fineweb_parquet_shards_are_read(tmp_path):
 
 
 def run_cli(*args):
-    r = subprocess.run([sys.executable, os.path.join(HERE, "prepare.py"), *args], capture_output=True, text=True, cwd=HERE)
-    return r.returncode, r.stderr.strip()
+    code, _, err = run_here("prepare.py", *args)
+    return code, err.strip()
 
 
 def test_cli_bad_input_is_one_line_error():
     with tempfile.TemporaryDirectory() as d:
-        rc, err = run_cli("--input", os.path.join(d, "missing.txt"), "--out", d)
+        rc, err = run_cli(f"--input={d}/missing.txt", f"--out={d}")
         assert rc != 0 and err == f"error: --input {d}/missing.txt: no such file or folder"
         rc, err = run_cli("--bogus=1")
-        assert rc != 0 and err.startswith("error: unknown option --bogus") and "\n" not in err
+        assert rc != 0 and err == "error: --bogus: unknown config key 'bogus'"
         rc, err = run_cli("--world_size=many")
-        assert rc != 0 and err == "error: --world_size=many: expected int"
+        assert rc != 0 and err == "error: --world_size: world_size must be int, got 'many'"
         with open(os.path.join(d, "x.parquet"), "wb") as f:
             f.write(b"not parquet")
         rc, err = run_cli(f"--input={d}/x.parquet", f"--out={d}/o")
@@ -925,10 +947,10 @@ def test_mamba3_matches_mamba_ssm_triton_kernel():
 
 
 def test_mamba3_decode_and_chunked_prefill_match_full_forward():
-    """Our recurrent step (the paper's recurrence, token by token) and chunked prefills vs the chunked forward, with
-    B, C shared by groups of heads and the per-head output norm; init as mamba-ssm's."""
+    """Our recurrent step (the paper's recurrence, token by token) and chunked prefills vs the chunked forward;
+    init as mamba-ssm's."""
     torch.manual_seed(0)
-    m = Mamba3(d_model=32, d_state=8, headdim=8, ngroups=2, is_outproj_norm=True, chunk_size=8)
+    m = Mamba3(d_model=32, d_state=8, headdim=8, chunk_size=8)
     dt = F.softplus(m.dt_bias)
     assert 1e-3 * 0.999 <= dt.min() and dt.max() <= 0.1 * 1.001 and torch.all(m.B_bias == 1) and torch.all(m.D == 1)
     perturbed(m)
@@ -941,7 +963,7 @@ def test_mamba3_decode_and_chunked_prefill_match_full_forward():
         state = m.allocate_state(2)
         parts = torch.cat([m(u[:, a:b], state) for a, b in ((0, 5), (5, 6), (6, 23), (23, 30))], 1)
         assert torch.allclose(parts, y, rtol=1e-4, atol=1e-5), (parts - y).abs().max()
-    for bad in (dict(d_state=2), dict(headdim=24), dict(ngroups=3)):
+    for bad in (dict(d_state=2), dict(headdim=24)):
         try:
             Mamba3(d_model=32, **bad)
         except ValueError:
@@ -1298,7 +1320,7 @@ def test_save_load_and_add_documents_every_type():
                 for name in ("indptr", "post_doc", "post_tf", "doc_len", "weights"):
                     assert np.array_equal(getattr(loaded, name), getattr(full, name)), name
             loaded.save(os.path.join(tmp, "kb"))  # overwriting a KB swaps it atomically
-            assert retrieve_all(RETRIEVERS[kind].load(os.path.join(tmp, "kb"))) == retrieve_all(loaded)
+            assert retrieve_all(load_kb(os.path.join(tmp, "kb"))) == retrieve_all(loaded)
             assert sorted(os.listdir(tmp)) == [".kb.lock", "kb"]  # no temp or old directories left behind
 
 def test_dense_auto_switches_to_hnsw_without_reencoding():
@@ -1382,8 +1404,10 @@ def test_kb_errors_and_versions():
         raises(lambda: load_kb(f"{tmp}/kb"), ValueError, "format_version 2", "not supported")
         json.dump(dict(manifest, type="magic"), open(f"{tmp}/kb/manifest.json", "w"))
         raises(lambda: load_kb(f"{tmp}/kb"), ValueError, "unknown type 'magic'")
+        write_lines(f"{tmp}/kb/manifest.json", ["{"])
+        raises(lambda: load_kb(f"{tmp}/kb"), ValueError, "kb/manifest.json: not valid JSON")
         json.dump(manifest, open(f"{tmp}/kb/manifest.json", "w"))
-        raises(lambda: SimpleRetriever.load(f"{tmp}/kb"), ValueError, "'bm25' KB")
+        assert load_kb(f"{tmp}/kb").type == "bm25"
         os.makedirs(f"{tmp}/home")
         write_lines(f"{tmp}/home/precious.txt", ["do not delete"])
         raises(lambda: build_retriever("bm25", make_docs(5)).save(f"{tmp}/home"), ValueError, "refusing to replace")
@@ -1458,22 +1482,22 @@ def test_metrics():
         assert m["precision@2"] == 0.5 and abs(m["ndcg@2"] - (1 + 1 / np.log2(3)) / 2) < 1e-12
         raises(lambda: evaluate(r, write_lines(f"{tmp}/qa.jsonl", ['{"q": 1}'])), ValueError, "qa.jsonl line 1", "question")
 
-def test_retrieval_manager():
+def test_save_documents_and_new_retriever():
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/docs.jsonl"
         retrieve.save_documents(make_docs(20), path)
         assert load_documents(path) == make_docs(20)
-        m = retrieve.RetrievalManager.build(path, "simple")
-        m.save(f"{tmp}/kb")
-        loaded = retrieve.RetrievalManager.load(f"{tmp}/kb")
-        assert retrieve_all(loaded.retriever) == retrieve_all(m.retriever) and loaded.retrieve("velnor") == m.retrieve("velnor")
-        loaded.add_documents(make_docs(5, start=20))
-        assert len(loaded.retriever.docs) == 25 and loaded.retrieve_batch(["tarsi"], 2)[0] == loaded.retrieve("tarsi", 2)
-        raises(lambda: retrieve.RetrievalManager.build(path, "magic"), ValueError, "unknown retriever type 'magic'")
+        r = retrieve.new_retriever("simple", "en")
+        r.add_documents(load_documents(path))
+        r.save(f"{tmp}/kb")
+        loaded = load_kb(f"{tmp}/kb")
+        assert loaded.options == {"stopwords": "en"} and loaded.retrieve("velnor") == r.retrieve("velnor")
+        assert loaded.retrieve_batch(["tarsi", "old"], 2) == [loaded.retrieve("tarsi", 2), loaded.retrieve("old", 2)]
+        raises(lambda: retrieve.new_retriever("magic"), ValueError, "retriever: must be one of", "'magic'")
+        raises(lambda: retrieve.new_retriever("dense", "en"), ValueError, "stopwords", "with dense")
 
 def test_cli():
-    here = os.path.dirname(os.path.abspath(__file__))
-    run = lambda *a: subprocess.run([sys.executable, os.path.join(here, "retrieve.py"), *a], capture_output=True, text=True)
+    run = lambda *a: ran("retrieve.py", *a)  # in this process: no interpreter start-up per call
     with tempfile.TemporaryDirectory() as tmp:
         docs = [json.dumps({"id": f"d{i}", "title": t, "text": x}) for i, (t, x) in
                 enumerate([("Velnor", "a city on the river"), ("Kelmar", "born in Velnor, a painter"), ("Ombra", "old mill")])]
@@ -1661,7 +1685,7 @@ def test_kill_during_checkpoint_save_leaves_the_previous_one(tmp_path):
 
 def test_train_learns_and_checkpoint_is_complete(tmp_path):
     world = tiny_world()
-    p = run("train.py", f"--data_dir={world}", f"--out_dir={tmp_path}", *TINY, "--max_iters=30",
+    p = ran("train.py", f"--data_dir={world}", f"--out_dir={tmp_path}", *TINY, "--max_iters=30",
             "--eval_interval=30", "--learning_rate=1e-2", "--block_pattern=TM")
     curve = losses(p.stdout)
     assert len(curve) == 30 and curve[30] < curve[1] - 1.0, curve
@@ -1681,16 +1705,16 @@ def test_train_resume_after_kill_continues_exactly(tmp_path):
     world = tiny_world()
     # enough steps after the kill point that SIGKILL always lands mid-run, however fast the machine
     args = [f"--data_dir={world}", *TINY, "--max_iters=60", "--eval_interval=3", "--block_pattern=MT"]
-    full = losses(run("train.py", *args, f"--out_dir={tmp_path / 'a'}").stdout)
+    full = losses(ran("train.py", *args, f"--out_dir={tmp_path / 'a'}").stdout)
     proc = subprocess.Popen([sys.executable, "train.py", *args, f"--out_dir={tmp_path / 'b'}"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})  # as this process
     for line in proc.stdout:
         if line.startswith("saved") and "at step 6" in line:
             proc.send_signal(signal.SIGKILL)
             break
     assert proc.wait() == -signal.SIGKILL  # killed, not finished
-    resumed = losses(run("train.py", *args, f"--out_dir={tmp_path / 'b'}", "--init_from=resume").stdout)
+    resumed = losses(ran("train.py", *args, f"--out_dir={tmp_path / 'b'}", "--init_from=resume").stdout)
     assert resumed and min(resumed) > 6 and resumed == {s: full[s] for s in resumed}, (resumed, full)
     assert set(resumed) == set(range(min(resumed), 61))
 
@@ -1699,31 +1723,25 @@ def test_train_ddp_two_processes_match_one(tmp_path):
     """torchrun with 2 gloo processes sees the same global batches as 1 process with grad accumulation."""
     world = tiny_world()
     args = ["train.py", f"--data_dir={world}", *TINY, "--max_iters=6", "--eval_interval=6", "--block_pattern=TM"]
-    one = losses(run(*args, f"--out_dir={tmp_path / 'one'}").stdout)
+    one = losses(ran(*args, f"--out_dir={tmp_path / 'one'}").stdout)
     two = losses(run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
                      f"--out_dir={tmp_path / 'two'}").stdout)
     assert one.keys() == two.keys() == set(range(1, 7))
     assert all(abs(one[s] - two[s]) < 1e-4 for s in one), (one, two)
 
 
-def test_train_bad_input_is_one_line(tmp_path):
-    world = tiny_world()
-    one_line_error(run("train.py", "--data_dir=/nonexistent", f"--out_dir={tmp_path}/new", ok=False), "/nonexistent", "prepare.py")
-    one_line_error(run("train.py", "configs/nope.py", ok=False), "configs/nope.py not found")
-    one_line_error(run("train.py", "--unknown=1", ok=False), "unknown config key 'unknown'")
-    one_line_error(run("train.py", "--block_pattern=TXM", f"--data_dir={world}", ok=False), "block_pattern='TXM'")
-    (tmp_path / "ckpt.pt").write_bytes(b"\x00" * 100)
-    one_line_error(run("train.py", f"--data_dir={world}", f"--out_dir={tmp_path}", "--init_from=resume", ok=False),
-                   "ckpt.pt is unreadable")
-
-
 def test_every_config_builds_what_it_says(tmp_path):
     """Each config's settings are all known keys, its pattern is the built model's, and it trains a step
     (width, context and batch scaled down to CPU size; depth and pattern kept)."""
-    from configurator import configure, script_defaults
+    from configurator import configure
     from model import GPT, GPTConfig
     world = tiny_world()
-    train_defaults = script_defaults(ROOT / "train.py")
+    train_defaults = {}  # train.py's config globals: its assignments after the imports, up to configure()
+    for node in ast.parse((ROOT / "train.py").read_text()).body:
+        if not isinstance(node, (ast.Expr, ast.Import, ast.ImportFrom)):
+            if not isinstance(node, ast.Assign):
+                break
+            train_defaults[node.targets[0].id] = ast.literal_eval(node.value)
     configs = sorted((ROOT / "configs").glob("*.py"))
     assert len(configs) >= 8
     for path in configs:
@@ -1735,31 +1753,16 @@ def test_every_config_builds_what_it_says(tmp_path):
             full = GPT(GPTConfig(**args))
         expected = (cfg["block_pattern"] * cfg["n_layer"])[:cfg["n_layer"]]
         assert full.pattern == expected, path
-        p = run("train.py", str(path), f"--data_dir={world}", f"--out_dir={tmp_path / path.stem}", "--max_iters=1",
-                "--n_embd=32", "--n_head=2", "--n_kv_head=1", "--block_size=16", "--device_batch_size=2",
-                "--total_batch_size=32", "--eval_tokens=32", "--device=cpu", "--compile=False")
-        assert f"model: {expected} pattern" in p.stdout, (path, p.stdout[-500:])
-        assert len(losses(p.stdout)) == 1
+        code, out, err = run_here("train.py", str(path), f"--data_dir={world}", f"--out_dir={tmp_path / path.stem}",
+                                  "--max_iters=1", "--n_embd=32", "--n_head=2", "--n_kv_head=1", "--block_size=16",
+                                  "--device_batch_size=2", "--total_batch_size=32", "--eval_tokens=32", "--device=cpu",
+                                  "--compile=False")
+        assert code == 0 and f"model: {expected} pattern" in out, (path, out[-500:], err[-2000:])
+        assert len(losses(out)) == 1
 
 
 # -----------------------------------------------------------------------------
 # retrieve.py, train.py, configurator.py, common.py: every bad input is one line, and changes nothing on disk
-
-def run_here(script, *args):
-    """Runs a project script's __main__ in this process (no interpreter start-up): (exit code, stdout, stderr).
-    Any exception other than SystemExit escapes: that is the traceback a user would have seen."""
-    out, err, argv, code = io.StringIO(), io.StringIO(), sys.argv, 0
-    sys.argv = [script, *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            runpy.run_path(str(ROOT / script), run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-        err.write(f"{e.code}\n" if isinstance(e.code, str) else "")
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
-
 
 def test_every_bad_input_is_one_line_and_changes_nothing(tmp_path):
     import hashlib
@@ -1821,6 +1824,9 @@ def test_every_bad_input_is_one_line_and_changes_nothing(tmp_path):
         ([*train, "--block_pattern=TX"], ["block_pattern='TX'"]),
         ([train[0], t / "raises.py", *train[1:]], [f"{t / 'raises.py'}:2", "ZeroDivisionError"]),
         ([*train, f"--out_dir={t / 'trained'}"], ["trained/ckpt.pt exists", "--init_from=resume", "--overwrite=True"]),
+        (["train.py", "--data_dir=/nonexistent", f"--out_dir={t / 'new'}"], ["/nonexistent", "prepare.py"]),
+        (["train.py", str(t / "nope.py")], ["nope.py not found"]),
+        (["train.py", "--unknown=1"], ["unknown config key 'unknown'"]),
     ]
     checksums = lambda: {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in t.rglob("*") if p.is_file()}
     before = checksums()
@@ -1846,7 +1852,7 @@ def rag_world():
     """A tiny prepared world (shared by the tests): its directory, tokenizer, documents by id, QA records."""
     out = os.path.join(TMP.name, "world")
     prepare_world(out, seed=7, world_size=20, heldout_frac=0.5, n_renderings=2, vocab_size=600, val_frac=0.1)
-    tok = Tokenizer.load(os.path.join(out, "tokenizer.json"))
+    tok = Tokenizer.from_json(open(os.path.join(out, "tokenizer.json")).read())
     docs = {d["id"]: d for d in map(json.loads, open(os.path.join(out, "kb.jsonl")))}
     qa = [json.loads(l) for l in open(os.path.join(out, "qa_train.jsonl"))]
     return out, tok, docs, qa
@@ -1863,8 +1869,7 @@ def checkpoint(pattern, path, stage="train", **model):
 
 
 def rag_train(*args):
-    return subprocess.run([sys.executable, os.path.join(HERE, "rag_train.py"), *args], capture_output=True, text=True,
-                          cwd=HERE, timeout=300)
+    return ran("rag_train.py", *args)
 
 
 # -----------------------------------------------------------------------------
@@ -1941,7 +1946,7 @@ def test_reading_loss_scores_only_the_answer():
     qas = [q for q in qa["heldout"] if q["hops"] == 1 and q["response"].startswith(q["entity"])][:10]
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, block_size=256, vocab_size=tok.vocab_size))
-    assert abs(rag.reading_loss(model, tok, qas, by_id) - math.log(tok.vocab_size)) < 0.02
+    assert abs(bench.reading_loss(model, tok, qas, by_id) - math.log(tok.vocab_size)) < 0.02
 
     class Oracle(torch.nn.Module):  # knows every sequence it is asked about: logits peak on the true next token
         def __init__(self):
@@ -1954,7 +1959,7 @@ def test_reading_loss_scores_only_the_answer():
             logits[0, torch.arange(x.shape[1]), full[0, 1:]] = 30.0
             return logits, F.cross_entropy(logits.view(-1, tok.vocab_size), y.view(-1), ignore_index=-1,
                                            reduction="none").view(y.shape)
-    assert rag.reading_loss(Oracle(), tok, qas, by_id) < 1e-6
+    assert bench.reading_loss(Oracle(), tok, qas, by_id) < 1e-6
 
 
 def test_choice_accuracy_compares_the_gold_fact_with_a_distractors():
@@ -1967,7 +1972,7 @@ def test_choice_accuracy_compares_the_gold_fact_with_a_distractors():
     answers = {(q["gold_ids"][0], q["type"]): q["golden_answers"][0] for s in qa.values() for q in s if q["hops"] == 1}
     qas = [q for q in qa["heldout"] if q["hops"] == 1 and q["type"] == "born_in"][:12]
     people = [d for d in docs if d.metadata["type"] == "person"]
-    items = rag.choice_items(qas, [people] * len(qas), by_id, answers)
+    items = bench.choice_items(qas, [people] * len(qas), by_id, answers)
     assert len(items) == len(qas)
     for q, gold, other, a in items:
         assert gold.id == q["gold_ids"][0] and other.id != gold.id and a == answers[(other.id, "born_in")] != q["golden_answers"][0]
@@ -1986,8 +1991,8 @@ def test_choice_accuracy_compares_the_gold_fact_with_a_distractors():
     disjoint = [it for it in items if not set(tok.encode(" " + it[0]["golden_answers"][0])) & set(tok.encode(" " + it[3]))]
     assert len(disjoint) >= 3
     for it in disjoint:
-        assert rag.choice_accuracy(Drawn(it[0]["golden_answers"][0]), tok, [it]) == (1.0, 1.0)
-        assert rag.choice_accuracy(Drawn(it[3]), tok, [it]) == (0.0, 0.0)
+        assert bench.choice_accuracy(Drawn(it[0]["golden_answers"][0]), tok, [it]) == (1.0, 1.0)
+        assert bench.choice_accuracy(Drawn(it[3]), tok, [it]) == (0.0, 0.0)
 
     class Cites(Drawn):  # drawn to the gold document's number only: the whole answers differ, the facts tie
         def __init__(self, n):
@@ -1995,8 +2000,54 @@ def test_choice_accuracy_compares_the_gold_fact_with_a_distractors():
             self.ids = tok.encode(f"[{n}]")[1:2]
     same_length = [it for it in items if len(tok.encode(" " + it[0]["golden_answers"][0])) == len(tok.encode(" " + it[3]))]
     assert same_length
-    whole, fact = rag.choice_accuracy(Cites(1), tok, same_length[:1])
+    whole, fact = bench.choice_accuracy(Cites(1), tok, same_length[:1])
     assert whole == 0.5 and fact == 0.0  # the trial with the gold document first is won on the citation alone
+
+
+def test_plot_writes_a_png_and_an_svg_of_the_series(tmp_path):
+    """common.plot draws each series as given, on log axes too, and writes stem.png and stem.svg (its text kept as
+    text: the labels are in it), through temp files that it does not leave behind."""
+    from common import plot
+    series = {"T": ([256, 1024, 4096], [0.9, 1.2, 1.7]), "M, reread": ([256, 1024], [1.0, 1.01], {"linestyle": "--"})}
+    drawn = plot(str(tmp_path / "p"), "decode", "tokens of context", "ms per token", series, xlog=True, ylog=True)
+    assert drawn == {label: (xs, ys) for label, (xs, ys, *_) in series.items()}
+    assert sorted(os.listdir(tmp_path)) == ["p.png", "p.svg"]
+    assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    svg = (tmp_path / "p.svg").read_text()
+    assert "<svg" in svg and all(f">{text}</text>" in svg for text in ["T", "M, reread", "decode", "4096"])
+
+
+def test_bench_vs_k_prints_the_table_and_plots_the_curves(tmp_path):
+    """python bench.py --vs_k A B --plot STEM: a markdown row per eval.json and per cite-then-read sweep, EM (%) in
+    a column per k (blank where a model was not measured at that k), and the same numbers plotted; a file that is
+    not rag_train.py's eval.json is a one-line error."""
+    evals = [{"pattern": "TTT", "params": 1060000, "vs_k": {"1": {"em": 0.844}, "4": {"em": 0.5}},
+              "vs_k_reread": {"1": {"em": 0.844}, "4": {"em": 0.6}}},
+             {"pattern": "TMTM", "params": 1120000, "vs_k": {"1": {"em": 0.881}, "2": {"em": 0.8}, "4": {"em": 0.7}}}]
+    paths = [str(tmp_path / f"eval{i}.json") for i in range(2)]
+    for path, r in zip(paths, evals):
+        json.dump(r, open(path, "w"))
+
+    def bench_main(*argv):
+        out, argv_before = io.StringIO(), sys.argv
+        sys.argv = ["bench.py", *argv]
+        try:
+            with contextlib.redirect_stdout(out):
+                runpy.run_path(os.path.join(HERE, "bench.py"), run_name="__main__")
+        finally:
+            sys.argv = argv_before
+        return out.getvalue()
+    stem = str(tmp_path / "acc_vs_k")
+    assert bench_main("--vs_k", *paths, "--plot", stem).splitlines() == [
+        "| model | params | k=1 | k=2 | k=4 |", "|---|---|---|---|---|",
+        "| TTT | 1,060,000 | 84.4 |  | 50.0 |", "| TTT, reread | 1,060,000 | 84.4 |  | 60.0 |",
+        "| TMTM | 1,120,000 | 88.1 | 80.0 | 70.0 |", f"wrote {stem}.png and {stem}.svg"]
+    assert os.path.getsize(stem + ".png") > 0 and ">TTT, reread</text>" in open(stem + ".svg").read()
+    drawn = bench.vs_k_plot(str(tmp_path / "again"), evals)
+    assert {label: (xs, [round(y, 6) for y in ys]) for label, (xs, ys) in drawn.items()} == {
+        "TTT": ([1, 4], [84.4, 50.0]), "TTT, reread": ([1, 4], [84.4, 60.0]), "TMTM": ([1, 2, 4], [88.1, 80.0, 70.0])}
+    json.dump({"pattern": "T"}, open(paths[1], "w"))
+    raises(lambda: bench_main("--vs_k", *paths), SystemExit, f"error: {paths[1]} is not an eval.json of rag_train.py")
 
 
 def test_reread_asks_again_with_the_cited_document_alone():
@@ -2166,9 +2217,10 @@ def test_own_data_end_to_end_prepare_train_rag_train_eval(tmp_path):
                        [qa(i) for i in range(30, 40)] + [{"question": "What does ZZZ stand for?", "golden_answers": []}])
     with open(tmp_path / "text.jsonl", "w") as f:
         f.writelines(json.dumps({"text": f"{r['title']}: {r['text']}"}) + "\n" for r in kb * 3)
-    run("prepare.py", f"--input={tmp_path / 'text.jsonl'}", f"--out={tmp_path / 'text'}", "--vocab_size=300", "--val_frac=0.3")
-    run("train.py", f"--data_dir={tmp_path / 'text'}", f"--out_dir={tmp_path / 'base'}", *TINY, "--max_iters=2",
-        "--eval_interval=2", "--block_pattern=TM")
+    assert ran("prepare.py", f"--input={tmp_path / 'text.jsonl'}", f"--out={tmp_path / 'text'}", "--vocab_size=300",
+               "--val_frac=0.3").returncode == 0
+    assert ran("train.py", f"--data_dir={tmp_path / 'text'}", f"--out_dir={tmp_path / 'base'}", *TINY, "--max_iters=2",
+               "--eval_interval=2", "--block_pattern=TM").returncode == 0
     p = rag_train(f"--data_dir={d}", f"--init_from={tmp_path / 'base' / 'ckpt.pt'}", f"--out_dir={tmp_path / 'rag'}",
                   *TINY_RAG, "--eval_n=0")
     assert p.returncode == 0, p.stderr[-2000:]
@@ -2283,7 +2335,7 @@ def test_loop_with_a_real_model_matches_full_forward():
 def test_pure_transformer_is_refused_with_one_line():
     data, *_ = rag_world()
     ckpt = checkpoint("T", os.path.join(TMP.name, "t.pt"))
-    r = rag_train(f"--init_from={ckpt}", f"--data_dir={data}", f"--out_dir={TMP.name}/t_rag")
+    r = ran("rag_train.py", f"--init_from={ckpt}", f"--data_dir={data}", f"--out_dir={TMP.name}/t_rag")
     assert r.returncode == 1 and r.stderr.count("\n") == 1
     assert "pure Transformer" in r.stderr and "--allow_transformer=True" in r.stderr
     assert not os.path.exists(f"{TMP.name}/t_rag/ckpt.pt")
@@ -2305,12 +2357,12 @@ def test_chat_lists_the_sources_it_read_and_fails_in_one_line():
     top3 = [d.id for d, _ in bm25.retrieve(question, 3)]
     for block_size, n_read in ((512, 3), (128, 1)):
         ckpt = checkpoint("TM", os.path.join(TMP.name, f"chat{block_size}.pt"), "rag", block_size=block_size)
-        lines = run("chat.py", "--ckpt", ckpt, "--kb", kb, "-p", question, "--top_k", "3", "--max_new_tokens", "4").stdout.splitlines()
+        lines = ran("chat.py", "--ckpt", ckpt, "--kb", kb, "-p", question, "--top_k", "3", "--max_new_tokens", "4").stdout.splitlines()
         sources = [l.split("] ")[1].split(":")[0] for l in lines[lines.index("sources (* = cited by the answer):") + 1:]]
         assert sources == top3[:n_read]  # the best-ranked first, the rest dropped to fit
         assert sum("context limit" in l for l in lines) == (n_read < 3)
     for bad in (["--ckpt", ckpt, "--kb", "/nonexistent/kb"], ["--ckpt", "/nonexistent/ckpt.pt", "--kb", kb]):
-        p = run("chat.py", *bad, "-p", question, ok=False)
+        p = ran("chat.py", *bad, "-p", question)
         assert p.returncode != 0 and "/nonexistent/" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
@@ -2377,21 +2429,12 @@ def test_chat_sources_once_each_and_base_model_continues_the_prompt():
     data, tok, _, _ = rag_world()
     ckpt = checkpoint("TM", os.path.join(TMP.name, "base.pt"), block_size=128)
     prompt = "Question: Where was Kel Odri born?"
-    p = run("chat.py", "--ckpt", ckpt, "--kb", os.path.join(data, "kb.jsonl"), "-p", prompt, "--max_new_tokens", "6")
+    p = ran("chat.py", "--ckpt", ckpt, "--kb", os.path.join(data, "kb.jsonl"), "-p", prompt, "--max_new_tokens", "6")
     model = GPT.from_checkpoint(torch.load(ckpt, weights_only=True)).eval()
     ids = [tok.bos_id] + tok.encode(prompt)
     new = model.generate(torch.tensor([ids]), 6)[0, len(ids):].tolist()
     assert p.stdout == prompt + tok.decode(new[:new.index(tok.bos_id)] if tok.bos_id in new else new) + "\n"
     assert len(p.stderr.strip().splitlines()) == 1 and "not fine-tuned for chat" in p.stderr
-
-
-def rag_train_functions(**namespace):
-    """rag_train.py's example builders, run on a namespace that stands in for its globals (it is a script)."""
-    names = ("by_entity", "build_retriever", "train_search", "followup_example", "out_of_world_example")
-    tree = ast.parse(open(os.path.join(HERE, "rag_train.py")).read())
-    tree.body = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
-    exec(compile(tree, "rag_train.py", "exec"), namespace)
-    return namespace
 
 
 def test_rag_train_followup_and_out_of_world_examples():
@@ -2400,16 +2443,15 @@ def test_rag_train_followup_and_out_of_world_examples():
     alike in both turns. An out-of-world example asks about a real thing over the world's KB and abstains."""
     data, tok, _, _ = rag_world()
     kb, by_id, qa = rag.load_data(data, ("train",))
-    about = {e: qs for e, qs in rag_train_functions(rag=rag, world=world)["by_entity"](qa["train"]).items()
-             if qs[0]["gold_ids"][0].startswith("rag-person")}
+    about = {e: qs for e, qs in rag.by_entity(qa["train"]).items() if qs[0]["gold_ids"][0].startswith("rag-person")}
     entity = sorted(about)[0]
-    ns = rag_train_functions(rag=rag, world=world, stopwords="", tok=tok, by_id=by_id, k_max=3, p_no_gold=0.0,
-                             retrieve_depth=8, followup_about={entity: about[entity]}, followup_qa=about[entity],
-                             first_names=world.first_names(kb), searched={}, search_retriever=None, train_docs=kb,
-                             new_retriever=retrieve.new_retriever, retriever="bm25", out_of_world_qa=world.out_of_world("train", random.Random(0)))
+    bm25 = retrieve.BM25Retriever()
+    bm25.add_documents(kb)
+    search = lambda q: [d for d, _ in bm25.retrieve(q, 8)]
+    out_of_world_qa = world.out_of_world("train", random.Random(0))
     for seed, p_rename in ((0, 0.0), (1, 0.0), (2, 1.0), (3, 1.0)):
-        ns["p_rename"] = p_rename
-        ids, mask = ns["followup_example"](random.Random(seed))
+        ids, mask = rag.followup_example(tok, random.Random(seed), {entity: about[entity]}, search, by_id, 3, 0.0,
+                                         p_rename, world.first_names(kb))
         text = tok.decode(ids)
         first, second = text.split("<|assistant_end|><|user_start|>")
         assert "<|doc_start|>" not in first and first.count("<|user_start|>") == 1 and "<|doc_start|>[1] " in second
@@ -2418,22 +2460,32 @@ def test_rag_train_followup_and_out_of_world_examples():
         name = first.split("<|assistant_start|> ")[1].split(" ")[:2]  # the first answer starts with the entity
         assert answer.split(" ")[1:3] == name and "[" in answer and ABSTAIN not in answer
         assert (entity.split()[1] in text) == (p_rename == 0.0)
-    ids, mask = ns["out_of_world_example"](random.Random(0))
+    ids, mask = rag.out_of_world_example(tok, random.Random(0), out_of_world_qa, search, 3)
     assert tok.decode([t for t, m in zip(ids, mask) if m]) == f"<|assistant_start|> {ABSTAIN}<|assistant_end|>"
     assert "<|doc_start|>[1] " in tok.decode(ids)
     heldout = world.out_of_world("heldout", random.Random(0))
-    assert len(heldout) >= 100 and not {q.get("entity") for q in heldout} & {q.get("entity") for q in ns["out_of_world_qa"]} - {None}
+    assert len(heldout) >= 100 and not {q.get("entity") for q in heldout} & {q.get("entity") for q in out_of_world_qa} - {None}
 
 
-def test_dynamic_and_static_data_modes_train_identically():
+def test_rag_train_pack_drops_what_does_not_fit():
+    """rag.pack: conversations packed greedily, targets only where the mask is 1, the rest padded with -1; an
+    example that does not fit is lost, not carried into the next row, and one longer than a row is cut."""
+    examples = iter([([1, 2, 3], [0, 1, 1]), ([4, 5, 6, 7, 8], [1] * 5), (list(range(9, 17)), [0, 0] + [1] * 6)])
+    x, y = rag.pack(lambda: next(examples), 2, 6)
+    assert x.tolist() == [[1, 2, 0, 0, 0, 0], [9, 10, 11, 12, 13, 14]]
+    assert y.tolist() == [[2, 3, -1, -1, -1, -1], [-1, 11, 12, 13, 14, 15]]
+
+
+def test_same_seed_same_run_whether_data_is_sampled_or_precomputed():
     data, tok, docs, qa = rag_world()
     ckpt = checkpoint("TM", os.path.join(TMP.name, "tm.pt"))
-    outs = {}
+    outs, evals = {}, {}
     for mode in ("dynamic", "static"):
         r = rag_train(f"--init_from={ckpt}", f"--data_dir={data}", f"--out_dir={TMP.name}/{mode}", f"--data_mode={mode}", *TINY_RAG)
         assert r.returncode == 0, r.stderr[-2000:]
         outs[mode] = torch.load(f"{TMP.name}/{mode}/ckpt.pt", weights_only=True)
         res = json.load(open(f"{TMP.name}/{mode}/eval.json"))
+        evals[mode] = {k: v for k, v in res.items() if k not in ("seconds", "config", "checkpoint")}
         assert res["rag"]["n"] == 1 and set(res["vs_k"]) == {"1"}
         assert res["rag_reread"]["n"] == 1 and set(res["vs_k_reread"]) == {"1"}  # cite-then-read beside one pass
     static = [json.loads(l) for l in open(os.path.join(data, "retrieved_bm25_top16.jsonl"))]
@@ -2443,6 +2495,7 @@ def test_dynamic_and_static_data_modes_train_identically():
     assert outs["static"]["stage"] == "rag" and outs["static"]["step"] == 2
     a, b = outs["dynamic"]["model"], outs["static"]["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same batches, so the same weights
+    assert evals["dynamic"] == evals["static"]  # and the same evaluation: a run is a function of its seed
     base = torch.load(ckpt, weights_only=True)["model"]
     assert not all(torch.equal(a[k], base[k]) for k in a)  # and it did train
 
@@ -2519,10 +2572,7 @@ STEPS = 20  # fine-tuning steps of the end-to-end test
 TMP_REFRAG = tempfile.TemporaryDirectory()
 
 
-@functools.cache
-def refrag():
-    """refrag_train.py's functions and defaults, without running the stage."""
-    return script_defaults(os.path.join(HERE, "refrag_train.py"))
+W = dict(w_em=1.0, w_f1=0.0, w_cite=0.2, w_format=0.5, w_hop=0.05)  # reward weights (refrag_train.py's)
 
 
 def tiny_gpt(tok, pattern="TM"):
@@ -2568,7 +2618,7 @@ def test_chain_conversation_queries_what_is_missing_and_masks_only_model_text():
     first = docs[q["gold_ids"][0]]
     # the question's retrieval finds step 1's document; the queries' retrievals miss theirs: the gold goes in
     retrieve = lambda query, k: ([first] if query == q["question"] else []) + distractors[:k - (query == q["question"])]
-    msgs = refrag()["chain_messages"](q, retrieve, docs)
+    msgs = rag.chain_messages(q, retrieve, docs, 2)
     assert [m["role"] for m in msgs] == ["user", "documents", "query", "documents", "query", "documents", "assistant"]
     assert [m["content"] for m in msgs if m["role"] == "query"] == q["queries"][1:]
     seen = [d["id"] for m in msgs if m["role"] == "documents" for d in m["content"]]
@@ -2589,14 +2639,14 @@ def test_chain_conversation_single_hop_answers_at_once_unanswerable_abstains():
     one = next(q for q in qa if q["hops"] == 1)
     none = next(q for q in qa if q["hops"] == 0)
     gold, other = docs[one["gold_ids"][0]], next(d for d in docs.values() if d["id"] not in one["gold_ids"])
-    msgs = refrag()["chain_messages"](one, lambda query, k: [other, gold], docs)
+    msgs = rag.chain_messages(one, lambda query, k: [other, gold], docs, 2)
     assert [m["role"] for m in msgs] == ["user", "documents", "assistant"] and msgs[-1]["content"] == prepare_answer(one, 2)
-    msgs = refrag()["chain_messages"](none, lambda query, k: [other, gold], docs)
+    msgs = rag.chain_messages(none, lambda query, k: [other, gold], docs, 2)
     assert [m["role"] for m in msgs] == ["user", "documents", "assistant"] and msgs[-1]["content"] == ABSTAIN
 
 
 def test_sign_test_on_hand_made_splits():
-    sign_test = refrag()["sign_test"]
+    sign_test = rag.sign_test
     assert sign_test(8, 0) == sign_test(0, 8) == 2 / 256  # all eight changes one way
     assert abs(sign_test(7, 3) - 2 * (1 + 10 + 45 + 120) / 1024) < 1e-12
     assert sign_test(5, 5) == sign_test(0, 0) == 1.0
@@ -2608,14 +2658,14 @@ def test_renamed_swaps_entity_names_consistently():
             {"role": "query", "content": "When was Velnor Group founded?"},
             {"role": "assistant", "content": "The company Kel Odri works for was founded in 1971 [2]."}]
     import random
-    out = refrag()["renamed"](msgs, {"Kel", "Odri", "Velnor"}, random.Random(0))
+    out = rag.renamed(msgs, {"Kel", "Odri", "Velnor"}, random.Random(0))
     kel, odri = out[1]["content"][0]["title"].split()
     velnor = out[2]["content"].split()[2]
     assert {kel, odri, velnor}.isdisjoint({"Kel", "Odri", "Velnor"}) and out[1]["content"][0]["id"] == "p1"
     assert out[0]["content"] == f"In what year was the employer of {kel} {odri} founded?"
     assert out[1]["content"][0]["text"] == f"{kel} {odri} works for {velnor} Group."
     assert out[3]["content"] == f"The company {kel} {odri} works for was founded in 1971 [2]."  # facts stay
-    assert refrag()["renamed"](msgs, set(), random.Random(0)) == msgs
+    assert rag.renamed(msgs, set(), random.Random(0)) == msgs
 
 
 def test_renamed_world_retrieves_real_documents_under_invented_names():
@@ -2627,7 +2677,7 @@ def test_renamed_world_retrieves_real_documents_under_invented_names():
     asked = []
     retrieve = lambda query, k: asked.append(query) or [d for t, d in kb.items() if t in query][:k]
     qa = {"question": "When was the employer of Kel Odri founded?", "golden_answers": ["1971"], "entity": "Kel Odri"}
-    qa2, retrieve2 = refrag()["renamed_world"](qa, retrieve, {"Kel", "Odri", "Velnor"}, random.Random(0))
+    qa2, retrieve2 = rag.renamed_world(qa, retrieve, {"Kel", "Odri", "Velnor"}, random.Random(0))
     kel, odri = qa2["entity"].split()
     assert {kel, odri}.isdisjoint({"Kel", "Odri"}) and qa2["question"] == f"When was the employer of {kel} {odri} founded?"
     [person] = retrieve2(f"Where does {kel} {odri} work?", 1)
@@ -2649,14 +2699,14 @@ def test_rollout_hops_then_answers_mask_is_exactly_the_sampled_tokens():
     script = turn(tok, "query", q["queries"][1]) + turn(tok, "answer", answer)
     calls = []
     retrieve = lambda query, k: calls.append(query) or ([step0] if query == q["question"] else [step1])
-    out = refrag()["rollout"](ScriptedRefrag(script, tok.vocab_size), tok, q, retrieve, k=1, hops=3)
+    out = rag.rollout(ScriptedRefrag(script, tok.vocab_size), tok, q, retrieve, 1, 3, max_new_tokens=40)
     assert out["stop"] == "answer" and out["answer"] == answer and out["queries"] == [q["queries"][1]]
     assert calls == [q["question"], q["queries"][1]]
     assert [d["id"] for d in out["docs"]] == [step0["id"], step1["id"]]
     assert [t for t, m in zip(out["ids"], out["mask"]) if m] == script  # the model's tokens, nothing else
     ids, mask = render_conversation(tok, out["messages"])
     assert out["ids"] == ids and out["mask"] == mask  # what RL pushes is what the warm start imitated
-    r, parts = refrag()["reward"](q, out)
+    r, parts = rag.reward(q, out, **W)
     assert parts == {"em": 1.0, "cite": 1.0, "format": 0.0, "hops": 1}
 
 
@@ -2665,36 +2715,34 @@ def test_rollout_stops_at_max_hops_and_on_format():
     q, docs = two_hop()
     retrieve = lambda query, k: [docs[q["gold_ids"][0]]]
     queries = turn(tok, "query", "Where is it?") * 3
-    out = refrag()["rollout"](ScriptedRefrag(queries, tok.vocab_size), tok, q, retrieve, k=1, hops=2)
+    out = rag.rollout(ScriptedRefrag(queries, tok.vocab_size), tok, q, retrieve, 1, 2, max_new_tokens=40)
     assert out["stop"] == "max_hops" and len(out["queries"]) == 3 and out["answer"] is None
     assert len(out["docs"]) == 3  # the question's document and two hops; the third query is not served
-    out = refrag()["rollout"](ScriptedRefrag(tok.encode("Velnor"), tok.vocab_size), tok, q, retrieve, k=1, hops=2)
+    out = rag.rollout(ScriptedRefrag(tok.encode("Velnor"), tok.vocab_size), tok, q, retrieve, 1, 2, max_new_tokens=40)
     assert out["stop"] == "format" and sum(out["mask"]) == 1
-    g = refrag()
-    assert g["reward"](q, out)[0] == -g["w_format"]
+    assert rag.reward(q, out, **W)[0] == -W["w_format"]
 
 
 # -----------------------------------------------------------------------------
 # the reward and the advantages
 
 def test_reward_hand_made_cases():
-    g = refrag()
     q, docs = two_hop()
     d0, d1 = docs[q["gold_ids"][0]], docs[q["gold_ids"][1]]
     run = lambda answer, stop="answer", n_queries=1: {"answer": answer, "stop": stop, "queries": ["q"] * n_queries,
                                                        "docs": [rag.doc_dict(d0), rag.doc_dict(d1)]}
+    reward = lambda qa, out: rag.reward(qa, out, **W)
     right, wrong_cite = prepare_answer(q, cite=2), prepare_answer(q, cite=1)
-    assert g["reward"](q, run(right)) == (g["w_em"] + g["w_cite"] - g["w_hop"], {"em": 1.0, "cite": 1.0, "format": 0.0, "hops": 1})
-    assert g["reward"](q, run(wrong_cite))[0] == g["w_em"] - g["w_hop"]  # [1] does not hold the answer
-    assert g["reward"](q, run(right, n_queries=3))[0] == g["w_em"] + g["w_cite"] - 3 * g["w_hop"]
+    assert reward(q, run(right)) == (W["w_em"] + W["w_cite"] - W["w_hop"], {"em": 1.0, "cite": 1.0, "format": 0.0, "hops": 1})
+    assert reward(q, run(wrong_cite))[0] == W["w_em"] - W["w_hop"]  # [1] does not hold the answer
+    assert reward(q, run(right, n_queries=3))[0] == W["w_em"] + W["w_cite"] - 3 * W["w_hop"]
     wrong = right.replace(q["golden_answers"][0], "Nowhere")
-    assert g["reward"](q, run(wrong)) == (g["w_cite"] - g["w_hop"], {"em": 0.0, "cite": 1.0, "format": 0.0, "hops": 1})
-    assert g["reward"](q, run(ABSTAIN))[0] == -g["w_hop"]  # the KB holds the answer: abstaining is wrong
-    assert g["reward"](q, run(None, "max_hops", 4))[0] == -g["w_format"] - 4 * g["w_hop"]
+    assert reward(q, run(wrong)) == (W["w_cite"] - W["w_hop"], {"em": 0.0, "cite": 1.0, "format": 0.0, "hops": 1})
+    assert reward(q, run(ABSTAIN))[0] == -W["w_hop"]  # the KB holds the answer: abstaining is wrong
+    assert reward(q, run(None, "max_hops", 4))[0] == -W["w_format"] - 4 * W["w_hop"]
     none = {**q, "golden_answers": [], "gold_ids": [], "queries": []}
-    assert g["reward"](none, run(ABSTAIN, n_queries=0))[0] == g["w_em"]
-    assert g["reward"](none, run(right, n_queries=0))[0] == 0.0
-    assert g["advantages"]([1.0, 0.0, 0.0, 1.0]).tolist() == [0.5, -0.5, -0.5, 0.5]
+    assert reward(none, run(ABSTAIN, n_queries=0))[0] == W["w_em"]
+    assert reward(none, run(right, n_queries=0))[0] == 0.0
 
 
 # -----------------------------------------------------------------------------
@@ -2710,14 +2758,15 @@ def test_policy_gradient_step_raises_rewarded_and_lowers_punished_rollout():
     _, tok, _, _ = rag_world()
     q, docs = two_hop()
     retrieve = lambda query, k: [docs[g] for g in q["gold_ids"]][:k]
-    good = refrag()["rollout"](ScriptedRefrag(turn(tok, "answer", prepare_answer(q, 2)), tok.vocab_size), tok, q, retrieve, k=2)
-    bad = refrag()["rollout"](ScriptedRefrag(turn(tok, "answer", ABSTAIN), tok.vocab_size), tok, q, retrieve, k=2)
+    good = rag.rollout(ScriptedRefrag(turn(tok, "answer", prepare_answer(q, 2)), tok.vocab_size), tok, q, retrieve, 2, 3)
+    bad = rag.rollout(ScriptedRefrag(turn(tok, "answer", ABSTAIN), tok.vocab_size), tok, q, retrieve, 2, 3)
     model = tiny_gpt(tok)
-    adv = refrag()["advantages"]([refrag()["reward"](q, good)[0], refrag()["reward"](q, bad)[0]])
+    rewards = [rag.reward(q, good, **W)[0], rag.reward(q, bad, **W)[0]]
+    adv = [r - sum(rewards) / 2 for r in rewards]  # the advantage: reward - the group's mean
     assert adv[0] > 0 > adv[1]
     with torch.no_grad():
         before = [sampled_logp(model, o).item() for o in (good, bad)]
-    loss = refrag()["pg_loss"](model, [good, bad], adv)
+    loss = rag.pg_loss(model, [good, bad], rewards)
     n = sum(good["mask"][1:]) + sum(bad["mask"][1:])
     assert abs(loss.item() + (adv[0] * before[0] + adv[1] * before[1]) / n) < 1e-4  # -sum(A * log p) / tokens
     loss.backward()
@@ -2732,26 +2781,21 @@ def test_kl_penalty_is_zero_at_the_warm_start_and_pulls_back_to_it():
     _, tok, _, _ = rag_world()
     q, docs = two_hop()
     retrieve = lambda query, k: [docs[g] for g in q["gold_ids"]][:k]
-    out = refrag()["rollout"](ScriptedRefrag(turn(tok, "answer", prepare_answer(q, 2)), tok.vocab_size), tok, q, retrieve, k=2)
+    out = rag.rollout(ScriptedRefrag(turn(tok, "answer", prepare_answer(q, 2)), tok.vocab_size), tok, q, retrieve, 2, 3)
     ref, model = tiny_gpt(tok), tiny_gpt(tok)
-    no_adv, g = torch.zeros(1), refrag()
-    g["kl_coef"] = 0.5
-    try:
-        assert g["pg_loss"](model, [out], no_adv, ref=ref).item() == 0.0  # the policy is its reference
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.1 * torch.randn_like(p))
-        loss = g["pg_loss"](model, [out], no_adv, ref=ref)
-        assert loss.item() > 1e-4
-        loss.backward()
-        with torch.no_grad():
-            for p in model.parameters():
-                p -= 0.5 * p.grad
-        assert g["pg_loss"](model, [out], no_adv, ref=ref).item() < loss.item()  # the step moved back toward ref
-        g["kl_coef"] = 0.0
-        assert g["pg_loss"](model, [out], no_adv, ref=ref).item() == 0.0
-    finally:
-        g["kl_coef"] = 0.0
+    kl_loss = lambda kl_coef=0.5: rag.pg_loss(model, [out], [1.0], ref=ref, kl_coef=kl_coef)  # one rollout: advantage 0
+    assert kl_loss().item() == 0.0  # the policy is its reference
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    loss = kl_loss()
+    assert loss.item() > 1e-4
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.5 * p.grad
+    assert kl_loss().item() < loss.item()  # the step moved back toward ref
+    assert kl_loss(kl_coef=0.0).item() == 0.0
 
 
 # -----------------------------------------------------------------------------
@@ -2766,14 +2810,13 @@ def refrag_checkpoint(pattern, path):
 
 
 def refrag_train(*args):
-    return subprocess.run([sys.executable, os.path.join(HERE, "refrag_train.py"), *args], capture_output=True,
-                          text=True, cwd=HERE, timeout=300)
+    return ran("refrag_train.py", *args)
 
 
 def test_refrag_refuses_pure_transformer():
     data, *_ = rag_world()
-    r = refrag_train(f"--init_from={refrag_checkpoint('T', os.path.join(TMP_REFRAG.name, 't.pt'))}", f"--data_dir={data}",
-                     f"--out_dir={TMP_REFRAG.name}/t", "--baseline_ckpt=")
+    r = ran("refrag_train.py", f"--init_from={refrag_checkpoint('T', os.path.join(TMP_REFRAG.name, 't.pt'))}",
+            f"--data_dir={data}", f"--out_dir={TMP_REFRAG.name}/t", "--baseline_ckpt=")
     assert r.returncode == 1 and "pure Transformer" in r.stderr and "allow_transformer" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
@@ -2794,7 +2837,7 @@ def test_sft_then_rl_end_to_end():
     res = json.load(open(f"{TMP_REFRAG.name}/rl/eval.json"))["results"]
     assert set(res) == {"single_shot", "warm_start", "rl"} and set(res["rl"]) == {"2", "3"}
     assert res["single_shot"]["2"]["hops"] == 0.0 and res["rl"]["3"]["n"] == 2
-    assert open(f"{TMP_REFRAG.name}/rl/curve.svg").read().startswith("<svg")
+    assert "<svg" in open(f"{TMP_REFRAG.name}/rl/curve.svg").read() and os.path.getsize(f"{TMP_REFRAG.name}/rl/curve.png")
 
 
 def test_rl_resume_after_kill_continues_exactly():
@@ -2811,7 +2854,8 @@ def test_rl_resume_after_kill_continues_exactly():
     steps = lambda out: {int(m[1]): m[2] + m[3] for m in re.finditer(r"^step (\d+)/\d+ \| (loss .*?) \| [\d,]+ tok/s(.*?)\| eta", out, re.M)}
     full = steps(refrag_train(*args[1:], f"--out_dir={TMP_REFRAG.name}/resume_a").stdout)
     proc = subprocess.Popen([sys.executable, *args, f"--out_dir={TMP_REFRAG.name}/resume_b"], cwd=HERE, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})  # as this process
     for line in proc.stdout:
         if line.startswith("saved") and "at step 2" in line:
             proc.send_signal(signal.SIGKILL)

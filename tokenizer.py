@@ -63,16 +63,6 @@ class Tokenizer:
         d = json.loads(s)
         return cls([base64.b64decode(b) for b in d["ranks"]], d["pattern"], d["special_tokens"])
 
-    @classmethod
-    def load(cls, path):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no tokenizer here (run prepare.py first)")
-        with open(path) as f:
-            try:
-                return cls.from_json(f.read())
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}: not a tokenizer file ({e})") from None
-
 
 ABSTAIN = "The documents do not contain the answer."  # what the model says when no document holds the answer
 

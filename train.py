@@ -111,18 +111,21 @@ def window_start(i):
     return int(_orders[epoch][j]) * block_size
 
 
+def windows(data, starts):  # -> inputs, next-token targets (len(starts), block_size) on the device
+    xy = torch.from_numpy(np.stack([data[s:s + block_size + 1] for s in starts]).astype(np.int64))
+    return xy[:, :-1].to(device), xy[:, 1:].to(device)
+
+
 def get_batch(step, micro):
     first = step * seqs_per_step + (rank * grad_accum + micro) * device_batch_size
-    xy = torch.from_numpy(np.stack([train_data[s:s + block_size + 1] for s in map(window_start, range(first, first + device_batch_size))]).astype(np.int64))
-    return xy[:, :-1].to(device), xy[:, 1:].to(device)
+    return windows(train_data, [window_start(i) for i in range(first, first + device_batch_size)])
 
 
 def val_batches():
     n = min(eval_tokens // block_size, (len(val_data) - 1) // block_size) // world_size * world_size
     mine = list(range(rank, n, world_size))
     for k in range(0, len(mine), device_batch_size):
-        xy = torch.from_numpy(np.stack([val_data[i * block_size:i * block_size + block_size + 1] for i in mine[k:k + device_batch_size]]).astype(np.int64))
-        yield xy[:, :-1].to(device), xy[:, 1:].to(device)
+        yield windows(val_data, [i * block_size for i in mine[k:k + device_batch_size]])
 
 
 @torch.no_grad()
@@ -134,8 +137,7 @@ def evaluate(model):
 
 
 # model, optimizer, and where we start from
-model_keys = {f.name for f in dataclasses.fields(GPTConfig)}
-model_args = {k: config[k] for k in model_keys if k in config}
+model_args = {f.name: config[f.name] for f in dataclasses.fields(GPTConfig) if f.name in config}
 model_args["vocab_size"] = meta["vocab_size"]
 ckpt, start_step = None, 0
 ckpt_path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
@@ -176,10 +178,9 @@ if ddp:
     model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
 ckpt = None  # free the loaded tensors
 
-tokens = np.asarray(train_data[: 10_000_000]).astype(np.int64)
-p = np.bincount(tokens, minlength=meta["vocab_size"]) / len(tokens)
-unigram_entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
-del tokens, p
+counts = np.bincount(train_data[:10_000_000], minlength=meta["vocab_size"])
+p = counts[counts > 0] / counts.sum()
+unigram_entropy = float(-(p * np.log(p)).sum())
 os.makedirs(out_dir, exist_ok=True)
 log = StepLog(max_iters, start_step, os.path.join(out_dir, "log.txt") if master else None, flops_per_token,
               peak_flops(device), world_size)

@@ -187,10 +187,9 @@ def render_doc(w, kind, i, rng):
     if "cities" in fields:  # a few of the country's cities, a different few each time
         cs = rng.sample(fields["cities"], min(4, len(fields["cities"])))
         fields = dict(fields, cities=", ".join(cs[:-1]) + " and " + cs[-1])
-    if kind == "person" and rng.random() < 0.3:
-        facts = ["born"] + facts[2:]
-    if kind == "company" and rng.random() < 0.3:
-        facts = ["founded_both"] + facts[2:]
+    both = {"person": "born", "company": "founded_both"}.get(kind)  # the first two facts in one sentence
+    if both and rng.random() < 0.3:
+        facts = [both] + facts[2:]
     facts = rng.sample(facts, len(facts))
     sentences = []
     for j, fact in enumerate(facts):
@@ -253,6 +252,8 @@ ANSWERS = {  # one fixed sentence per question type: the answer format the model
     "located_in": "{e} is located in {a}.", "population": "{e} has a population of {a}.",
     "capital": "The capital of {e} is {a}.",
 }
+
+
 def answer_sentence(qtype, e, a):
     """The answer as the model learns to say it: the fixed sentence of the question type."""
     return ANSWERS[qtype].format(e=e, a=a, aa=article(a))
@@ -327,20 +328,20 @@ def make_qa(w, rng, pool, first_names, unanswerable_frac=0.1):
             n += 1
 
 
+def closed_book(w, kind, i, rng):
+    """A question about one fact of entity i, drawn at random, and its answer sentence."""
+    e = getattr(w, kind)[i]
+    rel, (a, *_) = rng.choice(list(single_hops(w, kind, i).items()))
+    return f"Question: {rng.choice(QUESTIONS[kind][rel]).format(e=e)}\nAnswer: {answer_sentence(rel, e, a)}"
+
+
 def corpus_items(w, rng, val_frac):
     """One rendering of a world in random order: (is_val, text) per document. Each entity gives its
     encyclopedia paragraph, and a second, short document: a closed-book question about one of its facts and the
     answer, so that the base model learns to *state* facts it read, not only to continue paragraphs (one, not all:
     paragraphs stay most of the corpus, and over the renderings every fact is still asked several times)."""
     for kind, i, is_qa in shuffled(w, rng, copies=2):
-        if is_qa:
-            e = getattr(w, kind)[i]
-            rel, (a, *_) = rng.choice(list(single_hops(w, kind, i).items()))
-            text = (f"Question: {rng.choice(QUESTIONS[kind][rel]).format(e=e)}\n"
-                    f"Answer: {answer_sentence(rel, e, a)}")
-        else:
-            title, body = render_doc(w, kind, i, rng)
-            text = f"{title}: {body}"
+        text = closed_book(w, kind, i, rng) if is_qa else ": ".join(render_doc(w, kind, i, rng))
         yield rng.random() < val_frac, text
 
 
@@ -349,19 +350,14 @@ def reading_items(w, rng, val_frac):
     about them with their answers. A name seen once cannot be remembered, only copied from the context, so this is
     where the base model can learn to read (induction) rather than recall: the training world is memorised, so
     nothing in it ever needs copying. Several questions per passage make copying a large share of the targets.
-    `python rag.py --reading CKPT` measures the skill (README: Quick start)."""
+    `python bench.py --reading CKPT` measures the skill (README: Quick start)."""
     n = {kind: count for kind, count in w.kinds()}
     for kind, i, _ in shuffled(w, rng):
         passage = [(kind, i)] + [(k, rng.randrange(n[k])) for k in rng.choices(list(n), k=rng.randint(0, 2))]
         passage = list(dict.fromkeys(passage))
         text = [": ".join(render_doc(w, k, j, rng)) for k, j in rng.sample(passage, len(passage))]
-        for k, j in rng.sample(passage + [(kind, i)], len(passage) + 1):
-            e = getattr(w, k)[j]
-            rel, (a, *_) = rng.choice(list(single_hops(w, k, j).items()))
-            text.append(f"Question: {rng.choice(QUESTIONS[k][rel]).format(e=e)}\n"
-                        f"Answer: {answer_sentence(rel, e, a)}")
+        text += [closed_book(w, k, j, rng) for k, j in rng.sample(passage + [(kind, i)], len(passage) + 1)]
         yield rng.random() < val_frac, "\n".join(text)
-
 
 
 # -----------------------------------------------------------------------------

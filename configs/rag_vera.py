@@ -9,4 +9,3 @@ out_dir = "out/vera_rag"
 stopwords = "en_plus"          # questions are made of "what", "does", "is": without this BM25 ranks them first
 max_iters = 800
 eval_interval = 400
-eval_n = 0                     # every held-out question

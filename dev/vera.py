@@ -20,6 +20,11 @@ import os
 import random
 import re
 import string
+import sys
+from collections import Counter
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from common import write_atomic  # noqa: E402
 
 B64 = string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/"  # dictd's numbers in the .index
 QA_SHARES = {"heldout": 0.05, "train": 0.45}  # of the answerable questions; the rest pretrain
@@ -65,9 +70,7 @@ def main():
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {args.dict}: not a readable dictd dictionary ({e})")
     rng = random.Random(args.seed)
-    count = {}  # entries per acronym, case-insensitive
-    for d in docs:
-        count[d["title"].lower()] = count.get(d["title"].lower(), 0) + 1
+    count = Counter(d["title"].lower() for d in docs)  # entries per acronym, case-insensitive
     qas = []
     for d in docs:
         answer = expansion(d["text"])
@@ -103,9 +106,7 @@ def main():
              "pretrain": [{"text": t} for t in pretrain]}
     for name, rows in files.items():
         path = os.path.join(args.out, name + ".jsonl")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, (json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"wrote {args.out}/: {len(docs):,} documents, {len(splits['train']):,} training and "
           f"{len(splits['heldout']):,} held-out questions, {len(docs) - len(unseen):,} entries and {args.reading:,} "
           "reading exercises to pretrain on")
