@@ -21,7 +21,6 @@ How an answer is read: citations "[n]" are taken out; what is left must be ABSTA
 answer. When the record has a "response" (an answer sentence, as the world's), the short answer is the part of
 the sentence where the response has its golden answer, if the rest matches; otherwise the whole text is the answer.
 """
-import json
 import math
 import os
 import re
@@ -34,7 +33,6 @@ from common import autocast
 from model import sample_next
 from retrieve import load_documents, read_jsonl
 from tokenizer import ABSTAIN, render_conversation
-from world import ENTITY_KIND, PRONOUNS, NamePool, refer_back, rename_names
 
 # -----------------------------------------------------------------------------
 # data
@@ -165,38 +163,6 @@ def raft_docs(qa, retrieved, by_id, rng, k, p_no_gold):
     docs = gold + distractors
     rng.shuffle(docs)
     return docs
-
-
-def by_entity(qas):
-    """{entity: its answerable single-hop questions} of the world's records, for entities asked about in more than
-    one relation: the pairs a conversation can ask about (a first question, then a follow-up)."""
-    about = {}
-    for q in qas:
-        if q["golden_answers"] and single_hop(q) and q.get("type") in ENTITY_KIND and q.get("response"):
-            about.setdefault(q["entity"], []).append(q)
-    return {e: qs for e, qs in about.items() if len({q["type"] for q in qs}) > 1}
-
-
-def followup_example(tok, rng, about, search, by_id, k_max, p_no_gold, p_rename, first_names):
-    """(ids, mask) of a second turn about an entity of `about` (by_entity's): a question that refers back with a
-    pronoun to the first turn's entity, about another of its relations, with RAFT documents from search(query) ->
-    ranked Documents, for the query chat.py retrieves with (search_query). The first turn is text only, as chat.py
-    keeps it, and carries no loss: without its documents it cannot be read. A share p_rename is renamed
-    (world.rename_names, first_names: the pool of fresh first names)."""
-    qa = rng.choice([q for qs in about.values() for q in qs])
-    first = rng.choice([q for q in about[qa["entity"]] if q["type"] != qa["type"]])
-    pronoun = rng.choice(PRONOUNS[ENTITY_KIND[qa["type"]]])
-    query = search_query(refer_back(qa["question"], qa["entity"], pronoun), first["question"])
-    docs = raft_docs(qa, search(query), by_id, rng, rng.randint(1, k_max), p_no_gold)
-    qa = {**qa, "question": "\n".join((first["question"], first["response"], qa["question"]))}  # renamed alike
-    if rng.random() < p_rename:
-        qa, docs = rename_names(qa, docs, rng, first_names)
-    q1, a1, q2 = qa["question"].split("\n")
-    history = messages_for(q1, None, a1)
-    turn = messages_for(refer_back(q2, qa["entity"], pronoun), docs, target_answer(qa, docs))
-    ids, mask = render_conversation(tok, history + turn)
-    n = len(render_conversation(tok, history)[0])
-    return ids, [0] * n + mask[n:]
 
 
 def out_of_world_example(tok, rng, qas, search, k_max):
@@ -492,43 +458,6 @@ def chain_messages(qa, retrieve, by_id, top_k):
         messages += [{"role": "query", "content": query}, {"role": "documents", "content": found}]
         seen += found
     return messages + [{"role": "assistant", "content": target_answer(qa, seen)}]
-
-
-def renamer(names, rng):
-    """(forward, back): forward swaps every word of `names` in a text for an invented word, the same one each
-    time; back maps invented words to the real ones."""
-    pool, fresh, real = NamePool(rng), {}, {}
-    word = re.compile(r"\b[A-Z][a-z]+\b")
-
-    def invent(w):
-        if w not in fresh:
-            fresh[w] = pool.word()
-            real[fresh[w]] = w
-        return fresh[w]
-    forward = lambda text: word.sub(lambda m: invent(m[0]) if m[0] in names else m[0], text)
-    back = lambda text: word.sub(lambda m: real.get(m[0], m[0]), text)
-    return forward, back
-
-
-def renamed(messages, names, rng):
-    """messages with every word of the known entity names replaced by a fresh invented word, consistently: a model
-    pretrained on the training world must then read a bridge, not recall it."""
-    forward, _ = renamer(names, rng)
-    return json.loads(forward(json.dumps(messages)))
-
-
-def renamed_world(qa, retrieve, names, rng):
-    """(qa, retrieve) of a world whose names are invented: the question and answer renamed, queries mapped back
-    to the real names before retrieval and the documents found renamed forward. RL on recalled facts would
-    teach recall; here, as on held-out questions, the answer can only come from what the loop retrieves."""
-    forward, back = renamer(names, rng)
-    qa = {**qa, "question": forward(qa["question"]), "entity": forward(qa.get("entity", "")),
-          "response": forward(qa.get("response", "")), "golden_answers": [forward(a) for a in qa["golden_answers"]]}
-
-    def retrieve_renamed(query, k):
-        return [{**d, "title": forward(d["title"]), "text": forward(d["text"])}
-                for d in map(doc_dict, retrieve(back(query), k))]
-    return qa, retrieve_renamed
 
 
 def rollout(model, tok, qa, retrieve, top_k, max_hops, **kw):

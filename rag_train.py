@@ -179,7 +179,7 @@ if not eval_only:
         train_data = np.memmap(os.path.join(text_dir, "train.bin"), dtype=meta["dtype"], mode="r")
 
 # conversations, on the world's records only (they name their entity and its kind; other KBs may well know France)
-followup_about = rag.by_entity(rag_qa)
+followup_about = world.by_entity(rag_qa)
 kb_titles = {d.title for d in kb_docs}
 out_of_world_qa = [q for q in world.out_of_world("train", random.Random(seed)) if q.get("entity") not in kb_titles] \
     if followup_about else []
@@ -190,7 +190,7 @@ def example(rng):
     task = rng.choices(("rag", "closed", "text"), weights=n_tasks)[0]
     if task == "rag":
         if followup_about and p_followup and rng.random() < p_followup:
-            return rag.followup_example(tok, rng, followup_about, train_search, by_id, k_max, p_no_gold, p_rename,
+            return world.followup_example(tok, rng, followup_about, train_search, by_id, k_max, p_no_gold, p_rename,
                                         first_names)
         if out_of_world_qa and p_out_of_world and rng.random() < p_out_of_world:
             return rag.out_of_world_example(tok, rng, out_of_world_qa, train_search, k_max)
@@ -302,7 +302,7 @@ def evaluate_conversations(model):
     follow-up's retrieval query against its literal words. And out-of-world questions (world.out_of_world) over
     the KB, where abstaining is right. Only on the world's records: {} for other data."""
     rng = random.Random(f"{seed}-conversations")
-    about = rag.by_entity(heldout_qa)
+    about = world.by_entity(heldout_qa)
     if not about:
         return {}
     pairs = subsample([tuple(rng.sample(about[e], 2)) for e in sorted(about)], "conversations")

@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import rag
+import world
 from common import (StepLog, all_reduce_mean, autocast, die, load_model, lr_at, plot, print0, raw_state_dict,
                     save_checkpoint, setup, step_optimizers, teardown, write_atomic)
 from configurator import ConfigError, configure
@@ -307,7 +308,7 @@ def sft_step(step):
     convs = []
     for _ in range(per_rank):
         msgs = rag.chain_messages(rng.choice(qa_by_hops[rng.choices(range(4), mix)[0]]), train_retrieve, by_id, top_k)
-        convs.append(render_conversation(tok, rag.renamed(msgs, train_names, rng) if rng.random() < rename_p else msgs, seq_len))
+        convs.append(render_conversation(tok, world.renamed(msgs, train_names, rng) if rng.random() < rename_p else msgs, seq_len))
     x, y = (t.to(device) for t in rag.padded(convs))
     with autocast(device):
         _, loss = model(x, y)
@@ -324,7 +325,7 @@ def rl_step(step):
     for i in range(per_rank):
         qa, retrieve = rng.choice(rl_pool), train_retrieve
         if rng.random() < rename_p and world_data:
-            qa, retrieve = rag.renamed_world(qa, retrieve, train_names, rng)
+            qa, retrieve = world.renamed_world(qa, retrieve, train_names, rng)
         raw_model.eval()
         outs = [rag.rollout(raw_model, tok, qa, retrieve, top_k, max_hops, temperature=temperature, generator=generator,
                             **limits) for _ in range(group_size)]

@@ -2443,14 +2443,14 @@ def test_rag_train_followup_and_out_of_world_examples():
     alike in both turns. An out-of-world example asks about a real thing over the world's KB and abstains."""
     data, tok, _, _ = rag_world()
     kb, by_id, qa = rag.load_data(data, ("train",))
-    about = {e: qs for e, qs in rag.by_entity(qa["train"]).items() if qs[0]["gold_ids"][0].startswith("rag-person")}
+    about = {e: qs for e, qs in world.by_entity(qa["train"]).items() if qs[0]["gold_ids"][0].startswith("rag-person")}
     entity = sorted(about)[0]
     bm25 = retrieve.BM25Retriever()
     bm25.add_documents(kb)
     search = lambda q: [d for d, _ in bm25.retrieve(q, 8)]
     out_of_world_qa = world.out_of_world("train", random.Random(0))
     for seed, p_rename in ((0, 0.0), (1, 0.0), (2, 1.0), (3, 1.0)):
-        ids, mask = rag.followup_example(tok, random.Random(seed), {entity: about[entity]}, search, by_id, 3, 0.0,
+        ids, mask = world.followup_example(tok, random.Random(seed), {entity: about[entity]}, search, by_id, 3, 0.0,
                                          p_rename, world.first_names(kb))
         text = tok.decode(ids)
         first, second = text.split("<|assistant_end|><|user_start|>")
@@ -2658,14 +2658,14 @@ def test_renamed_swaps_entity_names_consistently():
             {"role": "query", "content": "When was Velnor Group founded?"},
             {"role": "assistant", "content": "The company Kel Odri works for was founded in 1971 [2]."}]
     import random
-    out = rag.renamed(msgs, {"Kel", "Odri", "Velnor"}, random.Random(0))
+    out = world.renamed(msgs, {"Kel", "Odri", "Velnor"}, random.Random(0))
     kel, odri = out[1]["content"][0]["title"].split()
     velnor = out[2]["content"].split()[2]
     assert {kel, odri, velnor}.isdisjoint({"Kel", "Odri", "Velnor"}) and out[1]["content"][0]["id"] == "p1"
     assert out[0]["content"] == f"In what year was the employer of {kel} {odri} founded?"
     assert out[1]["content"][0]["text"] == f"{kel} {odri} works for {velnor} Group."
     assert out[3]["content"] == f"The company {kel} {odri} works for was founded in 1971 [2]."  # facts stay
-    assert rag.renamed(msgs, set(), random.Random(0)) == msgs
+    assert world.renamed(msgs, set(), random.Random(0)) == msgs
 
 
 def test_renamed_world_retrieves_real_documents_under_invented_names():
@@ -2677,7 +2677,7 @@ def test_renamed_world_retrieves_real_documents_under_invented_names():
     asked = []
     retrieve = lambda query, k: asked.append(query) or [d for t, d in kb.items() if t in query][:k]
     qa = {"question": "When was the employer of Kel Odri founded?", "golden_answers": ["1971"], "entity": "Kel Odri"}
-    qa2, retrieve2 = rag.renamed_world(qa, retrieve, {"Kel", "Odri", "Velnor"}, random.Random(0))
+    qa2, retrieve2 = world.renamed_world(qa, retrieve, {"Kel", "Odri", "Velnor"}, random.Random(0))
     kel, odri = qa2["entity"].split()
     assert {kel, odri}.isdisjoint({"Kel", "Odri"}) and qa2["question"] == f"When was the employer of {kel} {odri} founded?"
     [person] = retrieve2(f"Where does {kel} {odri} work?", 1)

@@ -6,11 +6,15 @@ at random, and every single-, two- and three-hop question about them. Everything
 lives here: question types, answer sentences, entity kinds and renaming. prepare.py writes a world as a data
 directory; the RAG stages read it like any other.
 """
+import json
 import random
 import re
 from dataclasses import dataclass, replace
 
 import numpy as np
+
+from rag import doc_dict, messages_for, raft_docs, search_query, single_hop, target_answer
+from tokenizer import render_conversation
 
 # -----------------------------------------------------------------------------
 # The world: invented names, entities and relations
@@ -465,3 +469,75 @@ def out_of_world(split, rng):
     qas = [{"question": rng.choice(templates).format(e=name), "golden_answers": [], "type": qtype, "entity": name}
            for kind, names in REAL.items() for name in names[half::2] for qtype, templates in QUESTIONS[kind].items()]
     return qas + [{"question": q, "golden_answers": [], "type": "trivia"} for q in TRIVIA[half::2]]
+
+
+# -----------------------------------------------------------------------------
+# RAG training conversations about the world (rag_train.py's follow-ups, refrag_train.py's renamed worlds)
+
+def by_entity(qas):
+    """{entity: its answerable single-hop questions} of the world's records, for entities asked about in more than
+    one relation: the pairs a conversation can ask about (a first question, then a follow-up)."""
+    about = {}
+    for q in qas:
+        if q["golden_answers"] and single_hop(q) and q.get("type") in ENTITY_KIND and q.get("response"):
+            about.setdefault(q["entity"], []).append(q)
+    return {e: qs for e, qs in about.items() if len({q["type"] for q in qs}) > 1}
+
+
+def followup_example(tok, rng, about, search, by_id, k_max, p_no_gold, p_rename, first_names):
+    """(ids, mask) of a second turn about an entity of `about` (by_entity's): a question that refers back with a
+    pronoun to the first turn's entity, about another of its relations, with RAFT documents from search(query) ->
+    ranked Documents, for the query chat.py retrieves with (search_query). The first turn is text only, as chat.py
+    keeps it, and carries no loss: without its documents it cannot be read. A share p_rename is renamed
+    (rename_names, first_names: the pool of fresh first names)."""
+    qa = rng.choice([q for qs in about.values() for q in qs])
+    first = rng.choice([q for q in about[qa["entity"]] if q["type"] != qa["type"]])
+    pronoun = rng.choice(PRONOUNS[ENTITY_KIND[qa["type"]]])
+    query = search_query(refer_back(qa["question"], qa["entity"], pronoun), first["question"])
+    docs = raft_docs(qa, search(query), by_id, rng, rng.randint(1, k_max), p_no_gold)
+    qa = {**qa, "question": "\n".join((first["question"], first["response"], qa["question"]))}  # renamed alike
+    if rng.random() < p_rename:
+        qa, docs = rename_names(qa, docs, rng, first_names)
+    q1, a1, q2 = qa["question"].split("\n")
+    history = messages_for(q1, None, a1)
+    turn = messages_for(refer_back(q2, qa["entity"], pronoun), docs, target_answer(qa, docs))
+    ids, mask = render_conversation(tok, history + turn)
+    n = len(render_conversation(tok, history)[0])
+    return ids, [0] * n + mask[n:]
+
+
+def renamer(names, rng):
+    """(forward, back): forward swaps every word of `names` in a text for an invented word, the same one each
+    time; back maps invented words to the real ones."""
+    pool, fresh, real = NamePool(rng), {}, {}
+    word = re.compile(r"\b[A-Z][a-z]+\b")
+
+    def invent(w):
+        if w not in fresh:
+            fresh[w] = pool.word()
+            real[fresh[w]] = w
+        return fresh[w]
+    forward = lambda text: word.sub(lambda m: invent(m[0]) if m[0] in names else m[0], text)
+    back = lambda text: word.sub(lambda m: real.get(m[0], m[0]), text)
+    return forward, back
+
+
+def renamed(messages, names, rng):
+    """messages with every word of the known entity names replaced by a fresh invented word, consistently: a model
+    pretrained on the training world must then read a bridge, not recall it."""
+    forward, _ = renamer(names, rng)
+    return json.loads(forward(json.dumps(messages)))
+
+
+def renamed_world(qa, retrieve, names, rng):
+    """(qa, retrieve) of a world whose names are invented: the question and answer renamed, queries mapped back
+    to the real names before retrieval and the documents found renamed forward. RL on recalled facts would
+    teach recall; here, as on held-out questions, the answer can only come from what the loop retrieves."""
+    forward, back = renamer(names, rng)
+    qa = {**qa, "question": forward(qa["question"]), "entity": forward(qa.get("entity", "")),
+          "response": forward(qa.get("response", "")), "golden_answers": [forward(a) for a in qa["golden_answers"]]}
+
+    def retrieve_renamed(query, k):
+        return [{**d, "title": forward(d["title"]), "text": forward(d["text"])}
+                for d in map(doc_dict, retrieve(back(query), k))]
+    return qa, retrieve_renamed
