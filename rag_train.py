@@ -191,7 +191,7 @@ def example(rng):
     if task == "rag":
         if followup_about and p_followup and rng.random() < p_followup:
             return world.followup_example(tok, rng, followup_about, train_search, by_id, k_max, p_no_gold, p_rename,
-                                        first_names)
+                                          first_names)
         if out_of_world_qa and p_out_of_world and rng.random() < p_out_of_world:
             return rag.out_of_world_example(tok, rng, out_of_world_qa, train_search, k_max)
         qa = rng.choice(rag_qa)

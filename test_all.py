@@ -2451,7 +2451,7 @@ def test_rag_train_followup_and_out_of_world_examples():
     out_of_world_qa = world.out_of_world("train", random.Random(0))
     for seed, p_rename in ((0, 0.0), (1, 0.0), (2, 1.0), (3, 1.0)):
         ids, mask = world.followup_example(tok, random.Random(seed), {entity: about[entity]}, search, by_id, 3, 0.0,
-                                         p_rename, world.first_names(kb))
+                                           p_rename, world.first_names(kb))
         text = tok.decode(ids)
         first, second = text.split("<|assistant_end|><|user_start|>")
         assert "<|doc_start|>" not in first and first.count("<|user_start|>") == 1 and "<|doc_start|>[1] " in second
