@@ -126,7 +126,8 @@ closed_qa = [q for q in qa_sets.get("closed", []) if q["golden_answers"] and rag
 first_names = world.first_names(kb_docs) if any("entity" in q for q in rag_qa) else []
 heldout_docs = {g for q in heldout_qa for g in q.get("gold_ids", [])}  # never in a training example
 train_docs = [d for d in kb_docs if d.id not in heldout_docs]
-eval_retriever.add_documents(kb_docs)  # both worlds: the real KB
+if master or not eval_only:  # the held-out val loss (every rank) and the evaluation (rank 0) search the real KB
+    eval_retriever.add_documents(kb_docs)  # both worlds
 
 # -----------------------------------------------------------------------------
 # data: packed rows of conversations. Each micro-batch's examples depend only on (seed, step, rank, micro), so a
