@@ -150,16 +150,22 @@ def render_example(tok, qa, docs=None):
     return render_conversation(tok, messages_for(qa["question"], docs, target_answer(qa, docs)))
 
 
-def raft_docs(qa, retrieved, by_id, rng, k, p_no_gold):
+def raft_docs(qa, retrieved, by_id, rng, k, p_no_gold, pool=()):
     """k documents for qa, RAFT-style: the gold ones (dropped with probability p_no_gold) and the best-ranked
     retrieved distractors, shuffled so the gold position varies. retrieved: ranked Documents; by_id: id -> Document.
-    Without gold_ids the gold document is the best-ranked retrieved one that contains a golden answer."""
+    Without gold_ids the gold document is the best-ranked retrieved one that contains a golden answer. A sparse
+    retriever ranks only documents sharing a word with the question, so a short ranking is topped up with random
+    distractors from pool (the documents training may show)."""
     if "gold_ids" in qa:
         gold = [by_id[g] for g in qa["gold_ids"] if g in by_id]
     else:
         gold = [d for d in retrieved if is_gold(qa, d)][:1]
     gold = gold[:k] if rng.random() >= p_no_gold else []
     distractors = [d for d in retrieved if not is_gold(qa, d)][:k - len(gold)]
+    if len(gold) + len(distractors) < k and pool:
+        seen = {doc_dict(d)["id"] for d in retrieved + gold}
+        drawn = rng.sample(pool, min(len(pool), k + len(seen)))  # enough that k - len(gold) are neither gold nor seen
+        distractors += [d for d in drawn if not is_gold(qa, d) and doc_dict(d)["id"] not in seen][:k - len(gold) - len(distractors)]
     docs = gold + distractors
     rng.shuffle(docs)
     return docs

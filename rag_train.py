@@ -73,7 +73,7 @@ grad_clip = 1.0
 eval_n = 0                     # questions per evaluation set (0 = all: the world's 378 single-hop, 89 unanswerable)
 eval_k = 4                     # documents retrieved for the main RAG numbers
 eval_ks = "1,2,4,8,16"         # the accuracy-vs-k sweep
-eval_max_len = 2048            # context limit when generating (k=16 needs ~900 tokens)
+eval_max_len = 4096            # context limit when generating (the world at k=32 needs ~2,000 tokens)
 # system
 device = "auto"
 compile = False
@@ -97,6 +97,8 @@ check_config(config, [
     ("eval_n warmup_iters", lambda v: v >= 0, "a non-negative integer"),
     ("p_no_gold p_rename p_followup p_out_of_world min_lr_frac", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("eval_ks", lambda v: all(k.strip().isdigit() and int(k) >= 1 for k in v.split(",")), "positive integers, comma-separated")])
+if retrieve_depth <= k_max:  # k_max documents without the gold one are k_max distractors from these
+    die(f"--retrieve_depth ({retrieve_depth}) must exceed --k_max ({k_max})")
 
 ddp, rank, world_size, device = setup(device, seed)
 master = rank == 0
@@ -196,7 +198,7 @@ def example(rng):
         if out_of_world_qa and p_out_of_world and rng.random() < p_out_of_world:
             return rag.out_of_world_example(tok, rng, out_of_world_qa, train_search, k_max)
         qa = rng.choice(rag_qa)
-        docs = rag.raft_docs(qa, retrieved_for(qa), by_id, rng, rng.randint(1, k_max), p_no_gold)
+        docs = rag.raft_docs(qa, retrieved_for(qa), by_id, rng, rng.randint(1, k_max), p_no_gold, train_docs)
         if rng.random() < p_rename and "entity" in qa:
             qa, docs = world.rename_names(qa, docs, rng, first_names)
         return rag.render_example(tok, qa, docs)
@@ -233,7 +235,7 @@ def val_loss(model):
     model.eval()
     losses = []
     for q, hits in zip(qas, ranked([q["question"] for q in qas], retrieve_depth)):
-        ids, mask = rag.render_example(tok, q, rag.raft_docs(q, hits, by_id, rng, rng.randint(1, k_max), p_no_gold))
+        ids, mask = rag.render_example(tok, q, rag.raft_docs(q, hits, by_id, rng, rng.randint(1, k_max), p_no_gold, kb_docs))
         x = torch.tensor([ids[:-1]], device=device)
         y = torch.tensor([[t if m else -1 for t, m in zip(ids[1:], mask[1:])]], device=device)
         with autocast(device):

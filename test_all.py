@@ -2017,6 +2017,37 @@ def test_plot_writes_a_png_and_an_svg_of_the_series(tmp_path):
     assert "<svg" in svg and all(f">{text}</text>" in svg for text in ["T", "M, reread", "decode", "4096"])
 
 
+def test_raft_sampler_gives_every_k_to_16_and_32_documents_fit_the_eval_context():
+    """RAFT examples of every size k = 1..16 from a ranking one deeper than k (with the gold document or without
+    it), rag_train.py refusing a ranking too shallow for k_max, and the held-out contexts of the accuracy-vs-k sweep
+    at k = 16 and 32 fitting rag_train.py's eval_max_len with the answer's tokens to spare: no document silently
+    dropped."""
+    data, tok, _, qa = rag_world()
+    kb = load_documents(os.path.join(data, "kb.jsonl"))
+    docs, r = {d.id: d for d in kb}, BM25Retriever()
+    r.add_documents(kb)
+    short = 0
+    for q in [q for q in qa if q["hops"] == 1][:20]:
+        ranked = [d for d, _ in r.retrieve(q["question"], 16)]
+        short += len(ranked) < 16  # BM25 ranks only the documents that share a word with the question
+        for k in range(1, 17):
+            for p_no_gold in (0.0, 1.0):
+                picked = rag.raft_docs(q, ranked, docs, random.Random(k), k, p_no_gold, pool=kb)
+                assert len(picked) == k and len({d.id for d in picked}) == k
+                assert rag.has_gold(q, picked) == (p_no_gold == 0.0)
+                assert [d for d in ranked if d in picked and not rag.is_gold(q, d)] == \
+                       [d for d in ranked if not rag.is_gold(q, d)][:k - (p_no_gold == 0.0)]  # the best-ranked first
+    assert short  # the top-up from the pool was exercised
+    one_line_error(rag_train("--k_max=16", "--retrieve_depth=16"), "--retrieve_depth (16) must exceed --k_max (16)")
+    eval_max_len = ast.literal_eval(re.search(r"^eval_max_len = (\d+)", open(ROOT / "rag_train.py").read(), re.M)[1])
+    heldout = [json.loads(l) for l in open(os.path.join(data, "qa_heldout.jsonl"))]
+    assert len(kb) >= 32
+    for k in (16, 32):
+        longest = max(len(render_conversation(tok, rag.messages_for(q["question"], [d for d, _ in r.retrieve(q["question"], k)]))[0])
+                      for q in heldout)
+        assert longest + 64 <= eval_max_len, (k, longest)  # 64: rag.generate's max_new_tokens
+
+
 def test_bench_vs_k_prints_the_table_and_plots_the_curves(tmp_path):
     """python bench.py --vs_k A B --plot STEM: a markdown row per eval.json and per cite-then-read sweep, EM (%) in
     a column per k (blank where a model was not measured at that k), and the same numbers plotted; a file that is
