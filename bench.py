@@ -472,14 +472,15 @@ SECTIONS = {"train": bench_train, "decode": bench_decode, "mixer": bench_mixer, 
 @torch.no_grad()
 def reading_loss(model, tok, qas, by_id):
     """Loss per token of the answer to a question asked right after its gold document, in the pretraining format
-    (world.reading_items), the entity given: a model that ignores the document pays the full price of every
-    name (10+ nats a token), one that copies pays almost nothing on them. Before any RAG fine-tuning."""
+    (world.reading_items, the world's entity given; dev/vera.py's): a model that ignores the document pays the full
+    price of every name (10+ nats a token), one that copies pays almost nothing on them. Before any RAG fine-tuning."""
     device = next(model.parameters()).device
     total, n = 0.0, 0
     for q in qas:
         d = by_id[q["gold_ids"][0]]
-        prompt = tok.encode(f"{d.title}: {d.text}\nQuestion: {q['question']}\nAnswer: {q['entity']}")
-        answer = tok.encode(q["response"][len(q["entity"]):])
+        lead, rest = (" " + q["entity"], q["response"][len(q["entity"]):]) if "entity" in q else ("", " " + q["golden_answers"][0])
+        prompt = tok.encode(f"{d.title}: {d.text}\nQuestion: {q['question']}\nAnswer:{lead}")
+        answer = tok.encode(rest)
         ids = torch.tensor([[tok.bos_id] + prompt + answer], device=device)
         y = ids[:, 1:].clone()
         y[:, :len(prompt)] = -1
@@ -548,7 +549,8 @@ def diagnose(args):
         sys.exit(f"error: {e}")
     m.eval()
     if args.reading:
-        qas = [q for q in qa["heldout"] if q.get("hops") == 1 and q["response"].startswith(q["entity"])]
+        qas = [q for q in qa["heldout"] if len(q.get("gold_ids", [])) == 1 and q["golden_answers"] and
+               q.get("response", "").startswith(q.get("entity", ""))]
         qas = random.Random(0).sample(qas, min(100, len(qas)))
         print(f"reading loss: {reading_loss(m, tok, qas, by_id):.3f} nats per answer token "
               f"({len(qas)} held-out questions, each right after its document)")
