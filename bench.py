@@ -5,9 +5,7 @@ Speeds are medians over rounds in which the contenders take turns, so that chang
 
     python bench.py                               # the default sections, on this machine (CPU or one GPU)
     python bench.py --what=train,decode --out=out/bench.json --plot=out/bench_decode
-    python bench.py --what=ann,build              # the expensive ones: minutes each on 2 CPU cores
     python bench.py --reading out/tiny/ckpt.pt    # can a base model read? [--data_dir=data/world]
-    python bench.py --choice out/rag/ckpt.pt      # does a RAG model prefer the gold document's fact?
     python bench.py --vs_k out/rag_T/eval.json out/rag/eval.json --plot=acc_vs_k   # accuracy vs k: table and plot
 
   train:     training tokens/s (and MFU on GPU) of T, M (Mamba-1), M2, M3 (Mamba-2, -3) and hybrid models, equal width
@@ -18,12 +16,8 @@ Speeds are medians over rounds in which the contenders take turns, so that chang
   bm25:      our BM25 vs rank_bm25 (same top-10 and scores) and bm25s (latency), 50k synthetic documents
   retrieval: recall@1/5 and MRR on data/world's held-out single-hop questions, and latency per query, per retriever
   memory:    estimated training memory of every GPU config in configs/ (weights, grads, AdamW state, activations)
-  ann:       (not in the default) HNSW vs exact search at 100k random unit vectors: recall@10 and speed-up
-  build:     (not in the default) build time and memory per retriever type at 10k and 100k documents, BM25 at 1M,
-             each in a fresh process (--what=build_one --kind=bm25 --n=100000) so that peak memory is its own
 
-Memory figures: a decode cache's and a retrieval index's size are the bytes of their tensors and arrays; a build's
-peak memory is measured (the process's VmHWM); training memory (the memory section) is an estimate.
+Memory figures: a decode cache's size is the bytes of its tensors; training memory (the memory section) is an estimate.
 """
 import argparse
 import contextlib
@@ -37,7 +31,6 @@ import platform
 import random
 import runpy
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,8 +43,7 @@ import torch
 import model
 from common import autocast, load_model, peak_flops, plot, write_atomic
 from model import GPT, GPTConfig
-from rag import load_data, messages_for, with_citation
-from tokenizer import render_conversation
+from rag import load_data
 
 
 def sync():
@@ -327,7 +319,7 @@ def bench_retrieval(args, results):
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:  # evaluate() reads a file
         f.writelines(json.dumps(r) + "\n" for r in single)
     retrievers, rows, metrics = {}, [], results.setdefault("retrieval", {})
-    for label, kind, options in [("TF-IDF", "simple", {}), ("BM25 (lucene)", "bm25", {}), ("BM25 (okapi)", "bm25", {"method": "okapi"}),
+    for label, kind, options in [("BM25 (lucene)", "bm25", {}), ("BM25 (okapi)", "bm25", {"method": "okapi"}),
                                  ("dense MiniLM (exact)", "dense", {}), ("hybrid (convex 0.5)", "hybrid", {}),
                                  ("hybrid (RRF 60)", "hybrid", {"fusion": "rrf"})]:
         retrievers[label] = r = RETRIEVERS[kind](**options)
@@ -343,98 +335,6 @@ def bench_retrieval(args, results):
     table(f"retrieval on data/world: {len(docs)} documents, {len(single)} held-out single-hop questions; latency is one "
           "query at a time, top 5 (target: hybrid at least as good as the better of its parts)",
           ["retriever", "recall@1", "recall@5", "MRR@10", "ms/query"], rows)
-
-
-def bench_ann(args, results):
-    import faiss
-    from retrieve import HNSW_EF_CONSTRUCTION, HNSW_M, DenseRetriever
-    if args.threads:
-        faiss.omp_set_num_threads(args.threads)
-    n, dim, n_queries = 100_000, 384, 200
-    rng = np.random.default_rng(0)
-    W = rng.standard_normal((32, dim), dtype=np.float32)
-    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)
-    datasets = {  # sentence embeddings have a low intrinsic dimension; uniform vectors are the worst case
-        "low-rank (32-d latent + noise)": lambda k: unit(rng.standard_normal((k, 32), dtype=np.float32) @ W
-                                                         + 1.7 * rng.standard_normal((k, dim), dtype=np.float32)),
-        "uniform on the sphere": lambda k: unit(rng.standard_normal((k, dim), dtype=np.float32))}
-    rows = []
-    for name, gen in datasets.items():
-        v, q = gen(n), gen(n_queries)
-        flat = DenseRetriever()._new_index("flat", v)
-        t1 = time.perf_counter()
-        hnsw = DenseRetriever()._new_index("hnsw", v)
-        t_build = time.perf_counter() - t1
-        exact = flat.search(q, 10)[1]
-        for ef in (64, 128, 256, 512, 1024):
-            hnsw.hnsw.efSearch = ef
-            recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(hnsw.search(q, 10)[1], exact)])
-            t = timed({kind: lambda i=i: [i.search(q[j:j + 1], 10) for j in range(n_queries)]
-                       for kind, i in (("flat", flat), ("hnsw", hnsw))}, 3)
-            rows.append([name, ef, f"{recall:.3f}", f"{1000 * t['hnsw'] / n_queries:.2f}",
-                         f"{1000 * t['flat'] / n_queries:.2f}", f"{t['flat'] / t['hnsw']:.1f}x", f"{t_build:.0f}"])
-            results.setdefault("ann", {}).setdefault(name, {})[ef] = dict(recall10=recall, hnsw_s=t["hnsw"] / n_queries,
-                                                                           flat_s=t["flat"] / n_queries, hnsw_build_s=t_build)
-    table(f"HNSW (M={HNSW_M}, efConstruction={HNSW_EF_CONSTRUCTION}) vs exact inner product, {n:,} x {dim} unit vectors, "
-          f"{n_queries} single queries, k=10, {faiss.omp_get_max_threads()} faiss thread(s) (target: recall@10 >= 0.95, faster)",
-          ["vectors", "efSearch", "recall@10", "HNSW ms/query", "exact ms/query", "speed-up", "HNSW build s"], rows)
-
-
-def bench_build_one(args, results):
-    """One (type, size), alone in this process, so that peak memory is this build's own: prints one JSON line."""
-    import retrieve
-    # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's RSS (kept across fork and exec)
-    status_mb = lambda key: int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) / 1024
-    docs = synthetic_docs(args.n) if args.kind in ("simple", "bm25", "bm25s") else None
-    if args.kind == "encode":  # a dense build is its encoding: world sentences, repeated to n
-        texts = [retrieve.doc_text(d) for d in retrieve.load_documents("data/world/kb.jsonl")]
-        texts = (texts * (args.n // len(texts) + 1))[:args.n]
-        retrieve.load_encoder(retrieve.DEFAULT_MODEL).encode(texts[:64])  # load and warm up outside the timing
-    if args.kind in ("flat", "hnsw"):
-        import faiss
-        if args.threads:
-            faiss.omp_set_num_threads(args.threads)
-        vectors = np.random.default_rng(0).standard_normal((args.n, 384), dtype=np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    before, t0 = status_mb("VmRSS"), time.perf_counter()
-    if args.kind == "bm25s":
-        import bm25s
-        r = bm25s.BM25(method="lucene")
-        r.index([retrieve.tokenize(d.text) for d in docs], show_progress=False)
-        nbytes = sum(r.scores[k].nbytes for k in ("data", "indices", "indptr"))
-    elif args.kind == "encode":
-        nbytes = retrieve.DenseRetriever().encode(texts).nbytes
-    elif args.kind in ("flat", "hnsw"):
-        index = retrieve.DenseRetriever()._new_index(args.kind, vectors)
-        nbytes = vectors.nbytes + (index.hnsw.neighbors.size() * 4 if args.kind == "hnsw" else 0)
-    else:
-        r = retrieve.RETRIEVERS[args.kind]()
-        r.add_documents(docs)
-        nbytes = sum(getattr(r, a).nbytes for a in ("indptr", "post_doc", "post_tf", "doc_len", "weights"))
-    seconds = time.perf_counter() - t0
-    peak = status_mb("VmHWM")
-    print(json.dumps(dict(kind=args.kind, n=args.n, seconds=seconds, index_mb=nbytes / 2**20, peak_rss_mb=peak,
-                          rss_before_mb=before)))
-
-
-def bench_build(args, results):
-    rows = []
-    for kind, n in [("simple", 10_000), ("bm25", 10_000), ("bm25s", 10_000), ("simple", 100_000), ("bm25", 100_000),
-                    ("bm25s", 100_000), ("bm25", 1_000_000), ("bm25s", 1_000_000), ("encode", 10_000),
-                    ("flat", 100_000), ("hnsw", 100_000)]:
-        p = subprocess.run([sys.executable, __file__, "--what=build_one", f"--kind={kind}", f"--n={n}",
-                            f"--threads={args.threads}"], capture_output=True, text=True)
-        if p.returncode:
-            rows.append([kind, f"{n:,}", "failed: " + (p.stderr.strip().splitlines() or ["?"])[-1], "", "", "", ""])
-            continue
-        b = json.loads(p.stdout.strip().splitlines()[-1])
-        rows.append([kind, f"{n:,}", f"{b['seconds']:.1f}", f"{n / b['seconds']:,.0f}", f"{b['index_mb']:.1f}",
-                     f"{b['peak_rss_mb'] - b['rss_before_mb']:.0f}", f"{b['peak_rss_mb']:.0f}"])
-        results.setdefault("build", {}).setdefault(kind, {})[n] = b
-    table("index build, each in a fresh process: synthetic Zipf documents (simple = TF-IDF); encode = dense build's "
-          "MiniLM encoding of world documents; flat / hnsw = FAISS on random 384-d unit vectors; index MB: the bytes "
-          "of its arrays; RSS measured (VmRSS, VmHWM)",
-          ["type", "documents", "seconds", "documents/s", "index MB", "peak RSS - RSS before MB", "peak RSS MB"], rows)
 
 
 def bench_memory(args, results):
@@ -463,8 +363,7 @@ def bench_memory(args, results):
 
 
 SECTIONS = {"train": bench_train, "decode": bench_decode, "mixer": bench_mixer, "block": bench_block,
-            "bm25": bench_bm25, "retrieval": bench_retrieval, "ann": bench_ann, "build_one": bench_build_one,
-            "build": bench_build, "memory": bench_memory}
+            "bm25": bench_bm25, "retrieval": bench_retrieval, "memory": bench_memory}
 
 # -----------------------------------------------------------------------------
 # can a base model read? python bench.py --reading out/tiny/ckpt.pt
@@ -488,90 +387,19 @@ def reading_loss(model, tok, qas, by_id):
         n += len(answer)
     return total / n
 
-# -----------------------------------------------------------------------------
-# does a model pick the right document? python bench.py --choice CKPT
-
-def choice_items(qas, candidates, by_id, answers):
-    """(qa, gold document, distractor, the distractor's answer): for each single-hop qa the first of its candidate
-    documents that is about another entity and answers the same question type differently.
-    answers: {(document id, question type): answer}."""
-    items = []
-    for q, docs in zip(qas, candidates):
-        for d in docs:
-            a = answers.get((d.id, q["type"]))
-            if d.id not in q["gold_ids"] and a is not None and a != q["golden_answers"][0]:
-                items.append((q, by_id[q["gold_ids"][0]], d, a))
-                break
-    return items
-
-
-def swap_answer(qa, answer):
-    """qa's answer sentence with another answer in its answer slot."""
-    head, _, tail = qa["response"].rpartition(qa["golden_answers"][0])
-    return head + answer + tail
-
-
-@torch.no_grad()
-def choice_accuracy(model, tok, items):
-    """-> (whole, fact): shares of trials in which the model finds its answer from the gold document likelier than
-    the same sentence with the distractor's fact, with only those two documents in context, each item tried with
-    the gold document first and second. whole: the sentences as the model should write them, each citing the
-    document its fact comes from; fact: only the tokens before the citation. 50% = no better than a coin; neither
-    depends on sampling or on copying the rest of the sentence right."""
-    device = next(model.parameters()).device
-
-    def logps(msgs):  # log-probability of each assistant token
-        ids, mask = render_conversation(tok, msgs)
-        x = torch.tensor([ids[:-1]], device=device)
-        y = torch.tensor([[t if m else -1 for t, m in zip(ids[1:], mask[1:])]], device=device)
-        return [-v for v, m in zip(model(x, y, loss_reduction="none")[1].view(-1).tolist(), mask[1:]) if m]
-    whole, fact = [], []
-    for q, gold, other, other_answer in items:
-        for docs in ([gold, other], [other, gold]):
-            msgs = messages_for(q["question"], docs)
-            scores = []
-            for sentence, d in ((q["response"], gold), (swap_answer(q, other_answer), other)):
-                lp = logps(msgs + [{"role": "assistant", "content": with_citation(sentence, docs.index(d) + 1)}])
-                n_fact = 1 + len(tok.encode(" " + sentence[:-1]))  # <|assistant_start|>, the sentence
-                scores.append((sum(lp), sum(lp[:n_fact])))
-            whole.append(scores[0][0] > scores[1][0])
-            fact.append(scores[0][1] > scores[1][1])
-    n = max(1, len(whole))
-    return sum(whole) / n, sum(fact) / n
-
-
 def diagnose(args):
-    """--reading or --choice on a checkpoint, with the held-out questions of args.data_dir."""
+    """--reading on a checkpoint, with the held-out questions of args.data_dir."""
     try:
-        m, tok, _ = load_model(args.reading or args.choice, "cpu", args.data_dir)
-        docs, by_id, qa = load_data(args.data_dir)
+        m, tok, _ = load_model(args.reading, "cpu", args.data_dir)
+        _, by_id, qa = load_data(args.data_dir)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     m.eval()
-    if args.reading:
-        qas = [q for q in qa["heldout"] if len(q.get("gold_ids", [])) == 1 and q["golden_answers"] and
-               q.get("response", "").startswith(q.get("entity", ""))]
-        qas = random.Random(0).sample(qas, min(100, len(qas)))
-        print(f"reading loss: {reading_loss(m, tok, qas, by_id):.3f} nats per answer token "
-              f"({len(qas)} held-out questions, each right after its document)")
-        return
-    from retrieve import BM25Retriever
-    rng = random.Random(0)
-    qas = [q for q in qa["heldout"] if q.get("hops") == 1]
-    qas = rng.sample(qas, min(300, len(qas)))
-    answers = {(q["gold_ids"][0], q["type"]): q["golden_answers"][0] for s in qa.values() for q in s if q.get("hops") == 1}
-    bm25 = BM25Retriever()
-    bm25.add_documents(docs)
-    ranked = [[d for d, _ in hits] for hits in bm25.retrieve_batch([q["question"] for q in qas], 16)]
-    heldout = [d for d in docs if d.metadata.get("world") == "heldout"]
-    strangers = [[d for d in heldout if not set(d.title.split()) & set(by_id[q["gold_ids"][0]].title.split())] for q in qas]
-    unrelated = [rng.sample(s, len(s)) for s in strangers]
-    for name, candidates in (("BM25's best distractor (mostly a namesake)", ranked), ("an unrelated entity", unrelated)):
-        items = choice_items(qas, candidates, by_id, answers)
-        whole, fact = choice_accuracy(m, tok, items)
-        print(f"gold document vs {name}: the model prefers the gold answer in {100 * whole:.1f}% of "
-              f"{2 * len(items)} trials, its fact alone (the tokens before the citation) in {100 * fact:.1f}% "
-              "(chance 50%)")
+    qas = [q for q in qa["heldout"] if len(q.get("gold_ids", [])) == 1 and q["golden_answers"] and
+           q.get("response", "").startswith(q.get("entity", ""))]
+    qas = random.Random(0).sample(qas, min(100, len(qas)))
+    print(f"reading loss: {reading_loss(m, tok, qas, by_id):.3f} nats per answer token "
+          f"({len(qas)} held-out questions, each right after its document)")
 
 # -----------------------------------------------------------------------------
 # accuracy vs documents in context, from rag_train.py's eval.json files:
@@ -632,17 +460,14 @@ def main():
     parser.add_argument("--out", default="", help="also write the numbers as JSON here")
     parser.add_argument("--plot", help="the plot's path without extension (STEM.png and STEM.svg are written); "
                                        "default out/bench_decode for the decode section, none for --vs_k; '' for none")
-    parser.add_argument("--kind", default="bm25", help="build_one: simple, bm25, bm25s, encode, flat, hnsw")
-    parser.add_argument("--n", type=int, default=10_000, help="build_one: number of documents")
     task = parser.add_mutually_exclusive_group()
     task.add_argument("--reading", metavar="CKPT", help="a base model's loss per answer token after the gold document")
-    task.add_argument("--choice", metavar="CKPT", help="how often a model prefers the gold document's fact to a distractor's")
     task.add_argument("--vs_k", nargs="+", metavar="EVAL_JSON", help="rag_train.py's EM vs k: a table (and --plot)")
-    parser.add_argument("--data_dir", default="data/world", help="--reading, --choice: the questions and documents")
+    parser.add_argument("--data_dir", default="data/world", help="--reading: the questions and documents")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.reading or args.choice:
+    if args.reading:
         return diagnose(args)
     if args.vs_k:
         return vs_k(args)
@@ -654,9 +479,8 @@ def main():
                platform.processor() or platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
     results = {"device": torch.cuda.get_device_name() if args.on_gpu else f"{cpu}, {os.cpu_count()} cores",
                "threads": torch.get_num_threads(), "torch": torch.__version__, "load_average": os.getloadavg()[0]}
-    if what != ["build_one"]:
-        print(f"# bench on {results['device']}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
-              f"load average {results['load_average']:.1f}\n", flush=True)
+    print(f"# bench on {results['device']}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
+          f"load average {results['load_average']:.1f}\n", flush=True)
     for name, section in SECTIONS.items():
         if name in what:
             section(args, results)

@@ -45,7 +45,7 @@ eval_only = False              # evaluate out_dir/ckpt.pt and write out_dir/eval
 allow_transformer = False      # baseline override: fine-tune a pure-T checkpoint too
 eval_interval = 500            # steps between held-out validation losses (and checkpoints)
 # data
-retriever = "bm25"             # simple | bm25 | dense | hybrid (retrieve.py); training never retrieves held-out documents
+retriever = "bm25"             # bm25 | dense | hybrid (retrieve.py); training never retrieves held-out documents
 stopwords = ""                 # "" | "en" | "en_plus": English stopwords the sparse retrievers ignore (retrieve.py)
 data_mode = "dynamic"          # "dynamic": retrieve while building batches | "static": once, into a JSONL
 retrieve_depth = 16            # ranked documents kept per question: the distractors come from these

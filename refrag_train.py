@@ -53,7 +53,7 @@ baseline_ckpt = "out/rag2/ckpt.pt"  # evaluated as single-shot RAG next to ours 
 eval_only = False              # evaluate out_dir/ckpt.pt again, no training
 allow_transformer = False      # baseline override: train a pure-T checkpoint too
 # the loop
-retriever = "bm25"             # simple | bm25 | dense | hybrid (retrieve.py)
+retriever = "bm25"             # bm25 | dense | hybrid (retrieve.py)
 stopwords = ""                 # "" | "en" | "en_plus": English stopwords the sparse retrievers ignore
 top_k = 1                      # documents per retrieval, on the question and on each query: BM25 finds a chain
                                # step's document at rank 1 98-99% of the time, so contexts stay short

@@ -1,7 +1,6 @@
 """
-Retrieval for RAG: a knowledge base (KB) of documents, four ways to search it, and metrics.
+Retrieval for RAG: a knowledge base (KB) of documents, three ways to search it, and metrics.
 
-  SimpleRetriever  TF-IDF cosine similarity, numpy only
   BM25Retriever    BM25 on a precomputed inverted index; method="okapi" gives rank_bm25.BM25Okapi's
                    scores, method="lucene" (default) gives Lucene's / bm25s's
   DenseRetriever   sentence-transformers embeddings (all-MiniLM-L6-v2) in FAISS: exact inner product,
@@ -13,7 +12,7 @@ A KB is a directory: documents.jsonl, index files (.npy arrays, .json, a FAISS i
 records the number of documents and the index sizes that loading checks. No pickle anywhere: a KB loads without
 running code from it. Saves are atomic, and writers of one KB take turns (a lock file beside it).
 
-  python retrieve.py --documents docs.jsonl --output kb/ --type simple|bm25|dense|hybrid   # build (--overwrite)
+  python retrieve.py --documents docs.jsonl --output kb/ --type bm25|dense|hybrid          # build (--overwrite)
   python retrieve.py --documents more.jsonl --kb kb/                                       # grow
   python retrieve.py --kb kb/ --query "where was Kelmar Odrissi born?" --top_k 5            # search
   python retrieve.py --kb kb/ --eval data/world/qa_heldout.jsonl                           # evaluate
@@ -242,7 +241,7 @@ WORD = re.compile(r"\w+")
 
 def tokenize(text):
     """Lowercased runs of letters, digits and '_': "Kelmar's 2nd-born" -> ['kelmar', 's', '2nd', 'born'].
-    Shared by TF-IDF and BM25; give rank_bm25 or bm25s these tokens and they score exactly like ours."""
+    The terms BM25 indexes; give rank_bm25 or bm25s these tokens and they score exactly like ours."""
     return WORD.findall(text.lower())
 
 def stop_words(name):
@@ -337,25 +336,6 @@ class SparseRetriever(Retriever):
                 and ((self.post_doc >= 0) & (self.post_doc < len(self.docs))).all()):
             raise ValueError(f"{path}: index files do not match vocab.json / documents.jsonl (corrupt KB)")
         self._reweight()
-
-class SimpleRetriever(SparseRetriever):
-    """TF-IDF cosine similarity (numpy only). Weights as scikit-learn's TfidfVectorizer: raw counts times
-    idf = ln((1 + N) / (1 + df)) + 1, each document vector L2-normalised; the query alike."""
-    type = "simple"
-
-    def __init__(self, stopwords=""):
-        super().__init__(stopwords)
-
-    def _reweight(self):
-        N, df = len(self.doc_len), np.diff(self.indptr)
-        self.idf = np.log((1 + N) / (1 + df)) + 1
-        w = self.post_tf * np.repeat(self.idf, np.diff(self.indptr))  # (nnz,): each posting's term's idf
-        norm = np.sqrt(np.bincount(self.post_doc, weights=w * w, minlength=N))
-        self.weights = w / norm[self.post_doc]
-
-    def _query_weights(self, terms, counts):
-        w = counts * self.idf[terms]
-        return w / np.linalg.norm(w)
 
 class BM25Retriever(SparseRetriever):
     """BM25: sum over query terms of idf(t) * tf (k1 + 1) / (tf + k1 (1 - b + b |d| / avgdl)).
@@ -553,14 +533,14 @@ class HybridRetriever(Retriever):
     def _lengths(self):
         return {**self.dense._lengths(), **self.bm25._lengths()}
 
-RETRIEVERS = {"simple": SimpleRetriever, "bm25": BM25Retriever, "dense": DenseRetriever, "hybrid": HybridRetriever}
+RETRIEVERS = {"bm25": BM25Retriever, "dense": DenseRetriever, "hybrid": HybridRetriever}
 
 def new_retriever(kind, stopwords=""):
     """An empty retriever of type `kind`; stopwords ("" | "en" | "en_plus") for the ones with terms to leave out."""
     if kind not in RETRIEVERS:
         raise ValueError(f"retriever: must be one of {', '.join(RETRIEVERS)}, got {kind!r}")
     if stopwords not in ("", "en", "en_plus") or stopwords and kind == "dense":
-        raise ValueError(f"stopwords: '', 'en' or 'en_plus', for the simple, bm25 and hybrid retrievers; got {stopwords!r} "
+        raise ValueError(f"stopwords: '', 'en' or 'en_plus', for the bm25 and hybrid retrievers; got {stopwords!r} "
                          f"with {kind}")
     return RETRIEVERS[kind](**({"stopwords": stopwords} if stopwords else {}))
 
@@ -621,7 +601,7 @@ if __name__ == "__main__":
     parser.add_argument("--overwrite", action="store_true", help="let --output replace an existing KB")
     parser.add_argument("--type", default="bm25", choices=list(RETRIEVERS), help="retriever to build")
     parser.add_argument("--stopwords", default="", choices=["", "en", "en_plus"], help="English stopwords left out "
-                        "of a new simple / bm25 / hybrid index (bm25s's lists)")
+                        "of a new bm25 / hybrid index (bm25s's lists)")
     parser.add_argument("--kb", help="an existing KB directory")
     parser.add_argument("--query", help="search the KB")
     parser.add_argument("--top_k", type=int, default=5)

@@ -52,7 +52,7 @@ from model import GPT, GPTConfig, Mamba, Mamba2, Mamba3, chunked_scan, layer_pat
 from prepare import prepare_world
 from tokenizer import ABSTAIN, Tokenizer, render_conversation
 from world import COUNTRY_SUFFIXES
-from retrieve import (BM25Retriever, DenseRetriever, Document, HybridRetriever, RETRIEVERS, SimpleRetriever, evaluate,
+from retrieve import (BM25Retriever, DenseRetriever, Document, HybridRetriever, RETRIEVERS, evaluate,
                       load_documents, load_kb, mrr, ndcg_at_k, precision_at_k, recall_at_k, tokenize)
 
 ROOT = Path(__file__).resolve().parent
@@ -1257,26 +1257,6 @@ def test_bm25_stopwords_equal_bm25s_on_filtered_tokens(tmp_path):
     assert ours.retrieve("what is it", 3) == []  # nothing left to search for
 
 
-def test_tfidf_equals_brute_force():
-    docs = make_docs(120)
-    r = SimpleRetriever()
-    r.add_documents(docs)
-    vocab = sorted({t for d in docs for t in tokenize(retrieve.doc_text(d))})
-    tf = np.array([[tokenize(retrieve.doc_text(d)).count(t) for t in vocab] for d in docs], float)  # (N, V)
-    idf = np.log((1 + len(docs)) / (1 + (tf > 0).sum(0))) + 1
-    X = tf * idf
-    X /= np.linalg.norm(X, axis=1, keepdims=True)
-    for q in QUERIES:
-        qv = np.array([tokenize(q).count(t) for t in vocab], float) * idf
-        if not qv.any():
-            assert r.retrieve(q, 5) == []
-            continue
-        expected = X @ (qv / np.linalg.norm(qv))
-        assert np.allclose(r.scores(q), expected, atol=1e-12)
-        hits = r.retrieve(q, 5)
-        assert np.allclose([s for _, s in hits], np.sort(expected)[::-1][:5], atol=1e-12)
-        assert [d.id for d, _ in hits][0] == docs[int(np.argmax(expected))].id
-
 def test_dense_exact_equals_brute_force():
     docs = make_docs(40)
     encoder = retrieve.load_encoder(retrieve.DEFAULT_MODEL)
@@ -1314,7 +1294,7 @@ def test_save_load_and_add_documents_every_type():
             assert retrieve_all(loaded) == retrieve_all(part)  # save -> load: bit-identical
             loaded.add_documents(docs[35:])
             # sparse indexes are rebuilt from exact counts: identical; dense embeddings depend (1e-7) on batch padding
-            exact = kind in ("simple", "bm25")
+            exact = kind == "bm25"
             assert same_results(retrieve_all(loaded), retrieve_all(full), atol=0 if exact else 1e-5), kind
             if exact:
                 for name in ("indptr", "post_doc", "post_tf", "doc_len", "weights"):
@@ -1354,10 +1334,9 @@ def test_top_k_and_empty_cases():
         assert r.retrieve_batch(["fox", "", "hen"], 1)[1] == []
         for k in (0, -1, 2.5):
             raises(lambda: r.retrieve("red", k), ValueError, "top_k", repr(k))
-    for kind in ("simple", "bm25"):
-        r = build_retriever(kind, docs)
-        assert r.retrieve("zebra", 5) == []  # no shared term: nothing to return
-        assert [d.id for d, _ in r.retrieve("fox", 5)] == ["a"]  # only documents that share a term score
+    r = build_retriever("bm25", docs)
+    assert r.retrieve("zebra", 5) == []  # no shared term: nothing to return
+    assert [d.id for d, _ in r.retrieve("fox", 5)] == ["a"]  # only documents that share a term score
 
 def test_bm25_lucene_scores_tiny_corpora():
     docs = [Document("a", "kelmar velnor"), Document("b", "kelmar ombra")]
@@ -1487,11 +1466,11 @@ def test_save_documents_and_new_retriever():
         path = f"{tmp}/docs.jsonl"
         retrieve.save_documents(make_docs(20), path)
         assert load_documents(path) == make_docs(20)
-        r = retrieve.new_retriever("simple", "en")
+        r = retrieve.new_retriever("bm25", "en")
         r.add_documents(load_documents(path))
         r.save(f"{tmp}/kb")
         loaded = load_kb(f"{tmp}/kb")
-        assert loaded.options == {"stopwords": "en"} and loaded.retrieve("velnor") == r.retrieve("velnor")
+        assert loaded.options == r.options and r.options["stopwords"] == "en" and loaded.retrieve("velnor") == r.retrieve("velnor")
         assert loaded.retrieve_batch(["tarsi", "old"], 2) == [loaded.retrieve("tarsi", 2), loaded.retrieve("old", 2)]
         raises(lambda: retrieve.new_retriever("magic"), ValueError, "retriever: must be one of", "'magic'")
         raises(lambda: retrieve.new_retriever("dense", "en"), ValueError, "stopwords", "with dense")
@@ -1960,48 +1939,6 @@ def test_reading_loss_scores_only_the_answer():
             return logits, F.cross_entropy(logits.view(-1, tok.vocab_size), y.view(-1), ignore_index=-1,
                                            reduction="none").view(y.shape)
     assert bench.reading_loss(Oracle(), tok, qas, by_id) < 1e-6
-
-
-def test_choice_accuracy_compares_the_gold_fact_with_a_distractors():
-    """choice_items pairs each question with the first candidate about another entity that answers its question
-    type differently; choice_accuracy tries both document orders and counts a trial only when the gold sentence
-    is the likelier: a model drawn to the gold answer's tokens scores 100%, one drawn to the distractor's 0%, and
-    one drawn to the number 1 wins the whole answer when gold is [1], never the fact alone."""
-    out, tok, _, _ = rag_world()
-    docs, by_id, qa = rag.load_data(out)
-    answers = {(q["gold_ids"][0], q["type"]): q["golden_answers"][0] for s in qa.values() for q in s if q["hops"] == 1}
-    qas = [q for q in qa["heldout"] if q["hops"] == 1 and q["type"] == "born_in"][:12]
-    people = [d for d in docs if d.metadata["type"] == "person"]
-    items = bench.choice_items(qas, [people] * len(qas), by_id, answers)
-    assert len(items) == len(qas)
-    for q, gold, other, a in items:
-        assert gold.id == q["gold_ids"][0] and other.id != gold.id and a == answers[(other.id, "born_in")] != q["golden_answers"][0]
-
-    class Drawn(torch.nn.Module):  # +30 on the logits of one string's tokens, everywhere
-        def __init__(self, s):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-            self.ids = tok.encode(" " + s)
-
-        def forward(self, x, y, loss_reduction):
-            logits = torch.zeros(1, x.shape[1], tok.vocab_size)
-            logits[..., self.ids] = 30.0
-            return logits, F.cross_entropy(logits.view(-1, tok.vocab_size), y.view(-1), ignore_index=-1,
-                                           reduction="none").view(y.shape)
-    disjoint = [it for it in items if not set(tok.encode(" " + it[0]["golden_answers"][0])) & set(tok.encode(" " + it[3]))]
-    assert len(disjoint) >= 3
-    for it in disjoint:
-        assert bench.choice_accuracy(Drawn(it[0]["golden_answers"][0]), tok, [it]) == (1.0, 1.0)
-        assert bench.choice_accuracy(Drawn(it[3]), tok, [it]) == (0.0, 0.0)
-
-    class Cites(Drawn):  # drawn to the gold document's number only: the whole answers differ, the facts tie
-        def __init__(self, n):
-            super().__init__("")
-            self.ids = tok.encode(f"[{n}]")[1:2]
-    same_length = [it for it in items if len(tok.encode(" " + it[0]["golden_answers"][0])) == len(tok.encode(" " + it[3]))]
-    assert same_length
-    whole, fact = bench.choice_accuracy(Cites(1), tok, same_length[:1])
-    assert whole == 0.5 and fact == 0.0  # the trial with the gold document first is won on the citation alone
 
 
 def test_plot_writes_a_png_and_an_svg_of_the_series(tmp_path):
