@@ -29,7 +29,7 @@ if [ "$mode" = vera ]; then
     fi
     python dev/vera.py --dict="$dict" --out=data/vera
     python prepare.py --input=data/vera/pretrain.jsonl --out=data/vera_text --vocab_size=2048
-    python train.py --data_dir=data/vera_text --out_dir=out/vera --overwrite=True $TRAIN_ARGS
+    python train.py --data_dir=data/vera_text --out_dir=out/vera --max_iters=2000 --overwrite=True $TRAIN_ARGS
     python rag_train.py configs/rag_vera.py
     question=$(python -c "import json; print(next(q['question'] for q in map(json.loads, open('data/vera/qa_heldout.jsonl')) if q['golden_answers']))")
     echo "> $question"
