@@ -166,8 +166,7 @@ def bench_train(args, results):
 
 def bench_decode(args, results):
     device, shape = args.device, SHAPE_GPU if args.on_gpu else SHAPE_CPU
-    contexts = sorted(map(int, args.contexts.split(","))) if args.contexts else \
-        [1024, 4096, 16384, 32768] if args.on_gpu else [256, 1024, 4096]
+    contexts = args.contexts or ([1024, 4096, 16384, 32768] if args.on_gpu else [256, 1024, 4096])
     steps = 100  # decode steps timed per context; each one grows the context by a token, which is negligible
     rows, d = [], results.setdefault("decode", {})
     for name, kw in PATTERNS.items():
@@ -459,7 +458,8 @@ def main():
     # other (10x slower with 2 threads than with 1 at load average 8 on 2 cores). 0: torch's default.
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="", help="also write the numbers as JSON here")
-    parser.add_argument("--contexts", help="decode: tokens of context, comma-separated (default 256,1024,4096 on CPU)")
+    parser.add_argument("--contexts", type=lambda v: sorted(int(c) for c in v.split(",")),  # argparse names a bad one
+                        help="decode: tokens of context, comma-separated (default 256,1024,4096 on CPU)")
     parser.add_argument("--plot", help="the plot's path without extension (STEM.png and STEM.svg are written); "
                                        "default out/bench_decode for the decode section, none for --vs_k; '' for none")
     task = parser.add_mutually_exclusive_group()
