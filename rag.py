@@ -171,12 +171,20 @@ def raft_docs(qa, retrieved, by_id, rng, k, p_no_gold, pool=()):
     return docs
 
 
-def out_of_world_example(tok, rng, qas, search, k_max):
+def draw_k(rng, k_max, k_power=0.0):
+    """Documents for one example, k in 1..k_max with probability proportional to k ** -k_power: 0 is uniform; 1 gives
+    every k the same share of tokens, so long contexts do not crowd out the one-document examples that teach reading."""
+    if not k_power:
+        return rng.randint(1, k_max)  # the uniform draw keeps the random stream of runs made before k_power existed
+    return rng.choices(range(1, k_max + 1), [k ** -k_power for k in range(1, k_max + 1)])[0]
+
+
+def out_of_world_example(tok, rng, qas, search, k_max, k_power=0.0):
     """(ids, mask) of a question of qas (world.out_of_world's: a real person, company, city, country or fact) over
     the world's KB, search(query) -> ranked Documents: the best hits share only its question words ("capital"), and
     the answer is to abstain."""
     qa = rng.choice(qas)
-    return render_example(tok, qa, search(qa["question"])[:rng.randint(1, k_max)])
+    return render_example(tok, qa, search(qa["question"])[:draw_k(rng, k_max, k_power)])
 
 
 def pack(next_example, rows, seq_len):

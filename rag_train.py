@@ -50,7 +50,8 @@ stopwords = ""                 # "" | "en" | "en_plus": English stopwords the sp
 data_mode = "dynamic"          # "dynamic": retrieve while building batches | "static": once, into a JSONL
 retrieve_depth = 16            # ranked documents kept per question: the distractors come from these
 seq_len = 1024                 # tokens per packed row
-k_max = 4                      # documents per RAG example: uniform in 1..k_max (with 8, 2000 steps read one worse)
+k_max = 4                      # documents per RAG example, 1..k_max
+k_power = 0.0                  # P(k) ~ k ** -k_power (rag.draw_k): 0 uniform, 1 the same tokens for every k
 p_no_gold = 0.2                # share of RAG examples whose gold document is removed (answer: abstain)
 p_rename = 0.7                 # the world's RAG examples: share whose names are swapped for fresh ones (world.rename_names)
 p_followup = 0.2               # the world's RAG examples: share that are a second turn referring back with a pronoun
@@ -194,11 +195,11 @@ def example(rng):
     if task == "rag":
         if followup_about and p_followup and rng.random() < p_followup:
             return world.followup_example(tok, rng, followup_about, train_search, by_id, k_max, p_no_gold, p_rename,
-                                          first_names)
+                                          first_names, k_power)
         if out_of_world_qa and p_out_of_world and rng.random() < p_out_of_world:
-            return rag.out_of_world_example(tok, rng, out_of_world_qa, train_search, k_max)
+            return rag.out_of_world_example(tok, rng, out_of_world_qa, train_search, k_max, k_power)
         qa = rng.choice(rag_qa)
-        docs = rag.raft_docs(qa, retrieved_for(qa), by_id, rng, rng.randint(1, k_max), p_no_gold, train_docs)
+        docs = rag.raft_docs(qa, retrieved_for(qa), by_id, rng, rag.draw_k(rng, k_max, k_power), p_no_gold, train_docs)
         if rng.random() < p_rename and "entity" in qa:
             qa, docs = world.rename_names(qa, docs, rng, first_names)
         return rag.render_example(tok, qa, docs)
@@ -235,7 +236,8 @@ def val_loss(model):
     model.eval()
     losses = []
     for q, hits in zip(qas, ranked([q["question"] for q in qas], retrieve_depth)):
-        ids, mask = rag.render_example(tok, q, rag.raft_docs(q, hits, by_id, rng, rng.randint(1, k_max), p_no_gold, kb_docs))
+        docs = rag.raft_docs(q, hits, by_id, rng, rag.draw_k(rng, k_max, k_power), p_no_gold, kb_docs)
+        ids, mask = rag.render_example(tok, q, docs)
         x = torch.tensor([ids[:-1]], device=device)
         y = torch.tensor([[t if m else -1 for t, m in zip(ids[1:], mask[1:])]], device=device)
         with autocast(device):

@@ -7,6 +7,7 @@ two CPU cores.
     python -m pytest test_all.py  # the same tests under pytest
 """
 import ast
+import collections
 import contextlib
 import dataclasses
 import filecmp
@@ -1976,6 +1977,11 @@ def test_raft_sampler_gives_every_k_to_16_and_32_documents_fit_the_eval_context(
                 assert [d for d in ranked if d in picked and not rag.is_gold(q, d)] == \
                        [d for d in ranked if not rag.is_gold(q, d)][:k - (p_no_gold == 0.0)]  # the best-ranked first
     assert short  # the top-up from the pool was exercised
+    rng, ref = random.Random(0), random.Random(0)
+    assert [rag.draw_k(rng, 16) for _ in range(50)] == [ref.randint(1, 16) for _ in range(50)]  # k_power 0: uniform
+    counts = collections.Counter(rag.draw_k(rng, 16, 1.0) for _ in range(60000))
+    assert sorted(counts) == list(range(1, 17))
+    assert all(abs(k * counts[k] / counts[1] - 1) < 0.15 for k in counts)  # k_power 1: k * P(k) the same for every k
     one_line_error(rag_train("--k_max=16", "--retrieve_depth=16"), "--retrieve_depth (16) must exceed --k_max (16)")
     eval_max_len = ast.literal_eval(re.search(r"^eval_max_len = (\d+)", open(ROOT / "rag_train.py").read(), re.M)[1])
     heldout = [json.loads(l) for l in open(os.path.join(data, "qa_heldout.jsonl"))]

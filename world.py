@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from rag import doc_dict, messages_for, raft_docs, search_query, single_hop, target_answer
+from rag import doc_dict, draw_k, messages_for, raft_docs, search_query, single_hop, target_answer
 from tokenizer import render_conversation
 
 # -----------------------------------------------------------------------------
@@ -484,7 +484,7 @@ def by_entity(qas):
     return {e: qs for e, qs in about.items() if len({q["type"] for q in qs}) > 1}
 
 
-def followup_example(tok, rng, about, search, by_id, k_max, p_no_gold, p_rename, first_names):
+def followup_example(tok, rng, about, search, by_id, k_max, p_no_gold, p_rename, first_names, k_power=0.0):
     """(ids, mask) of a second turn about an entity of `about` (by_entity's): a question that refers back with a
     pronoun to the first turn's entity, about another of its relations, with RAFT documents from search(query) ->
     ranked Documents, for the query chat.py retrieves with (search_query). The first turn is text only, as chat.py
@@ -494,7 +494,7 @@ def followup_example(tok, rng, about, search, by_id, k_max, p_no_gold, p_rename,
     first = rng.choice([q for q in about[qa["entity"]] if q["type"] != qa["type"]])
     pronoun = rng.choice(PRONOUNS[ENTITY_KIND[qa["type"]]])
     query = search_query(refer_back(qa["question"], qa["entity"], pronoun), first["question"])
-    docs = raft_docs(qa, search(query), by_id, rng, rng.randint(1, k_max), p_no_gold)
+    docs = raft_docs(qa, search(query), by_id, rng, draw_k(rng, k_max, k_power), p_no_gold)
     qa = {**qa, "question": "\n".join((first["question"], first["response"], qa["question"]))}  # renamed alike
     if rng.random() < p_rename:
         qa, docs = rename_names(qa, docs, rng, first_names)
