@@ -126,8 +126,8 @@ def lr_at(step, max_iters, lr, warmup_iters, schedule="cosine", min_lr_frac=0.1,
 
 
 def step_optimizers(optimizers, model, lr_scale, grad_clip):
-    """Clip, then step every optimizer with each param group's peak lr scaled by the schedule (Muon's and AdamW's
-    peaks differ, so the schedule is a scale, not an lr), then clear the grads."""
+    """Clip, then step every optimizer with each param group's peak lr scaled by the schedule (the groups' peaks
+    differ: the embedding's is higher), then clear the grads."""
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     for opt in optimizers:

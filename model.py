@@ -695,24 +695,17 @@ class GPT(nn.Module):
                 flops += 3 * ((1 if conv else H) * 2 * Q * N + H * (2 * Q * P + 4 * P * N) + 2 * conv)
         return flops
 
-    def configure_optimizers(self, learning_rate, weight_decay, betas, device_type, muon=False, embedding_lr_mult=1.0):
-        """A list of optimizers. AdamW on everything, with no weight decay on vectors, A_log, D, the embedding and the
-        LM head (as nanochat), the embedding at embedding_lr_mult * learning_rate (nanochat: 50x).
-        muon=True: Muon for the 2-D hidden matrices (never embeddings, lm_head, A_log, D, biases, conv)."""
+    def configure_optimizers(self, learning_rate, weight_decay, betas, device_type, embedding_lr_mult=1.0):
+        """[AdamW], with no weight decay on vectors, A_log, D, the embedding and the LM head (as nanochat), the
+        embedding at embedding_lr_mult * learning_rate (nanochat: 50x). A list, as the stages step and save it."""
         named = dict(self.named_parameters())
         # by name, not by mamba-ssm's p._no_weight_decay flag, which to_empty() (meta-device init) drops
         no_decay = {n for n, p in named.items() if p.ndim < 2 or n.endswith(("A_log", ".D", "lm_head.weight"))}
-        hidden_matrix = {n for n, p in named.items()
-                         if p.ndim == 2 and n.startswith("transformer.h.") and n not in no_decay}
-        adam = [n for n in named if not (muon and n in hidden_matrix) and n != "transformer.wte.weight"]
+        adam = [n for n in named if n != "transformer.wte.weight"]
         groups = [dict(params=[named[n] for n in adam if n not in no_decay], weight_decay=weight_decay),
                   dict(params=[named[n] for n in adam if n in no_decay], weight_decay=0.0),
                   dict(params=[named["transformer.wte.weight"]], weight_decay=0.0, lr=learning_rate * embedding_lr_mult)]
-        optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")]
-        if muon:  # lr matched to AdamW's update size, so the same learning_rate works for both
-            optimizers.append(torch.optim.Muon([named[n] for n in hidden_matrix], lr=learning_rate,
-                                               weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"))
-        return optimizers
+        return [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")]
 
     @classmethod
     def from_checkpoint(cls, ckpt):

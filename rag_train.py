@@ -4,7 +4,7 @@ the answer; then measure it on the held-out questions, about documents no traini
 
     python rag_train.py                                   # tiny CPU defaults: out/tiny/ckpt.pt -> out/rag/ckpt.pt
     python rag_train.py --data_dir=data/vera --init_from=out/vera/ckpt.pt --out_dir=out/vera_rag   # your data
-    python rag_train.py configs/rag_tiny.py --data_mode=static --retriever=dense
+    python rag_train.py configs/rag_tiny.py --retriever=dense
     python rag_train.py --eval_only=True                  # evaluate out_dir/ckpt.pt again
     torchrun --standalone --nproc_per_node=8 rag_train.py ...
 
@@ -12,8 +12,7 @@ data_dir is any data directory (prepare.py's layout: kb.jsonl, qa_train.jsonl, q
 row packs conversations of a task mixture: RAG QA on qa_train's questions (RAFT-style documents, see rag.py),
 closed-book QA on qa_closed.jsonl where there is one (the world's pretrained facts), and plain text windows from
 train.bin (data_dir's, else the one the checkpoint was pretrained on), so the model keeps what it knew. Loss only
-on what the assistant says (and on plain text). Data modes: "dynamic" retrieves while building batches, "static"
-retrieves every training question once into a JSONL and reuses it.
+on what the assistant says (and on plain text). Retrieval runs while building batches, over the training documents.
 RAG is for models with Mamba blocks: a pure-T checkpoint is refused unless allow_transformer=True, the override
 for the Transformer baseline of the accuracy-vs-k comparison. The evaluation writes out_dir/eval.json.
 """
@@ -34,7 +33,7 @@ import world
 from common import (StepLog, all_reduce_mean, autocast, check_config, die, load_model, lr_at, peak_flops, print0,
                     raw_state_dict, save_checkpoint, setup, step_optimizers, teardown, write_atomic)
 from configurator import ConfigError, configure
-from retrieve import new_retriever, read_jsonl
+from retrieve import new_retriever
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -47,7 +46,6 @@ eval_interval = 500            # steps between held-out validation losses (and c
 # data
 retriever = "bm25"             # bm25 | dense | hybrid (retrieve.py); training never retrieves held-out documents
 stopwords = ""                 # "" | "en" | "en_plus": English stopwords the sparse retrievers ignore (retrieve.py)
-data_mode = "dynamic"          # "dynamic": retrieve while building batches | "static": once, into a JSONL
 retrieve_depth = 16            # ranked documents kept per question: the distractors come from these
 seq_len = 1024                 # tokens per packed row
 k_max = 4                      # documents per RAG example, 1..k_max
@@ -84,8 +82,6 @@ try:
     config = configure(globals())
 except ConfigError as e:
     die(e)
-if data_mode not in ("dynamic", "static"):
-    die(f"--data_mode: must be 'dynamic' or 'static', got {data_mode!r}")
 try:
     eval_retriever = new_retriever(retriever, stopwords)  # checks both before any work; filled with the KB below
 except ValueError as e:
@@ -134,12 +130,12 @@ if master or not eval_only:  # the held-out val loss (every rank) and the evalua
 
 # -----------------------------------------------------------------------------
 # data: packed rows of conversations. Each micro-batch's examples depend only on (seed, step, rank, micro), so a
-# resumed run sees the same batches, and the two data modes give the same examples for the same retriever.
+# resumed run sees the same batches.
 
 
 @functools.cache
 def train_retriever():
-    """Over the training documents only, built on first use (the static mode may need none)."""
+    """Over the training documents only, built on first use (an evaluation needs none)."""
     r = new_retriever(retriever, stopwords)
     r.add_documents(train_docs)
     return r
@@ -147,8 +143,7 @@ def train_retriever():
 
 @functools.cache
 def train_search(query):
-    """The training documents ranked for a query: the dynamic mode's retrieval, and both modes' for the follow-ups
-    (made up as training goes: the static mode's table holds the records' own questions)."""
+    """The training documents ranked for a query."""
     return [d for d, _ in train_retriever().retrieve(query, retrieve_depth)]
 
 
@@ -161,23 +156,6 @@ n_tasks = (rag_weight, closed_book_weight if closed_qa else 0, text_weight if te
 if not eval_only:
     if not rag_qa:
         die(f"{data_dir}/qa_train.jsonl has no single-hop or unanswerable question to fine-tune on")
-    retrieved_for = lambda q: train_search(q["question"])
-    if data_mode == "static":  # {qa id: [doc ids]}, retrieved once (rank 0) into data_dir and reused
-        path = os.path.join(data_dir, f"retrieved_{retriever}_top{retrieve_depth}.jsonl")
-        if master and not os.path.isfile(path):
-            lines = []
-            for i in tqdm(range(0, len(rag_qa), 256), desc=f"retrieving ({retriever})", unit="batch"):
-                batch = rag_qa[i:i + 256]
-                hits = train_retriever().retrieve_batch([q["question"] for q in batch], retrieve_depth)
-                lines += [json.dumps({"id": q["id"], "retrieved": [d.id for d, _ in h]}) + "\n" for q, h in zip(batch, hits)]
-            write_atomic(path, "".join(lines))
-        if ddp:
-            dist.barrier()
-        table = {r["id"]: r["retrieved"] for _, r in read_jsonl(path)}
-        missing = [q["id"] for q in rag_qa if q["id"] not in table]
-        if missing:
-            die(f"{path} lacks question {missing[0]} (and {len(missing) - 1} more): delete it to retrieve again")
-        retrieved_for = lambda q: [by_id[i] for i in table[q["id"]]]
     if text_dir:
         meta = json.load(open(os.path.join(text_dir, "meta.json")))
         train_data = np.memmap(os.path.join(text_dir, "train.bin"), dtype=meta["dtype"], mode="r")
@@ -199,7 +177,7 @@ def example(rng):
         if out_of_world_qa and p_out_of_world and rng.random() < p_out_of_world:
             return rag.out_of_world_example(tok, rng, out_of_world_qa, train_search, k_max, k_power)
         qa = rng.choice(rag_qa)
-        docs = rag.raft_docs(qa, retrieved_for(qa), by_id, rng, rag.draw_k(rng, k_max, k_power), p_no_gold, train_docs)
+        docs = rag.raft_docs(qa, train_search(qa["question"]), by_id, rng, rag.draw_k(rng, k_max, k_power), p_no_gold, train_docs)
         if rng.random() < p_rename and "entity" in qa:
             qa, docs = world.rename_names(qa, docs, rng, first_names)
         return rag.render_example(tok, qa, docs)
@@ -419,8 +397,8 @@ for step in range(start_step, max_iters):
             save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
                 "model": raw_state_dict(raw_model), "model_args": model_args, "step": step + 1, "val_loss": loss_val,
                 "optimizer": [opt.state_dict() for opt in optimizers], "config": config, "stage": "rag",
-                "data_state": {"seed": seed, "rows_consumed": (step + 1) * rows_per_step, "seq_len": seq_len,
-                               "data_mode": data_mode}, "tokenizer": tokenizer_json})
+                "data_state": {"seed": seed, "rows_consumed": (step + 1) * rows_per_step, "seq_len": seq_len},
+                "tokenizer": tokenizer_json})
             log.write(f"saved {out_dir}/ckpt.pt at step {step + 1}")
         if ddp:
             dist.barrier()

@@ -1083,25 +1083,18 @@ def test_optimizer_groups():
 
 
 def check_optimizer_groups(model):
-    adamw, muon = model.configure_optimizers(1e-3, 0.1, (0.9, 0.95), "cpu", muon=True)
+    (adamw,) = model.configure_optimizers(1e-3, 0.1, (0.9, 0.95), "cpu")
     names = {id(p): n for n, p in model.named_parameters()}
-    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
-    in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
-    assert in_muon.isdisjoint(in_adamw) and in_muon | in_adamw == set(names.values())
-    for n in in_muon:
-        assert model.get_parameter(n).ndim == 2 and n.startswith("transformer.h.")
-        assert not any(s in n for s in ("A_log", ".D", "bias", "conv1d", "wte", "lm_head")), n
-    assert "transformer.h.1.mixer.in_proj.weight" in in_muon and "transformer.h.0.attn.c_q.weight" in in_muon
+    assert sorted(names[id(p)] for g in adamw.param_groups for p in g["params"]) == sorted(names.values())
     no_decay = {names[id(p)] for g in adamw.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     mixer = {n for n in names.values()
              if n.startswith("transformer.h.1.mixer.") and not n.endswith(("proj.weight", "conv1d.weight"))}
     assert mixer <= no_decay and {"transformer.h.1.mixer.A_log", "transformer.h.1.mixer.D"} <= mixer  # + dt/conv biases
-    (adamw_only,) = model.configure_optimizers(1e-3, 0.1, (0.9, 0.95), "cpu")
-    assert sum(len(g["params"]) for g in adamw_only.param_groups) == len(names)
+    assert "transformer.h.1.mixer.in_proj.weight" not in no_decay and "transformer.h.0.attn.c_q.weight" not in no_decay
     x = torch.randint(0, 101, (2, 16))  # one step changes every parameter that gets a gradient
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model(x, x)[1].backward()
-    adamw.step(), muon.step()
+    adamw.step()
     # (attention's c_proj starts at zero, so q_gain's first gradient is exactly zero)
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.grad is not None and p.grad.any())
     wte = next(g for g in adamw.param_groups if any(p is model.transformer.wte.weight for p in g["params"]))
@@ -2451,26 +2444,24 @@ def test_rag_train_pack_drops_what_does_not_fit():
     assert y.tolist() == [[2, 3, -1, -1, -1, -1], [-1, 11, 12, 13, 14, 15]]
 
 
-def test_same_seed_same_run_whether_data_is_sampled_or_precomputed():
+def test_same_seed_same_run():
+    """Two rag_train.py runs with the same seed and threads: the same weights and the same eval.json (a run is a
+    function of its seed)."""
     data, tok, docs, qa = rag_world()
     ckpt = checkpoint("TM", os.path.join(TMP.name, "tm.pt"))
     outs, evals = {}, {}
-    for mode in ("dynamic", "static"):
-        r = rag_train(f"--init_from={ckpt}", f"--data_dir={data}", f"--out_dir={TMP.name}/{mode}", f"--data_mode={mode}", *TINY_RAG)
+    for run in ("a", "b"):
+        r = rag_train(f"--init_from={ckpt}", f"--data_dir={data}", f"--out_dir={TMP.name}/{run}", *TINY_RAG)
         assert r.returncode == 0, r.stderr[-2000:]
-        outs[mode] = torch.load(f"{TMP.name}/{mode}/ckpt.pt", weights_only=True)
-        res = json.load(open(f"{TMP.name}/{mode}/eval.json"))
-        evals[mode] = {k: v for k, v in res.items() if k not in ("seconds", "config", "checkpoint")}
+        outs[run] = torch.load(f"{TMP.name}/{run}/ckpt.pt", weights_only=True)
+        res = json.load(open(f"{TMP.name}/{run}/eval.json"))
+        evals[run] = {k: v for k, v in res.items() if k not in ("seconds", "config", "checkpoint")}
         assert res["rag"]["n"] == 1 and set(res["vs_k"]) == {"1"}
         assert res["rag_reread"]["n"] == 1 and set(res["vs_k_reread"]) == {"1"}  # cite-then-read beside one pass
-    static = [json.loads(l) for l in open(os.path.join(data, "retrieved_bm25_top16.jsonl"))]
-    rag_world_qa = [json.loads(l) for l in open(os.path.join(data, "qa_train.jsonl"))]
-    assert len(static) == sum(q["hops"] <= 1 for q in rag_world_qa)  # RAG examples come from the RAG world
-    assert all(not i.startswith("heldout") for r in static for i in r["retrieved"])  # the held-out world stays unseen
-    assert outs["static"]["stage"] == "rag" and outs["static"]["step"] == 2
-    a, b = outs["dynamic"]["model"], outs["static"]["model"]
+    assert outs["b"]["stage"] == "rag" and outs["b"]["step"] == 2
+    a, b = outs["a"]["model"], outs["b"]["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same batches, so the same weights
-    assert evals["dynamic"] == evals["static"]  # and the same evaluation: a run is a function of its seed
+    assert evals["a"] == evals["b"]
     base = torch.load(ckpt, weights_only=True)["model"]
     assert not all(torch.equal(a[k], base[k]) for k in a)  # and it did train
 

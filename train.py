@@ -53,7 +53,6 @@ min_lr_frac = 0.1
 warmup_iters = 20
 lr_schedule = "cosine"         # "cosine" | "wsd"
 weight_decay = 0.1
-muon = False                   # Muon for the hidden 2-D matrices, AdamW for the rest
 grad_clip = 1.0
 # system
 device = "auto"                # "auto" | "cpu" | "cuda" | "cuda:1"
@@ -162,7 +161,7 @@ else:
         die(e)
 print0(f"model: {model.pattern} pattern, "
        f"{model.num_params():,} parameters, {grad_accum} micro-steps of {device_batch_size}x{block_size} per process")
-optimizers = model.configure_optimizers(learning_rate, weight_decay, (0.9, 0.95), device.split(":")[0], muon,
+optimizers = model.configure_optimizers(learning_rate, weight_decay, (0.9, 0.95), device.split(":")[0],
                                         embedding_lr_mult)
 if init_from == "resume":
     try:
