@@ -406,18 +406,24 @@ def diagnose(args):
 #   python bench.py --vs_k out/rag_T/eval.json out/rag_M/eval.json out/rag/eval.json --plot=acc_vs_k
 
 def curves(results):
-    """(index of its eval.json, label, params, {k: EM}, reread?) for each eval.json: one pass, and cite-then-read
-    where it was measured."""
+    """(index of its eval.json, label, params, {k: value}, kind) for each eval.json: EM in one pass, EM after
+    cite-then-read where it was measured, and how often the one-pass citation names a gold document. The label is
+    the pattern and the run (the checkpoint's directory), so two runs of one pattern stay apart."""
     out = []
     for i, r in enumerate(results):
-        for key, label in (("vs_k", r["pattern"]), ("vs_k_reread", r["pattern"] + ", reread")):
-            if key in r:
-                out.append((i, label, r["params"], {int(k): s["em"] for k, s in r[key].items()}, key == "vs_k_reread"))
+        run = os.path.basename(os.path.dirname(r.get("checkpoint", "")))
+        name = f"{r['pattern']} {run}" if run else r["pattern"]
+        for key, label, field, kind in (("vs_k", name, "em", "em"), ("vs_k_reread", name + ", reread", "em", "reread"),
+                                        ("vs_k", name + ", cites gold", "citation_gold", "cites")):
+            values = {int(k): s[field] for k, s in r.get(key, {}).items() if field in s}
+            if values:
+                out.append((i, label, r["params"], values, kind))
     return out
 
 
 def vs_k_table(results):
-    """Markdown table: a row per eval.json (and its cite-then-read sweep), EM (%) with k documents in context."""
+    """Markdown table: a row per eval.json (and its cite-then-read sweep, and its citations), % with k documents in
+    context."""
     ks = sorted({int(k) for r in results for k in r["vs_k"]})
     lines = ["| model | params | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
     for _, label, params, em, _ in curves(results):
@@ -431,8 +437,8 @@ def vs_k_plot(stem, results):
     colors = ["C0", "C3", "C2", "C4", "C1"]  # blue, red, green, purple, orange
     return plot(stem, "held-out exact match vs documents in context", "k (documents)", "exact match (%)",
                 {label: (sorted(em), [100 * em[k] for k in sorted(em)],
-                         dict(color=colors[i % len(colors)], linestyle="--" if reread else "-"))
-                 for i, label, _, em, reread in curves(results)}, xlog=True, ylim=(0, 100))
+                         dict(color=colors[i % len(colors)], linestyle="--" if kind == "reread" else "-"))
+                 for i, label, _, em, kind in curves(results) if kind != "cites"}, xlog=True, ylim=(0, 100))
 
 
 def vs_k(args):

@@ -7,8 +7,9 @@
 #   bash run_pipeline.sh full       # the README's RAG model instead: the first RAG stage at 2,000 steps, then the
 #                                   # second (the same 2,000 batches again at 3e-3, out/rag2); about 53 minutes
 #   bash run_pipeline.sh compare    # then T, M and the hybrid at ~equal size (1.06M / 1.11M / 1.12M parameters):
-#                                   # accuracy vs documents in context: a markdown table, acc_vs_k.svg (the README's
-#                                   # plot) and .png; two more pre-trainings and first RAG stages, about 1 hour
+#                                   # accuracy vs documents in context after the first RAG stage (k <= 4:
+#                                   # acc_vs_k4.svg) and after a stage at k <= 16 (configs/rag_k16.py: acc_vs_k.svg,
+#                                   # the README's plot); two more pre-trainings, five more RAG stages, about 2.5 hours
 #   bash run_pipeline.sh vera       # real data instead: a dictionary of computing acronyms (Debian's dict-vera) as
 #                                   # the knowledge base, pretraining text and questions (dev/vera.py)
 # Extra arguments for train.py go in TRAIN_ARGS, e.g. TRAIN_ARGS="--max_iters=300" bash run_pipeline.sh
@@ -57,5 +58,9 @@ if [ "$mode" = compare ]; then
     python train.py --out_dir=out/tiny_M --block_pattern=M --n_layer=5 --overwrite=True $TRAIN_ARGS
     python rag_train.py configs/rag_tiny.py --init_from=out/tiny_T/ckpt.pt --out_dir=out/rag_T --allow_transformer=True
     python rag_train.py configs/rag_tiny.py --init_from=out/tiny_M/ckpt.pt --out_dir=out/rag_M
-    python bench.py --vs_k out/rag_T/eval.json out/rag_M/eval.json out/rag/eval.json --plot=acc_vs_k
+    python bench.py --vs_k out/rag_T/eval.json out/rag_M/eval.json out/rag/eval.json --plot=acc_vs_k4
+    for m in _T _M ""; do
+        python rag_train.py configs/rag_k16.py --init_from=out/rag$m/ckpt.pt --out_dir=out/rag${m}_k16 --allow_transformer=True
+    done
+    python bench.py --vs_k out/rag_T_k16/eval.json out/rag_M_k16/eval.json out/rag_k16/eval.json --plot=acc_vs_k
 fi

@@ -1986,12 +1986,14 @@ def test_raft_sampler_gives_every_k_to_16_and_32_documents_fit_the_eval_context(
 
 
 def test_bench_vs_k_prints_the_table_and_plots_the_curves(tmp_path):
-    """python bench.py --vs_k A B --plot STEM: a markdown row per eval.json and per cite-then-read sweep, EM (%) in
-    a column per k (blank where a model was not measured at that k), and the same numbers plotted; a file that is
-    not rag_train.py's eval.json is a one-line error."""
+    """python bench.py --vs_k A B --plot STEM: a markdown row per eval.json (named by pattern and run), per
+    cite-then-read sweep and per citation sweep, % in a column per k (blank where a model was not measured at that
+    k), and the EM rows plotted with the same numbers; a file that is not rag_train.py's eval.json is a one-line
+    error."""
     evals = [{"pattern": "TTT", "params": 1060000, "vs_k": {"1": {"em": 0.844}, "4": {"em": 0.5}},
               "vs_k_reread": {"1": {"em": 0.844}, "4": {"em": 0.6}}},
-             {"pattern": "TMTM", "params": 1120000, "vs_k": {"1": {"em": 0.881}, "2": {"em": 0.8}, "4": {"em": 0.7}}}]
+             {"pattern": "TMTM", "params": 1120000, "checkpoint": "out/k16/ckpt.pt",
+              "vs_k": {"1": {"em": 0.881, "citation_gold": 1.0}, "2": {"em": 0.8, "citation_gold": 0.5}, "4": {"em": 0.7}}}]
     paths = [str(tmp_path / f"eval{i}.json") for i in range(2)]
     for path, r in zip(paths, evals):
         json.dump(r, open(path, "w"))
@@ -2009,11 +2011,13 @@ def test_bench_vs_k_prints_the_table_and_plots_the_curves(tmp_path):
     assert bench_main("--vs_k", *paths, "--plot", stem).splitlines() == [
         "| model | params | k=1 | k=2 | k=4 |", "|---|---|---|---|---|",
         "| TTT | 1,060,000 | 84.4 |  | 50.0 |", "| TTT, reread | 1,060,000 | 84.4 |  | 60.0 |",
-        "| TMTM | 1,120,000 | 88.1 | 80.0 | 70.0 |", f"wrote {stem}.png and {stem}.svg"]
+        "| TMTM k16 | 1,120,000 | 88.1 | 80.0 | 70.0 |", "| TMTM k16, cites gold | 1,120,000 | 100.0 | 50.0 |  |",
+        f"wrote {stem}.png and {stem}.svg"]
     assert os.path.getsize(stem + ".png") > 0 and ">TTT, reread</text>" in open(stem + ".svg").read()
     drawn = bench.vs_k_plot(str(tmp_path / "again"), evals)
     assert {label: (xs, [round(y, 6) for y in ys]) for label, (xs, ys) in drawn.items()} == {
-        "TTT": ([1, 4], [84.4, 50.0]), "TTT, reread": ([1, 4], [84.4, 60.0]), "TMTM": ([1, 2, 4], [88.1, 80.0, 70.0])}
+        "TTT": ([1, 4], [84.4, 50.0]), "TTT, reread": ([1, 4], [84.4, 60.0]),
+        "TMTM k16": ([1, 2, 4], [88.1, 80.0, 70.0])}  # the citation rows are in the table only
     json.dump({"pattern": "T"}, open(paths[1], "w"))
     raises(lambda: bench_main("--vs_k", *paths), SystemExit, f"error: {paths[1]} is not an eval.json of rag_train.py")
 
