@@ -177,7 +177,8 @@ def example(rng):
         if out_of_world_qa and p_out_of_world and rng.random() < p_out_of_world:
             return rag.out_of_world_example(tok, rng, out_of_world_qa, train_search, k_max, k_power)
         qa = rng.choice(rag_qa)
-        docs = rag.raft_docs(qa, train_search(qa["question"]), by_id, rng, rag.draw_k(rng, k_max, k_power), p_no_gold, train_docs)
+        k = rag.draw_k(rng, k_max, k_power)
+        docs = rag.raft_docs(qa, train_search(qa["question"]), by_id, rng, k, p_no_gold, train_docs)
         if rng.random() < p_rename and "entity" in qa:
             qa, docs = world.rename_names(qa, docs, rng, first_names)
         return rag.render_example(tok, qa, docs)

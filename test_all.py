@@ -2450,12 +2450,23 @@ def test_rag_train_pack_drops_what_does_not_fit():
 
 def test_same_seed_same_run():
     """Two rag_train.py runs with the same seed and threads: the same weights and the same eval.json (a run is a
-    function of its seed)."""
+    function of its seed), and no training row shows a held-out document."""
     data, tok, docs, qa = rag_world()
     ckpt = checkpoint("TM", os.path.join(TMP.name, "tm.pt"))
-    outs, evals = {}, {}
+    outs, evals, packed, pack = {}, {}, [], rag.pack
+
+    def recording_pack(next_example, rows, seq_len):  # rag_train.py's batches, as the text of each example
+        def recorded():
+            ids, mask = next_example()
+            packed.append(tok.decode(ids))
+            return ids, mask
+        return pack(recorded, rows, seq_len)
     for run in ("a", "b"):
-        r = rag_train(f"--init_from={ckpt}", f"--data_dir={data}", f"--out_dir={TMP.name}/{run}", *TINY_RAG)
+        rag.pack = recording_pack
+        try:
+            r = rag_train(f"--init_from={ckpt}", f"--data_dir={data}", f"--out_dir={TMP.name}/{run}", *TINY_RAG)
+        finally:
+            rag.pack = pack
         assert r.returncode == 0, r.stderr[-2000:]
         outs[run] = torch.load(f"{TMP.name}/{run}/ckpt.pt", weights_only=True)
         res = json.load(open(f"{TMP.name}/{run}/eval.json"))
@@ -2466,6 +2477,10 @@ def test_same_seed_same_run():
     a, b = outs["a"]["model"], outs["b"]["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same batches, so the same weights
     assert evals["a"] == evals["b"]
+    heldout = [d["text"] for i, d in docs.items() if i.startswith("heldout")]
+    assert heldout and sum("<|doc_start|>" in p for p in packed) >= 4  # RAG examples were drawn, each with documents
+    assert any(d["text"] in p for i, d in docs.items() if i.startswith("rag") for p in packed)  # documents match as text
+    assert not [h for h in heldout for p in packed if h in p]  # the held-out world stays unseen
     base = torch.load(ckpt, weights_only=True)["model"]
     assert not all(torch.equal(a[k], base[k]) for k in a)  # and it did train
 
