@@ -405,19 +405,41 @@ def generate(model, tok, messages, retrieve=None, top_k=4, max_hops=0, max_len=1
                 r["stop"] = "max_tokens"
                 return r
 
-def reread(model, tok, out, **kw):
+def knockout(model, tok, head, docs, group, **kw):
+    """The number of the document the model cites when it reads docs `group` at a time, then the cited ones
+    together, round after round until one is left; None if it cites none. head: the conversation up to the user
+    turn. Each read is as long as the contexts the model reads best, whatever the number of documents."""
+    left = list(range(len(docs)))
+    while len(left) > 1:
+        won = []
+        for part in (left[i:i + group] for i in range(0, len(left), group)):
+            o = generate(model, tok, head + [{"role": "documents", "content": [docs[j] for j in part]}], **kw)
+            short, cites = read_answer(o["answer"] or "")
+            if o["stop"] == "answer" and short is not None and len(set(cites)) == 1 and 1 <= cites[0] <= len(part):
+                won.append(part[cites[0] - 1])
+        left = won
+    return left[0] + 1 if left else None
+
+
+def reread(model, tok, out, group=4, **kw):
     """Cite, then read: a single-shot answer (out, from generate) that cites exactly one of several documents is
     asked again with that document alone, after the same earlier turns, and the new answer takes the old one's
     number. The model cites the document about the asked-about entity more often than it copies its fact from it
     (README: RAG), and it reads one document far better than several; when the cited document alone does not hold
-    the answer, it abstains. kw: generate's options. -> out with answer and messages replaced (and "reread": the
-    document's number)."""
+    the answer, it abstains. With more than `group` documents the citation comes from knockout instead, as models
+    trained on a few documents cite among many poorly. kw: generate's options. -> out with answer and messages
+    replaced (and "reread": the document's number)."""
     msgs, docs = out["messages"], out["docs"]
     short, cites = read_answer(out["answer"] or "")
-    if out["stop"] != "answer" or out["queries"] or short is None or len(set(cites)) != 1 or len(docs) < 2 \
-            or not 1 <= cites[0] <= len(docs):
+    if out["stop"] != "answer" or out["queries"] or len(docs) < 2:
         return out
-    n, last = cites[0], max(i for i, m in enumerate(msgs) if m["role"] == "user")
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+    if group > 1 and len(docs) > group:
+        n = knockout(model, tok, msgs[:last + 1], docs, group, **kw)
+    else:
+        n = cites[0] if short is not None and len(set(cites)) == 1 and 1 <= cites[0] <= len(docs) else None
+    if n is None:
+        return out
     second = generate(model, tok, msgs[:last + 1] + [{"role": "documents", "content": [docs[n - 1]]}], **kw)
     if second["stop"] != "answer":
         return out

@@ -2053,6 +2053,35 @@ def test_reread_asks_again_with_the_cited_document_alone():
         rag.generate = real_generate
 
 
+def test_knockout_cites_among_many_documents_a_few_at_a_time():
+    """With more documents than `group`, rag.reread takes its citation from rag.knockout: the model reads them
+    `group` at a time, then the cited ones together, until one is left; it never reads more than `group` at once,
+    and a knockout in which nothing is cited leaves the first answer as it was."""
+    docs = [{"id": f"d{i}", "title": f"T{i}", "text": f"text {i}"} for i in range(10)]
+    reads = []
+
+    def fake_generate(model, tok, messages, **kw):  # cites the gold document d6 when shown, else the first one
+        shown = messages[-1]["content"]
+        reads.append([d["id"] for d in shown])
+        if len(shown) == 1:
+            return {"stop": "answer", "answer": "Kel Odri was born in Velnor [1]."}
+        n = next((i for i, d in enumerate(shown) if d["id"] == "d6"), 0) + 1
+        return {"stop": "answer", "answer": f"Kel Odri was born in Velnor [{n}]." if cite else ABSTAIN}
+    real_generate, rag.generate = rag.generate, fake_generate
+    try:
+        cite = True
+        first = {"stop": "answer", "answer": ABSTAIN, "queries": [], "docs": docs,
+                 "messages": rag.messages_for(QA["question"], docs, ABSTAIN)}
+        out = rag.reread(None, None, first, group=4)
+        assert reads == [["d0", "d1", "d2", "d3"], ["d4", "d5", "d6", "d7"], ["d8", "d9"], ["d0", "d6", "d8"], ["d6"]]
+        assert out["answer"] == "Kel Odri was born in Velnor [7]." and out["reread"] == 7
+        assert rag.knockout(None, None, [], docs[:5], group=2) == 1  # d0 wins its rounds when d6 is absent
+        cite, reads[:] = False, []
+        assert rag.reread(None, None, first, group=4) is first and len(reads) == 3
+    finally:
+        rag.generate = real_generate
+
+
 def test_score_hand_made_cases():
     docs = [D0, D1, D2]
     right = rag.score(QA, "Kel Odri was born in Velnor [2].", docs)
