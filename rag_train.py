@@ -1,20 +1,10 @@
 """
-Fine-tune a train.py checkpoint to answer from retrieved documents, cite them, and abstain when they do not hold
-the answer; then measure it on the held-out questions, about documents no training stage saw.
+Fine-tune a train.py checkpoint to answer from retrieved documents, cite them, or abstain, on a task mixture (RAG QA
+on qa_train, closed-book QA on qa_closed.jsonl, train.bin text); then evaluate on qa_heldout into out_dir/eval.json.
 
     python rag_train.py                                   # tiny CPU defaults: out/tiny/ckpt.pt -> out/rag/ckpt.pt
     python rag_train.py --data_dir=data/vera --init_from=out/vera/ckpt.pt --out_dir=out/vera_rag   # your data
-    python rag_train.py configs/rag_tiny.py --retriever=dense
     python rag_train.py --eval_only=True                  # evaluate out_dir/ckpt.pt again
-    torchrun --standalone --nproc_per_node=8 rag_train.py ...
-
-data_dir is any data directory (prepare.py's layout: kb.jsonl, qa_train.jsonl, qa_heldout.jsonl). Every training
-row packs conversations of a task mixture: RAG QA on qa_train's questions (RAFT-style documents, see rag.py),
-closed-book QA on qa_closed.jsonl where there is one (the world's pretrained facts), and plain text windows from
-train.bin (data_dir's, else the one the checkpoint was pretrained on), so the model keeps what it knew. Loss only
-on what the assistant says (and on plain text). Retrieval runs while building batches, over the training documents.
-RAG is for models with Mamba blocks: a pure-T checkpoint is refused unless allow_transformer=True, the override
-for the Transformer baseline of the accuracy-vs-k comparison. The evaluation writes out_dir/eval.json.
 """
 import functools
 import json
@@ -81,11 +71,10 @@ seed = 1337
 # -----------------------------------------------------------------------------
 try:
     config = configure(globals())
+    eval_retriever = new_retriever(retriever, stopwords)  # checks both before any work; filled with the KB below
 except ConfigError as e:
     die(e)
-try:
-    eval_retriever = new_retriever(retriever, stopwords)  # checks both before any work; filled with the KB below
-except ValueError as e:
+except ValueError as e:  # new_retriever's, naming the option
     die(f"--{e}")
 if min(rag_weight, closed_book_weight, text_weight) < 0 or rag_weight + closed_book_weight + text_weight <= 0:
     die("task weights rag_weight, closed_book_weight, text_weight must be >= 0 and not all 0")
@@ -130,22 +119,12 @@ if master or not eval_only:  # the held-out val loss (every rank) and the evalua
     eval_retriever.add_documents(kb_docs)  # both worlds
 
 # -----------------------------------------------------------------------------
-# data: packed rows of conversations. Each micro-batch's examples depend only on (seed, step, rank, micro), so a
-# resumed run sees the same batches.
+# data: packed rows of conversations (rag.pack) of the examples below
 
 
 @functools.cache
-def train_retriever():
-    """Over the training documents only, built on first use (an evaluation needs none)."""
-    r = new_retriever(retriever, stopwords)
-    r.add_documents(train_docs)
-    return r
-
-
-@functools.cache
-def train_search(query):
-    """The training documents ranked for a query."""
-    return [d for d, _ in train_retriever().retrieve(query, retrieve_depth)]
+def train_search(query):  # over the training documents only
+    return [d for d, _ in train_retriever.retrieve(query, retrieve_depth)]
 
 
 text_dir = next((d for d in (data_dir, pretrain_dir) if d and os.path.isfile(os.path.join(d, "train.bin"))), None)
@@ -157,6 +136,8 @@ n_tasks = (rag_weight, closed_book_weight if closed_qa else 0, text_weight if te
 if not eval_only:
     if not rag_qa:
         die(f"{data_dir}/qa_train.jsonl has no single-hop or unanswerable question to fine-tune on")
+    train_retriever = new_retriever(retriever, stopwords)  # an evaluation needs none
+    train_retriever.add_documents(train_docs)
     if text_dir:
         meta = json.load(open(os.path.join(text_dir, "meta.json")))
         train_data = np.memmap(os.path.join(text_dir, "train.bin"), dtype=meta["dtype"], mode="r")
@@ -168,8 +149,7 @@ out_of_world_qa = [q for q in world.out_of_world("train", random.Random(seed)) i
     if followup_about else []
 
 
-def example(rng):
-    """(ids, mask) of one example of the task mixture."""
+def example(rng):  # (ids, mask) of one example of the task mixture
     task = rng.choices(("rag", "closed", "text"), weights=n_tasks)[0]
     if task == "rag":
         if followup_about and p_followup and rng.random() < p_followup:
@@ -189,27 +169,20 @@ def example(rng):
     return train_data[start:start + text_len].astype(np.int64).tolist(), [1] * text_len
 
 
-def get_batch(step, micro):
-    rng = random.Random(f"{seed}-{step}-{rank}-{micro}")
-    return [t.to(device) for t in rag.pack(lambda: example(rng), device_batch_size, seq_len)]
-
-
 # -----------------------------------------------------------------------------
 # evaluation on the held-out questions
 
 def subsample(qas, name):
-    rng = random.Random(f"{seed}-{name}")
-    return qas if not eval_n or len(qas) <= eval_n else rng.sample(qas, eval_n)
+    return qas if not eval_n or len(qas) <= eval_n else random.Random(f"{seed}-{name}").sample(qas, eval_n)
 
 
-def ranked(questions, k):
-    """The whole KB's k best documents for each question."""
+def ranked(questions, k):  # the whole KB's k best documents for each question
     return [[d for d, _ in hits] for hits in eval_retriever.retrieve_batch(questions, k)]
 
 
 @torch.no_grad()
 def val_loss(model):
-    """Assistant-token loss on held-out RAG conversations (a fixed set): the training-time signal."""
+    """Assistant-token loss on a fixed set of held-out RAG conversations."""
     rng = random.Random(f"{seed}-val")
     qas = [q for q in heldout_qa if rag.single_hop(q)]
     qas = random.Random(f"{seed}-val").sample(qas, min(100, len(qas)))[:64]  # fixed whatever eval_n is
@@ -217,9 +190,7 @@ def val_loss(model):
     losses = []
     for q, hits in zip(qas, ranked([q["question"] for q in qas], retrieve_depth)):
         docs = rag.raft_docs(q, hits, by_id, rng, rag.draw_k(rng, k_max, k_power), p_no_gold, kb_docs)
-        ids, mask = rag.render_example(tok, q, docs)
-        x = torch.tensor([ids[:-1]], device=device)
-        y = torch.tensor([[t if m else -1 for t, m in zip(ids[1:], mask[1:])]], device=device)
+        x, y = (t.to(device) for t in rag.padded([rag.render_example(tok, q, docs)]))
         with autocast(device):
             losses.append(model(x, y)[1])
     model.train()
@@ -227,8 +198,7 @@ def val_loss(model):
 
 
 def run_set(model, name, items, reread=True):
-    """items: (qa, docs or None); generates an answer for each and scores it. -> the summary of the one-pass answers,
-    and (reread) of the same answers after cite-then-read (rag.reread), which starts from them."""
+    """items: (qa, docs or None) -> summaries of the one-pass answers and (if reread) of them after cite-then-read."""
     rows, rows_reread, dropped = [], [], 0
     for qa, docs in tqdm(items, desc=f"eval {name}", unit="q", leave=False, mininterval=2):
         out = rag.generate(model, tok, rag.messages_for(qa["question"], docs), max_len=eval_max_len)
@@ -243,8 +213,7 @@ def run_set(model, name, items, reread=True):
     return summary(rows), summary(rows_reread) if reread else None
 
 
-@torch.no_grad()
-def evaluate_heldout(model):
+def evaluate_heldout(model):  # every model call is rag.generate's, without gradients
     model.eval()
     t0 = time.time()
     ks = [int(k) for k in eval_ks.split(",")]
@@ -268,11 +237,10 @@ def evaluate_heldout(model):
         items = []
         for q, h in zip(single, hits):
             gold = [by_id[g] for g in q["gold_ids"][:1]] if "gold_ids" in q else [d for d in h if rag.is_gold(q, d)][:1]
-            if not gold:
-                continue  # no document found holds its answer: nothing to read
-            docs = gold + no_gold(q, h)[:k - 1]
-            random.Random(f"{seed}-{q['id']}-{k}").shuffle(docs)
-            items.append((q, docs))
+            if gold:  # else no document found holds its answer: nothing to read
+                docs = gold + no_gold(q, h)[:k - 1]
+                random.Random(f"{seed}-{q['id']}-{k}").shuffle(docs)
+                items.append((q, docs))
         res["vs_k"][k], res["vs_k_reread"][k] = run_set(model, f"k={k}", items)
     res.update(evaluate_conversations(model))
     res["seconds"] = time.time() - t0
@@ -281,11 +249,7 @@ def evaluate_heldout(model):
 
 
 def evaluate_conversations(model):
-    """Scripted conversations about held-out entities, held as chat.py holds them (rag.ask, cite then read): a
-    first question, then another relation of the same entity asked in a fresh context ("single"), in the same
-    session by name ("second") and in the same session with a pronoun ("followup"); with the recall@eval_k of the
-    follow-up's retrieval query against its literal words. And out-of-world questions (world.out_of_world) over
-    the KB, where abstaining is right. Only on the world's records: {} for other data."""
+    """Held-out entities' questions as chat.py asks them: fresh, after a first by name, with a pronoun; out-of-world."""
     rng = random.Random(f"{seed}-conversations")
     about = world.by_entity(heldout_qa)
     if not about:
@@ -308,21 +272,18 @@ def evaluate_conversations(model):
     conv["followup_recall"] = {k: v / max(1, len(pairs)) for k, v in recall.items()}
     oow = subsample([q for q in world.out_of_world("heldout", random.Random(seed)) if q.get("entity") not in kb_titles],
                     "out_of_world")
-    res = {"conversation": conv}
-    res["out_of_world"], res["out_of_world_reread"] = run_set(model, "out-of-world", [(q, top(q["question"], eval_k)) for q in oow])
-    return res
+    one_pass, reread = run_set(model, "out-of-world", [(q, top(q["question"], eval_k)) for q in oow])
+    return {"conversation": conv, "out_of_world": one_pass, "out_of_world_reread": reread}
 
 
 def evaluate_and_report(model):
-    """The held-out evaluation: printed as tables, and written to out_dir/eval.json."""
     res = evaluate_heldout(model)
     pct = lambda v: "  -  " if v is None else f"{100 * v:5.1f}"
     print0(f"held-out: {res['n_single']} single-hop + {res['n_unanswerable']} unanswerable questions, "
            f"{res['pattern']} model, {res['retriever']} retriever, k={res['eval_k']}")
     print0("set                   EM   answer-EM  F1   halluc  abstain  cite  distracted (%)  (_reread: cite, then read;"
            " answer-EM: the answer slot alone, the restated name may be misspelt)")
-    for name in ("closed_book", "rag", "gold_removed", "unanswerable", "rag_reread", "gold_removed_reread",
-                 "unanswerable_reread"):
+    for name in "closed_book rag gold_removed unanswerable rag_reread gold_removed_reread unanswerable_reread".split():
         s = res[name]
         print0(f"{name:<20} {pct(s['em'])}  {pct(s.get('em_answer'))}  {pct(s['f1'])}  {pct(s['hallucinated'])}   "
                f"{pct(s['abstained'])}  {pct(s.get('citation_ok'))}  {pct(s.get('distracted'))}")
@@ -331,16 +292,17 @@ def evaluate_and_report(model):
     print0("EM vs k, reread (%)   " + "  ".join(pct(s["em"]) for s in res["vs_k_reread"].values()))
     print0("recall@k (%)          " + "  ".join(pct(v) for v in res["recall"].values()))
     k, first = next(iter(res["vs_k"].items()))  # eval_ks's first k; at k=1 the gold document alone: reading
-    print0(f"EM by relation, gold document among k={k} (%): " +
-           ", ".join(f"{t} {pct(v).strip()}" for t, v in first["em_by_type"].items()))
+    p = lambda v: pct(v).strip()
+    print0(f"EM by relation, gold document among k={k} (%): "
+           + ", ".join(f"{t} {p(v)}" for t, v in first["em_by_type"].items()))
     if "conversation" in res:
-        c, o = res["conversation"], res["out_of_world_reread"]
+        c, o, recall = res["conversation"], res["out_of_world_reread"], res["conversation"]["followup_recall"]
         print0(f"conversations on {c['single']['n']} held-out entities, cite then read, EM (%): single-turn "
-               f"{pct(c['single']['em']).strip()}, second question of a session {pct(c['second']['em']).strip()}, pronoun "
-               f"follow-up {pct(c['followup']['em']).strip()}; follow-up recall@{res['eval_k']} (%): with the previous "
-               f"question {pct(c['followup_recall']['query']).strip()}, its own words {pct(c['followup_recall']['literal']).strip()}")
-        print0(f"out-of-world questions: {o['n']}, abstained (%) {pct(o['abstained']).strip()} "
-               f"(one pass {pct(res['out_of_world']['abstained']).strip()})")
+               f"{p(c['single']['em'])}, second question of a session {p(c['second']['em'])}, pronoun follow-up "
+               f"{p(c['followup']['em'])}; follow-up recall@{res['eval_k']} (%): with the previous question "
+               f"{p(recall['query'])}, its own words {p(recall['literal'])}")
+        print0(f"out-of-world questions: {o['n']}, abstained (%) {p(o['abstained'])} "
+               f"(one pass {p(res['out_of_world']['abstained'])})")
     path = os.path.join(out_dir, "eval.json")
     write_atomic(path, json.dumps(res, indent=1))
     print0(f"wrote {path} ({res['seconds']:.0f}s)")
@@ -381,7 +343,8 @@ for step in range(start_step, max_iters):
     lr = lr_at(step, max_iters, learning_rate, warmup_iters, lr_schedule, min_lr_frac)
     loss_sum, n_tokens = torch.zeros((), device=device), 0
     for micro in range(grad_accum):
-        x, y = get_batch(step, micro)
+        rng = random.Random(f"{seed}-{step}-{rank}-{micro}")  # so a resumed run sees the same batches
+        x, y = (t.to(device) for t in rag.pack(lambda: example(rng), device_batch_size, seq_len))
         n_tokens += int((y >= 0).sum())
         if ddp:
             model.require_backward_grad_sync = micro == grad_accum - 1
