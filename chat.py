@@ -1,19 +1,11 @@
 """
-Chat with a checkpoint, optionally grounded in a knowledge base: it retrieves documents for every question,
-answers with a citation, and lists the sources under it. An answer that cites one of several documents is checked
-by asking again with that document alone (cite, then read; --no-reread turns it off), and only the final answer
-is printed (--verbose shows the first pass and the hops too). Earlier turns stay in context as text, without their
-documents, and a follow-up that refers back with a pronoun ("Where was he born?") is retrieved together with the
-last question that named what it asks about.
+Chat with a checkpoint over a knowledge base (--kb: a retrieve.py KB directory or a documents .jsonl): answers cite
+documents, listed under them; an answer citing one of several is asked again with that one alone (rag.reread). Earlier
+turns stay as text; a pronoun follow-up is retrieved with the last question that named its entity. REPL: /clear, /quit.
 
-    python chat.py --kb data/world/kb.jsonl -p "Where was Kelmar Odrissi born?"     # one question
-    python chat.py --kb kb/ --top_k 4                                               # a conversation (REPL)
-    python chat.py --ckpt out/refrag/ckpt.pt --kb data/world/kb.jsonl --hops 3 --top_k 1 \
-        -p "In which country was the founder of X born?"                            # multi-hop (refrag_train.py)
+    python chat.py --kb data/world/kb.jsonl -p "Where was Kelmar Odrissi born?"     # one question (no -p: a REPL)
+    python chat.py --ckpt out/refrag/ckpt.pt --kb data/world/kb.jsonl --hops 3 --top_k 1 -p "..."  # multi-hop
     python chat.py --ckpt out/tiny/ckpt.pt -p "Kelmar Odrissi"                      # pre-trained: continues the text
-
---kb is a KB directory from retrieve.py (its own retriever) or a documents .jsonl (indexed now with --retriever).
-In the REPL, /clear forgets the conversation and /quit (or Ctrl-D) leaves.
 """
 import argparse
 import os
@@ -25,11 +17,9 @@ import rag
 from common import first_line, load_model
 from retrieve import RETRIEVERS, load_documents, load_kb, new_retriever
 
-# -----------------------------------------------------------------------------
-# what a turn prints
 
 def sources(docs, cites):
-    """The sources list: each document once, with every number it had in context; * marks those the answer cites."""
+    """Each document once, with every number it had in context; * marks those the answer cites."""
     numbers = {}
     for i, d in enumerate(docs, 1):
         numbers.setdefault(d["id"], (d, []))[1].append(i)
@@ -39,15 +29,12 @@ def sources(docs, cites):
 
 @torch.no_grad()
 def continue_text(model, tok, prompt, max_len, max_new_tokens, temperature):
-    """nanoGPT's sample.py, for a pre-trained checkpoint: the prompt and its continuation, up to the end of the
-    document (<|bos|>)."""
+    """nanoGPT's sample.py, for a pre-trained checkpoint: the prompt and its continuation, up to <|bos|>."""
     ids = [tok.bos_id] + tok.encode(prompt)
     ids = ids[max(0, len(ids) + max_new_tokens - max_len):]
     x = torch.tensor([ids], device=next(model.parameters()).device)
     new = model.generate(x, max_new_tokens, temperature)[0, len(ids):].tolist()
     return prompt + tok.decode(new[:new.index(tok.bos_id)] if tok.bos_id in new else new)
-
-# -----------------------------------------------------------------------------
 
 
 def load_retriever(path, kind, stopwords=""):
@@ -64,29 +51,25 @@ def load_retriever(path, kind, stopwords=""):
 
 def main():
     parser = argparse.ArgumentParser(description="Chat with a checkpoint, grounded in a knowledge base.")
-    parser.add_argument("--ckpt", help="train.py / rag_train.py / refrag_train.py checkpoint (default: the newest "
-                        "RAG model run_pipeline.sh makes, out/rag2/ckpt.pt, else out/rag/ckpt.pt)")
+    parser.add_argument("--ckpt", help="a checkpoint of any stage (default: out/rag2/ckpt.pt, else out/rag/ckpt.pt)",
+                        default="out/rag2/ckpt.pt" if os.path.exists("out/rag2/ckpt.pt") else "out/rag/ckpt.pt")
     parser.add_argument("--kb", help="KB directory or documents .jsonl; without it, plain chat")
     parser.add_argument("-p", "--prompt", help="answer this one question and exit")
     parser.add_argument("--top_k", type=int, default=4, help="documents retrieved per question / query")
     parser.add_argument("--retriever", default="bm25", choices=list(RETRIEVERS), help="index for a .jsonl --kb")
-    parser.add_argument("--stopwords", default="", choices=["", "en", "en_plus"], help="for a .jsonl --kb: English "
-                        "stopwords the index ignores (as the model's rag_train.py run did)")
+    parser.add_argument("--stopwords", default="", choices=["", "en", "en_plus"], help="for a .jsonl --kb")
     parser.add_argument("--hops", type=int, default=0, help="queries the model may write to retrieve more")
-    parser.add_argument("--reread", action=argparse.BooleanOptionalAction, default=True,
-                        help="single-shot RAG: ask again with the one document the answer cites (rag.reread)")
+    parser.add_argument("--reread", action=argparse.BooleanOptionalAction, default=True, help="cite, then read")
     parser.add_argument("--verbose", action="store_true", help="show the first pass, the re-read and every hop")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    args.ckpt = args.ckpt or ("out/rag2/ckpt.pt" if os.path.exists("out/rag2/ckpt.pt") else "out/rag/ckpt.pt")
     if args.top_k < 1 or args.hops < 0 or args.max_new_tokens < 1:
         sys.exit("error: --top_k and --max_new_tokens must be >= 1 and --hops >= 0")
     try:
         model, tok, ckpt = load_model(args.ckpt, args.device)
-        stage = ckpt.get("stage", "?")
-        base = stage == "train"
+        base = ckpt.get("stage") == "train"
         retriever = load_retriever(args.kb, args.retriever, args.stopwords) if args.kb and not base else None
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
@@ -97,8 +80,7 @@ def main():
               + (", without the KB" if args.kb else ""), file=sys.stderr)
     retrieve = (lambda q, k: [d for d, _ in retriever.retrieve(q, k)]) if retriever else None
     stream = args.verbose or not args.reread  # else the answer is known only after the re-read
-    warned = False
-    history, topic = [], None
+    warned, history, topic = False, [], None
 
     def turn(question):
         nonlocal history, topic, warned
@@ -117,10 +99,9 @@ def main():
             state["kind"] = None
             print("\n  found: " + ("; ".join(f"{d['id']} ({d['title']})" for d in found) or "nothing"))
 
-        _, out = rag.ask(model, tok, question, history, topic, retrieve, args.top_k, args.reread,
-                             on_token=on_token if stream else None, on_retrieve=on_retrieve if args.verbose else None,
-                         max_hops=args.hops, max_len=max_len, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature)
+        _, out = rag.ask(model, tok, question, history, topic, retrieve, args.top_k, args.reread, max_hops=args.hops,
+                         on_token=on_token if stream else None, on_retrieve=on_retrieve if args.verbose else None,
+                         max_len=max_len, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
         if stream:
             print()
             if out.get("reread"):
@@ -132,7 +113,8 @@ def main():
             warned = True
         if out["stop"] != "answer":
             why = {"max_hops": f"it asked for more than --hops={args.hops} retrievals",
-                   "format": "the model produced no well-formed answer", "max_tokens": "the answer was cut at --max_new_tokens",
+                   "format": "the model produced no well-formed answer",
+                   "max_tokens": "the answer was cut at --max_new_tokens",
                    "context": f"the context limit of {max_len} tokens was reached"}[out["stop"]]
             print(f"(no complete answer: {why})")
         if out["docs"]:
@@ -153,7 +135,7 @@ def main():
     if args.prompt is not None:
         safe_turn(args.prompt)
         return
-    print(f"{args.ckpt} ({stage}), {'KB ' + args.kb if retriever else 'no KB'}; /clear, /quit")
+    print(f"{args.ckpt} ({ckpt.get('stage', '?')}), {'KB ' + args.kb if retriever else 'no KB'}; /clear, /quit")
     while True:
         try:
             line = input("> ").strip()
@@ -164,8 +146,7 @@ def main():
             return
         if line == "/clear":
             history, topic = [], None
-            continue
-        if line:
+        elif line:
             safe_turn(line)
 
 

@@ -1,8 +1,4 @@
-"""
-What every training stage shares: the device and DDP set-up, the learning-rate schedule, checkpoints
-written atomically, and the one-line-per-step log. Kept here so train.py, rag_train.py and
-refrag_train.py stay short and agree with each other.
-"""
+"""What the stage scripts share: device and DDP set-up, lr schedule, atomic checkpoints and files, the step log."""
 import glob
 import io
 import math
@@ -22,6 +18,14 @@ def die(msg):
     """Bad input ends the run with one line, not a traceback."""
     print0(f"error: {msg}", file=sys.stderr)
     sys.exit(1)
+
+
+def or_die(fn, *args, **kwargs):
+    """fn(*args, **kwargs); a ValueError or OSError from it ends the run with its one line."""
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, OSError) as e:
+        die(e)
 
 
 def first_line(e):
@@ -50,14 +54,12 @@ def setup(device="auto", seed=1337):
     ddp = "RANK" in os.environ
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    rank, world_size = 0, 1
+    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     if ddp:
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if device.startswith("cuda"):
-            local_rank = int(os.environ["LOCAL_RANK"])
-            device = f"cuda:{local_rank}"
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
-        if not device.startswith("cuda") and os.environ.get("LOCAL_WORLD_SIZE") == os.environ["WORLD_SIZE"]:
+        elif os.environ.get("LOCAL_WORLD_SIZE") == os.environ["WORLD_SIZE"]:
             # one machine: gloo needs only loopback, rather than whatever address the hostname resolves to (in some
             # containers, one that cannot be connected to)
             loopback = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
@@ -72,8 +74,7 @@ def setup(device="auto", seed=1337):
 
 
 def teardown(ddp):
-    """Ranks leave together: rank 0 may still be writing a checkpoint or evaluating, and a gloo rank that exits
-    first can abort the whole run at exit ("terminate called without an active exception"; seen in the tests)."""
+    """Ranks leave together: a gloo rank that exits while rank 0 still works can abort the whole run at exit."""
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
@@ -93,41 +94,34 @@ def autocast(device):
     return torch.autocast("cpu", enabled=False)
 
 
-# peak dense bf16 FLOP/s by device name, for MFU
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "4090": 165e12, "4070": 117e12, "3090": 71e12,
-              "3070": 41e12, "L4": 121e12}
-
-
 def peak_flops(device):
+    """Peak dense bf16 FLOP/s of a known GPU, for MFU; else None."""
     if not device.startswith("cuda"):
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    peaks = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "4090": 165e12, "4070": 117e12, "3090": 71e12,
+             "3070": 41e12, "L4": 121e12}
+    return next((v for k, v in peaks.items() if k in torch.cuda.get_device_name(device)), None)
 
 
 # -----------------------------------------------------------------------------
 # learning-rate schedule
 
 def lr_at(step, max_iters, lr, warmup_iters, schedule="cosine", min_lr_frac=0.1, cooldown_frac=0.2):
-    """Linear warmup, then cosine decay to min_lr_frac*lr, or warmup-stable-decay (WSD): flat, then a linear
-    cool-down over the last cooldown_frac of training."""
+    """Linear warmup, then cosine decay to min_lr_frac*lr, or WSD: flat, then linear over the last cooldown_frac."""
     if step < warmup_iters:
         return lr * (step + 1) / warmup_iters
     min_lr = lr * min_lr_frac
     if schedule == "cosine":
         progress = (step - warmup_iters) / max(1, max_iters - warmup_iters)
         return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-    if schedule == "wsd":
+    if schedule == "wsd":  # flat (exactly lr) until the cool-down starts
         cooldown_start = max_iters * (1 - cooldown_frac)
-        if step < cooldown_start:
-            return lr
-        return lr - (lr - min_lr) * (step - cooldown_start) / max(1, max_iters - cooldown_start)
+        return lr - (lr - min_lr) * max(0, step - cooldown_start) / max(1, max_iters - cooldown_start)
     raise ValueError(f"lr_schedule must be 'cosine' or 'wsd', got {schedule!r}")
 
 
 def step_optimizers(optimizers, model, lr_scale, grad_clip):
-    """Clip, then step every optimizer with each param group's peak lr scaled by the schedule (the groups' peaks
-    differ: the embedding's is higher), then clear the grads."""
+    """Clip, step every optimizer with each param group's own peak lr times lr_scale, and clear the grads."""
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     for opt in optimizers:
@@ -138,24 +132,37 @@ def step_optimizers(optimizers, model, lr_scale, grad_clip):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: written to a temp file and renamed, so a crash mid-write leaves the previous one readable
+# files written to a temp file and renamed: a reader never sees half a file, and a crash mid-write leaves the previous
+# one readable
 
-def save_checkpoint(path, ckpt):
+def _atomically(path, write):
+    """write(tmp), then tmp renamed over path."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    for stale in glob.glob(glob.escape(path) + ".tmp*"):  # left by a save that was killed (one writer per path)
-        os.remove(stale)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(ckpt, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def write_atomic(path, data):
+    """Writes data (str, bytes, or an iterable of str lines, written as they come) atomically."""
+    def write(tmp):
+        with open(tmp, "wb") if isinstance(data, bytes) else open(tmp, "w", encoding="utf-8") as f:
+            f.write(data) if isinstance(data, (str, bytes)) else f.writelines(data)
+    _atomically(path, write)
+
+
+def save_checkpoint(path, ckpt):
+    for stale in glob.glob(glob.escape(path) + ".tmp*"):  # left by a save that was killed (one writer per path)
+        os.remove(stale)
+    _atomically(path, lambda tmp: torch.save(ckpt, tmp))
+
+
 def load_checkpoint(path, device="cpu"):
-    """Loads a checkpoint with weights_only=True (no code runs from a file someone sent you).
-    A missing, empty or damaged file is a ValueError that names it."""
+    """weights_only=True: no code runs from a file someone sent you. A bad file is a ValueError that names it."""
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path} not found")
     if os.path.getsize(path) == 0:
@@ -172,9 +179,8 @@ def load_checkpoint(path, device="cpu"):
 
 
 def load_model(path, device="cpu", data_dir=None):
-    """(model, tokenizer, ckpt) from a stage's checkpoint, the model on device. A file that is missing, damaged,
-    not a checkpoint, or does not fit model.py, or a tokenizer that is not the model's (or, given data_dir, not that
-    directory's tokenizer.json) is a one-line ValueError naming the file."""
+    """(model, tokenizer, ckpt) from a stage's checkpoint, the model on device. A bad file, a model that does not fit
+    model.py, or a tokenizer not the model's (or data_dir's) is a one-line ValueError naming the file."""
     ckpt = load_checkpoint(path, device)
     if "tokenizer" not in ckpt:
         raise ValueError(f"checkpoint {path} has no tokenizer: not written by train.py / rag_train.py")
@@ -194,17 +200,11 @@ def load_model(path, device="cpu", data_dir=None):
 def raw_state_dict(model):
     """The state dict without DDP's 'module.' or torch.compile's '_orig_mod.' prefixes."""
     model = getattr(model, "module", model)
-    model = getattr(model, "_orig_mod", model)
-    return model.state_dict()
+    return getattr(model, "_orig_mod", model).state_dict()
 
 
 # -----------------------------------------------------------------------------
 # logging
-
-def fmt_time(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
 
 class StepLog:
     """One line per optimisation step: step/total, loss, lr, tokens/s, MFU (on GPU), ETA."""
@@ -218,15 +218,14 @@ class StepLog:
         now = time.time()
         dt, self.t_last = now - self.t_last, now
         tok_s = tokens / max(dt, 1e-9)
-        done = step + 1 - self.start_step
-        eta = (now - self.t0) / done * (self.max_iters - step - 1)
+        eta = int((now - self.t0) / (step + 1 - self.start_step) * (self.max_iters - step - 1))
         line = f"step {step + 1}/{self.max_iters} | loss {loss:.6f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
         if self.peak and self.flops_per_token:
             line += f" | mfu {100 * tok_s * self.flops_per_token / (self.peak * self.world_size):.1f}%"
         for k, v in extra.items():
             line += f" | {k} {v:.4f}" if isinstance(v, float) else f" | {k} {v}"
-        line += f" | eta {fmt_time(eta)}"
-        self.write(line)
+        self.write(line + (f" | eta {eta // 3600}h{eta % 3600 // 60:02d}m" if eta >= 3600 else
+                           f" | eta {eta // 60}m{eta % 60:02d}s"))
 
     def write(self, line):
         print0(line)
@@ -236,26 +235,11 @@ class StepLog:
 
 
 # -----------------------------------------------------------------------------
-# files written atomically, and plots
-
-def write_atomic(path, data):
-    """Writes data (str, bytes, or an iterable of str lines, written as they come) to a temp file, then renames it
-    over path: a reader never sees half a file, and a crash mid-write leaves the previous one."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") if isinstance(data, bytes) else open(tmp, "w", encoding="utf-8") as f:
-            f.write(data) if isinstance(data, (str, bytes)) else f.writelines(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
+# plots
 
 def plot(stem, title, xlabel, ylabel, series, xlog=False, ylog=False, ylim=None):
-    """A line plot written as stem.png and stem.svg. series: {label: (xs, ys)} or {label: (xs, ys, style)}, style
-    a dict of matplotlib line options (color, linestyle, marker, ...) over the default, a line with dots.
-    xlog: a log2 x axis with a tick at every x; ylog: a log10 y axis. Returns {label: (xs, ys)} as drawn."""
+    """A line plot as stem.png and stem.svg; series: {label: (xs, ys[, matplotlib line options])}. xlog: a log2 x
+    axis with a tick at every x; ylog: a log10 y axis. Returns {label: (xs, ys)} as drawn."""
     import matplotlib  # here, not at the top: the scripts that never plot do not pay for importing it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,28 +1,11 @@
 """
-Multi-hop retrieval trained with rewards (REFRAG here: recursive retrieval). The model reads the documents
-retrieved for a question; when they do not hold the answer it writes a follow-up query, reads what that finds,
-and answers citing the document that holds the fact, after at most max_hops queries. The loop is rag.generate,
-the same one `chat.py --hops N` runs. Two phases, each its own run and checkpoint; the defaults are the recipe
-measured in dev/LOG.md:
+Multi-hop retrieval (REFRAG here: recursive retrieval): sft imitates gold query chains, rl is GRPO through the real
+retrieve-and-read loop (rag.generate, as in `chat.py --hops N`). Both end comparing single-shot RAG (baseline_ckpt),
+the warm start and the RL model on qa_heldout.jsonl: out_dir/eval.json (and for rl, out_dir/curve.png and .svg).
 
     python refrag_train.py                      # sft: out/rag2/ckpt.pt -> out/refrag_sft/ckpt.pt
     python refrag_train.py --phase=rl           # rl:  out/refrag_sft/ckpt.pt -> out/refrag/ckpt.pt
-    python refrag_train.py --phase=rl --eval_only=True
     torchrun --standalone --nproc_per_node=8 refrag_train.py --phase=rl
-
-Any data directory works (prepare.py's layout). sft needs gold query chains: the records' "queries", one per
-gold document in gold_ids (the world has them); rl needs only each question and its golden answers.
-
-sft: imitation of the gold query chains (rag.chain_messages). Single-hop questions are answered at once (the
-  question's own retrieval holds their document, as in rag_train.py and in chat.py, which always retrieves on the
-  question first), unanswerable ones abstain. Loss on queries and answer only.
-rl: on-policy policy gradient as in nanochat's chat_rl and Search-R1: group_size rollouts per training question
-  through the real loop, reward = w_em*EM + w_f1*F1 + w_cite*citation - w_format*(no well-formed answer) - w_hop*queries,
-  advantage = reward - group mean, loss = -advantage * log-prob of the model's own tokens (retrieved text masked)
-  + kl_coef * KL to the warm start on those tokens (GRPO), which keeps the updates from wearing down copying.
-Evaluation (qa_heldout.jsonl): EM, citations, queries used and whether each chain step's document reached the
-context, for single-shot RAG with baseline_ckpt (top-k on the question, no hops), the warm start and the RL model.
-Writes out_dir/eval.json, and for rl the reward/accuracy curve out_dir/curve.png and .svg.
 """
 import json
 import os
@@ -36,9 +19,9 @@ from tqdm import tqdm
 
 import rag
 import world
-from common import (StepLog, all_reduce_mean, autocast, die, load_model, lr_at, plot, print0, raw_state_dict,
+from common import (StepLog, all_reduce_mean, autocast, die, load_model, lr_at, or_die, plot, print0, raw_state_dict,
                     save_checkpoint, setup, step_optimizers, teardown, write_atomic)
-from configurator import ConfigError, configure
+from configurator import configure
 from retrieve import new_retriever
 from tokenizer import render_conversation
 from world import COMPANY_SUFFIXES
@@ -50,7 +33,6 @@ phase = "sft"                  # "sft" (imitate the gold query chains) | "rl" (r
 init_from = ""                 # "" = the previous stage (sft: out/rag2/ckpt.pt, rl: out/refrag_sft/ckpt.pt) | path | "resume"
 out_dir = ""                   # "" = out/refrag_sft (sft) | out/refrag (rl)
 baseline_ckpt = "out/rag2/ckpt.pt"  # evaluated as single-shot RAG next to ours ("" = skip)
-eval_only = False              # evaluate out_dir/ckpt.pt again, no training
 allow_transformer = False      # baseline override: train a pure-T checkpoint too
 # the loop
 retriever = "bm25"             # bm25 | dense | hybrid (retrieve.py)
@@ -95,10 +77,7 @@ curve_n = 100                  # rl: held-out two-hop questions per curve point 
 device = "auto"
 seed = 1337
 # -----------------------------------------------------------------------------
-try:
-    config = configure(globals())
-except ConfigError as e:
-    die(e)
+config = or_die(configure, globals())
 if phase not in ("sft", "rl"):
     die(f"--phase: must be 'sft' or 'rl', got {phase!r}")
 try:
@@ -110,20 +89,16 @@ out_dir = out_dir or {"sft": "out/refrag_sft", "rl": "out/refrag"}[phase]
 config.update(init_from=init_from, out_dir=out_dir)
 
 
-def int_list(key, text):
+def numbers(key, kind=int):
     try:
-        return [int(v) for v in text.split(",")]
+        return [kind(v) for v in config[key].split(",")]
     except ValueError:
-        die(f"--{key}: expected comma-separated integers, got {text!r}")
+        die(f"--{key}: expected comma-separated numbers, got {config[key]!r}")
 
 
-try:
-    mix = [float(v) for v in hop_mix.split(",")]
-except ValueError:
-    mix = []
+mix, rl_hop_set, eval_hop_set = numbers("hop_mix", float), numbers("rl_hops"), numbers("eval_hops")
 if len(mix) != 4 or min(mix) < 0 or sum(mix) <= 0:
     die(f"--hop_mix: expected 4 weights >= 0 for 0..3 hops, got {hop_mix!r}")
-rl_hop_set, eval_hop_set = int_list("rl_hops", rl_hops), int_list("eval_hops", eval_hops)
 weights = dict(w_em=w_em, w_f1=w_f1, w_cite=w_cite, w_format=w_format, w_hop=w_hop)  # rag.reward's
 limits = dict(max_len=seq_len, max_new_tokens=max_new_tokens)  # rag.generate's
 
@@ -132,7 +107,7 @@ master = rank == 0
 print0(json.dumps(config, indent=1))
 
 # -----------------------------------------------------------------------------
-# the model: the previous stage's checkpoint, or ours to resume or evaluate
+# the model: the previous stage's checkpoint, or ours to resume
 
 
 def load(path, what):
@@ -144,37 +119,29 @@ def load(path, what):
 
 if baseline_ckpt and not os.path.isfile(baseline_ckpt):
     die(f"baseline_ckpt {baseline_ckpt} not found: train it with `python rag_train.py`, or pass --baseline_ckpt= to skip it")
-ckpt_path = os.path.join(out_dir, "ckpt.pt") if eval_only or init_from == "resume" else init_from
+resuming = init_from == "resume"
+ckpt_path = os.path.join(out_dir, "ckpt.pt") if resuming else init_from
 model, tok, ckpt = load(ckpt_path, "init_from: train one with `python rag_train.py`" if phase == "sft" else
                        "init_from: run the sft phase first, `python refrag_train.py`")
 if "M" not in model.pattern and not allow_transformer:
     die(f"{ckpt_path} is a pure Transformer (pattern {model.pattern}): retrieval training here is for models with "
         "Mamba blocks; pass --allow_transformer=True to train the Transformer baseline anyway")
-model_args, tokenizer_json = ckpt["model_args"], ckpt["tokenizer"]
-resuming = init_from == "resume" and not eval_only
 start_step = ckpt["step"] if resuming else 0
-if resuming or eval_only:  # our own checkpoint: the RL curve so far and the model RL started from
-    state = ckpt.get("data_state") or {}
-    history, warm_start = state.get("history", []), state.get("warm_start")
-else:
-    history, warm_start = [], init_from if phase == "rl" else None
+# a resumed run: the RL curve so far, and the warm start RL began from (its KL reference and final comparison)
+state = (ckpt.get("data_state") or {}) if resuming else {"warm_start": init_from if phase == "rl" else None}
+history, warm_start = state.get("history", []), state.get("warm_start")
 print0(f"model: {model.pattern} pattern, {model.num_params():,} parameters, from {ckpt_path} (stage {ckpt.get('stage')})")
-# the warm start: RL's KL reference, and the model RL is compared with at the end. A resumed run reloads it from
-# where RL started, so the KL term is the same as before the interruption
 warm_model = None
 if phase == "rl" and warm_start and (master or kl_coef):
     warm_model = load(warm_start, "the warm start")[0].eval()
-elif phase == "rl" and kl_coef and not eval_only:
+elif phase == "rl" and kl_coef:
     die(f"{ckpt_path}: records no warm start, which kl_coef > 0 needs as its reference")
 
 # -----------------------------------------------------------------------------
 # the data
 
-try:
-    kb_docs, by_id, qa_sets = rag.load_data(data_dir, ("heldout",) if eval_only else ("train", "heldout"))
-except (ValueError, OSError) as e:
-    die(e)
-train_qa, heldout_qa = qa_sets.get("train", []), qa_sets["heldout"]
+kb_docs, by_id, qa_sets = or_die(rag.load_data, data_dir)
+train_qa, heldout_qa = qa_sets["train"], qa_sets["heldout"]
 heldout_docs = {g for q in heldout_qa for g in q.get("gold_ids", [])}
 # the world's names, renamed in a share of training questions (its pretraining memorised them)
 world_data = any("entity" in q for q in train_qa)
@@ -185,7 +152,7 @@ hops_of = lambda q: len(q["gold_ids"]) if "gold_ids" in q else None  # None: no 
 qa_by_hops = {h: [q for q in train_qa if hops_of(q) == h and (h < 2 or len(q.get("queries", [])) == h)] for h in range(4)}
 rl_pool = [q for h in rl_hop_set for q in train_qa if hops_of(q) == h] + \
     [q for q in train_qa if hops_of(q) is None and q["golden_answers"]]
-if not eval_only and (phase == "sft" and any(mix[h] > 0 and not qa_by_hops[h] for h in range(4)) or phase == "rl" and not rl_pool):
+if phase == "sft" and any(mix[h] > 0 and not qa_by_hops[h] for h in range(4)) or phase == "rl" and not rl_pool:
     die(f"{data_dir}/qa_train.jsonl lacks questions with the hops (and, for sft, the gold query chains) that "
         "--hop_mix / --rl_hops ask for")
 
@@ -216,8 +183,7 @@ curve_set = subsample([q for q in heldout_qa if hops_of(q) in (2, None) and q["g
 
 @torch.no_grad()
 def evaluate(model, qas, k, hops, desc="eval"):
-    """Greedy rollouts on held-out questions -> means of em, cite, format, hops, reward and recall_i (the i-th chain
-    step's document reached the context), plus n and one example conversation."""
+    """Greedy rollouts -> rag.summarize's means, recall_i (the i-th gold document reached the context), an example."""
     model.eval()
     rows, example = [], None
     for qa in tqdm(qas, desc=desc, unit="q", leave=False, mininterval=2, disable=not master):
@@ -233,11 +199,16 @@ def evaluate(model, qas, k, hops, desc="eval"):
     return {**rag.summarize(rows), "example": example, "em_each": [r["em"] for r in rows]}
 
 
-def evaluate_all(variants):
-    """variants: {name: (model, k, hops)} -> {name: {hops: summary}}, printed as a table."""
-    res, t0 = {}, time.time()
-    for name, (m, k, hops) in variants.items():
-        res[name] = {h: evaluate(m, qas, k, hops, f"eval {name} {h}-hop") for h, qas in eval_sets.items()}
+def final_eval(trained):
+    """Single-shot RAG, the warm start and the trained model on the held-out sets: a table, and out_dir/eval.json."""
+    variants, t0 = {}, time.time()
+    if baseline_ckpt:
+        variants["single_shot"] = (load(baseline_ckpt, "baseline_ckpt")[0], single_shot_k, 0)
+    if warm_model is not None:
+        variants["warm_start"] = (warm_model, top_k, max_hops)
+    variants["rl" if phase == "rl" else "warm_start"] = (trained, top_k, max_hops)
+    res = {name: {h: evaluate(m, qas, k, hops, f"eval {name} {h}-hop") for h, qas in eval_sets.items()}
+           for name, (m, k, hops) in variants.items()}
     print0(f"held-out: retriever {retriever}, greedy; single-shot k={single_shot_k}, multi-hop top_k={top_k} "
            f"max_hops={max_hops}")
     print0("model          hops   n     EM    cite  format  queries  recall per chain step (%)")
@@ -254,35 +225,17 @@ def evaluate_all(variants):
                    f"(two-sided sign test p = {rag.sign_test(fixed, broken):.3f})")
     for name, by_h in res.items():
         print0(f"example ({name}): {json.dumps(next(iter(by_h.values()))['example'])}")
-    return res, time.time() - t0
-
-
-def final_eval(trained):
-    """The comparison the stage exists for (single-shot RAG, the warm start, RL), written to out_dir/eval.json."""
-    variants = {}
-    if baseline_ckpt:
-        variants["single_shot"] = (load(baseline_ckpt, "baseline_ckpt")[0], single_shot_k, 0)
-    if warm_model is not None:
-        variants["warm_start"] = (warm_model, top_k, max_hops)
-    variants["rl" if phase == "rl" else "warm_start"] = (trained, top_k, max_hops)
-    res, seconds = evaluate_all(variants)
     path = os.path.join(out_dir, "eval.json")
     write_atomic(path, json.dumps({"checkpoint": os.path.join(out_dir, "ckpt.pt"), "pattern": trained.pattern,
                                    "params": trained.num_params(), "phase": phase, "config": config, "results": res,
-                                   "history": history, "seconds": seconds}, indent=1))
+                                   "history": history, "seconds": time.time() - t0}, indent=1))
     print0(f"wrote {path}")
 
-
-os.makedirs(out_dir, exist_ok=True)
-if eval_only:
-    if master:
-        final_eval(model)
-    teardown(ddp)
-    raise SystemExit(0)
 
 # -----------------------------------------------------------------------------
 # training: the phase picks the data and the loss; the loop is the same
 
+os.makedirs(out_dir, exist_ok=True)
 max_iters, learning_rate = (sft_iters, sft_learning_rate) if phase == "sft" else (rl_iters, rl_learning_rate)
 batch_key = "sft_batch_size" if phase == "sft" else "questions_per_step"
 per_rank = config[batch_key] // world_size
@@ -295,15 +248,14 @@ if resuming:
 raw_model = model
 if ddp:
     model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
-ckpt = None
-log = StepLog(max_iters, start_step, os.path.join(out_dir, "log.txt") if master else None, world_size=world_size)
-if master:
-    log.write(f"config {json.dumps(config)}")
+ckpt_extra, ckpt = {"model_args": ckpt["model_args"], "tokenizer": ckpt["tokenizer"]}, None  # optimizer state freed
+log = StepLog(max_iters, start_step, os.path.join(out_dir, "log.txt"), world_size=world_size)  # only rank 0 writes
+log.write(f"config {json.dumps(config)}")
 generator = torch.Generator(device=device)
 
 
 def sft_step(step):
-    """Imitation: this process's share of the step's gold chain conversations, loss on queries and answers."""
+    """This process's share of the step's gold-chain conversations; loss on the model's queries and answers."""
     rng = random.Random(f"{seed}-sft-{step}-{rank}")
     convs = []
     for _ in range(per_rank):
@@ -317,8 +269,8 @@ def sft_step(step):
 
 
 def rl_step(step):
-    """Policy gradient: group_size sampled rollouts of each of this process's questions, each question's loss
-    backpropagated as it is scored; logs the means of reward, accuracy, queries and format failures."""
+    """group_size sampled rollouts of each of this process's questions, rewarded; GRPO's loss (rag.pg_loss: advantage
+    = reward - group mean, KL to the warm start) backpropagated question by question."""
     rng = random.Random(f"{seed}-rl-{step}-{rank}")
     generator.manual_seed(seed * 100_003 + step * 1_009 + rank)
     loss, n_tokens, parts = torch.zeros((), device=device), 0, []
@@ -353,13 +305,10 @@ def heldout_point(step):
 
 
 def plot_curve():
-    """out_dir/curve.png and .svg: RL's training reward and accuracy per step, held-out EM at the eval points."""
-    series = {}
-    for key, label, style in (("reward", "train reward", {"marker": ""}), ("acc", "train accuracy (EM)", {"marker": ""}),
-                              ("heldout_em", "held-out 2-hop EM", {})):
-        points = [(h["step"], h[key]) for h in history if key in h]
-        if points:
-            series[label] = ([s for s, _ in points], [v for _, v in points], style)
+    curves = (("reward", "train reward", {"marker": ""}), ("acc", "train accuracy (EM)", {"marker": ""}),
+              ("heldout_em", "held-out 2-hop EM", {}))
+    series = {label: ([h["step"] for h in history if key in h], [h[key] for h in history if key in h], style)
+              for key, label, style in curves if any(key in h for h in history)}
     plot(os.path.join(out_dir, "curve"), f"multi-hop RL, {out_dir}", "RL step", "reward / EM", series)
 
 
@@ -376,10 +325,9 @@ for step in range(start_step, max_iters):
         heldout_point(step + 1)
         if master:
             save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
-                "model": raw_state_dict(raw_model), "model_args": model_args, "step": step + 1, "val_loss": None,
-                "optimizer": [opt.state_dict() for opt in optimizers], "config": config, "stage": "refrag",
-                "data_state": {"seed": seed, "phase": phase, "history": history, "warm_start": warm_start},
-                "tokenizer": tokenizer_json})
+                "model": raw_state_dict(raw_model), "step": step + 1, "val_loss": None, "config": config,
+                "optimizer": [opt.state_dict() for opt in optimizers], "stage": "refrag", **ckpt_extra,
+                "data_state": {"seed": seed, "phase": phase, "history": history, "warm_start": warm_start}})
             log.write(f"saved {out_dir}/ckpt.pt at step {step + 1}")
             if history:
                 plot_curve()

@@ -1,12 +1,10 @@
 """
-Pre-train (or continue training) a hybrid Transformer/Mamba language model on tokenised shards.
+Pre-train (or continue training) a hybrid Transformer/Mamba language model on tokenised shards. Every global below
+is a config key (the defaults: the tiny CPU run); the resolved config is logged and stored in every checkpoint.
 
     python prepare.py && python train.py                      # the embedded default: tiny world, CPU, minutes
     python train.py configs/hybrid_d20.py --max_iters=1000    # config file, then --key=value overrides
     torchrun --standalone --nproc_per_node=8 train.py configs/hybrid_d20.py
-
-The defaults below are the tiny CPU run. Every global is a config key; the resolved config is printed,
-appended to out_dir/log.txt and stored in every checkpoint.
 """
 import dataclasses
 import json
@@ -19,7 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (StepLog, all_reduce_mean, autocast, check_config, die, first_line, load_checkpoint, lr_at,
-                    peak_flops, print0, raw_state_dict, save_checkpoint, setup, step_optimizers, teardown)
+                    or_die, peak_flops, print0, raw_state_dict, save_checkpoint, setup, step_optimizers, teardown)
 from configurator import ConfigError, configure
 from model import GPT, GPTConfig
 
@@ -31,8 +29,6 @@ init_from = "scratch"          # "scratch" | "resume" (out_dir/ckpt.pt, exactly)
 overwrite = False              # True: a new run may replace the checkpoint already in out_dir
 eval_interval = 100            # steps between val-loss evaluations (and checkpoints)
 eval_tokens = 32768            # val tokens per evaluation
-wandb_log = False
-wandb_project = "hybrid-mamba-rag"
 # model (any other GPTConfig field keeps its default)
 n_layer = 4
 n_embd = 128
@@ -59,16 +55,14 @@ device = "auto"                # "auto" | "cpu" | "cuda" | "cuda:1"
 compile = False
 seed = 1337
 # -----------------------------------------------------------------------------
-try:
+try:  # a statement, not an assignment: the config globals above are all the module's leading assignments
     config = configure(globals())
 except ConfigError as e:
     die(e)
 check_config(config, [
     ("eval_interval eval_tokens n_layer n_embd n_head n_kv_head block_size total_batch_size device_batch_size "
-     "max_iters", lambda v: v >= 1, "a positive integer"),
-    ("warmup_iters", lambda v: v >= 0, "a non-negative integer"),
-    ("learning_rate embedding_lr_mult", lambda v: v > 0, "positive"),
-    ("weight_decay grad_clip", lambda v: v >= 0, "non-negative"),
+     "max_iters learning_rate embedding_lr_mult", lambda v: v > 0, "positive"),
+    ("warmup_iters weight_decay grad_clip", lambda v: v >= 0, "non-negative"),
     ("min_lr_frac", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("lr_schedule", lambda v: v in ("cosine", "wsd"), "'cosine' or 'wsd'"),
     ("block_pattern", lambda v: re.fullmatch("[TM]+", v), "a non-empty string of T and M")])
@@ -76,7 +70,6 @@ if init_from != "resume" and os.path.exists(os.path.join(out_dir, "ckpt.pt")) an
     die(f"{out_dir}/ckpt.pt exists: continue it with --init_from=resume, or replace it with --overwrite=True")
 
 ddp, rank, world_size, device = setup(device, seed)
-master = rank == 0
 print0(json.dumps(config, indent=1))
 
 # data: fixed-length windows of the token stream, visited in a seeded random order, epoch after epoch.
@@ -120,17 +113,13 @@ def get_batch(step, micro):
     return windows(train_data, [window_start(i) for i in range(first, first + device_batch_size)])
 
 
-def val_batches():
-    n = min(eval_tokens // block_size, (len(val_data) - 1) // block_size) // world_size * world_size
-    mine = list(range(rank, n, world_size))
-    for k in range(0, len(mine), device_batch_size):
-        yield windows(val_data, [i * block_size for i in mine[k:k + device_batch_size]])
-
-
 @torch.no_grad()
 def evaluate(model):
+    n = min(eval_tokens // block_size, (len(val_data) - 1) // block_size) // world_size * world_size
+    mine = [i * block_size for i in range(rank, n, world_size)]  # this process's share of the val windows
     model.eval()
-    losses = [model(x, y)[1] for x, y in val_batches()]
+    losses = [model(*windows(val_data, mine[k:k + device_batch_size]))[1]
+              for k in range(0, len(mine), device_batch_size)]
     model.train()
     return all_reduce_mean(torch.stack(losses).mean(), ddp).item()
 
@@ -141,10 +130,7 @@ model_args["vocab_size"] = meta["vocab_size"]
 ckpt, start_step = None, 0
 ckpt_path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
 if init_from != "scratch":
-    try:
-        ckpt = load_checkpoint(ckpt_path, device)
-    except ValueError as e:
-        die(e)
+    ckpt = or_die(load_checkpoint, ckpt_path, device)
     try:  # a checkpoint of another stage or model.py: its keys or shapes do not fit
         start_step = ckpt["step"] if init_from == "resume" else 0
         ignored = {k: v for k, v in model_args.items() if k in ckpt["model_args"] and ckpt["model_args"][k] != v}
@@ -155,10 +141,7 @@ if init_from != "scratch":
     if ignored:
         print0(f"note: the model's shape comes from the checkpoint; ignoring {ignored}")
 else:
-    try:
-        model = GPT(GPTConfig(**model_args)).to(device)
-    except ValueError as e:
-        die(e)
+    model = or_die(GPT, GPTConfig(**model_args)).to(device)
 print0(f"model: {model.pattern} pattern, "
        f"{model.num_params():,} parameters, {grad_accum} micro-steps of {device_batch_size}x{block_size} per process")
 optimizers = model.configure_optimizers(learning_rate, weight_decay, (0.9, 0.95), device.split(":")[0],
@@ -169,7 +152,6 @@ if init_from == "resume":
             opt.load_state_dict(state)
     except (KeyError, TypeError, ValueError) as e:
         die(f"{ckpt_path}: its optimizer state does not fit ({type(e).__name__}: {first_line(e)[:200]})")
-flops_per_token = model.flops_per_token(block_size)
 raw_model = model
 if compile:
     model = torch.compile(model)
@@ -181,23 +163,10 @@ counts = np.bincount(train_data[:10_000_000], minlength=meta["vocab_size"])
 p = counts[counts > 0] / counts.sum()
 unigram_entropy = float(-(p * np.log(p)).sum())
 os.makedirs(out_dir, exist_ok=True)
-log = StepLog(max_iters, start_step, os.path.join(out_dir, "log.txt") if master else None, flops_per_token,
-              peak_flops(device), world_size)
-if master:
-    log.write(f"config {json.dumps(config)}")
-    log.write(f"unigram entropy {unigram_entropy:.4f} nats (the loss of a model that knows only token frequencies)")
-if wandb_log and master:
-    import wandb
-    wandb.init(project=wandb_project, config=config)
-
-
-def checkpoint(step, val_loss):
-    save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
-        "model": raw_state_dict(raw_model), "model_args": model_args, "step": step, "val_loss": val_loss,
-        "optimizer": [opt.state_dict() for opt in optimizers], "config": config, "stage": "train",
-        "data_state": {"seed": seed, "windows_consumed": step * seqs_per_step, "block_size": block_size},
-        "tokenizer": open(os.path.join(data_dir, "tokenizer.json")).read()})
-    log.write(f"saved {out_dir}/ckpt.pt at step {step}")
+log = StepLog(max_iters, start_step, os.path.join(out_dir, "log.txt"), raw_model.flops_per_token(block_size),
+              peak_flops(device), world_size)  # only rank 0 writes
+log.write(f"config {json.dumps(config)}")
+log.write(f"unigram entropy {unigram_entropy:.4f} nats (the loss of a model that knows only token frequencies)")
 
 
 # the loop
@@ -214,17 +183,17 @@ for step in range(start_step, max_iters):
         (loss / grad_accum).backward()
         loss_sum += loss.detach()
     step_optimizers(optimizers, raw_model, lr / learning_rate, grad_clip)
-    train_loss = all_reduce_mean(loss_sum / grad_accum, ddp).item()
-    log(step, train_loss, lr, total_batch_size)
-    if wandb_log and master:
-        wandb.log({"train/loss": train_loss, "lr": lr}, step=step + 1)
+    log(step, all_reduce_mean(loss_sum / grad_accum, ddp).item(), lr, total_batch_size)
     if (step + 1) % eval_interval == 0 or step + 1 == max_iters:
         val_loss = evaluate(model)
         log.write(f"step {step + 1}/{max_iters} | val loss {val_loss:.4f} (unigram entropy {unigram_entropy:.4f})")
-        if wandb_log and master:
-            wandb.log({"val/loss": val_loss}, step=step + 1)
-        if master:
-            checkpoint(step + 1, val_loss)
+        if rank == 0:
+            save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
+                "model": raw_state_dict(raw_model), "model_args": model_args, "step": step + 1, "val_loss": val_loss,
+                "optimizer": [opt.state_dict() for opt in optimizers], "config": config, "stage": "train",
+                "data_state": {"seed": seed, "windows_consumed": (step + 1) * seqs_per_step, "block_size": block_size},
+                "tokenizer": open(os.path.join(data_dir, "tokenizer.json")).read()})
+            log.write(f"saved {out_dir}/ckpt.pt at step {step + 1}")
 
 elapsed = time.time() - t_start
 print0(f"done: {max_iters - start_step} steps in {elapsed:.0f}s, "
