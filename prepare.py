@@ -1,25 +1,16 @@
 """
-Data for every stage: a synthetic knowledge world (or your own text), its tokenizer, and token shards.
+Data for every stage: a synthetic knowledge world (world.py) or your own text, its tokenizer, and token shards.
 
     python prepare.py                                   # the tiny world into data/world/ (seconds)
     python prepare.py --world_size=200000 --n_renderings=2 --out=data/world_big
     python prepare.py --input=my_docs/ --out=data/mytext # .txt / .jsonl ("text") / .parquet ("text")
 
-The world is a set of invented people, companies, cities and countries tied together by relations
-(born in, works for, founded by, headquartered in, located in, ...), written up as one short
-encyclopedia paragraph per entity with the phrasing and fact order drawn at random. The entities are
-split into a training world and a disjoint held-out world: the base model pretrains on training-world
-text only, so held-out questions can only be answered by reading retrieved documents.
-
-Output: a data directory, the layout every stage reads. Yours needs only the first three files:
-  kb.jsonl          documents: {"id", "text" (or FlashRAG's "contents"), "title"?}
-  qa_train.jsonl    questions to fine-tune on, FlashRAG's fields: {"id", "question", "golden_answers": [...],
-  qa_heldout.jsonl    "gold_ids"?: supporting document ids in hop order, "queries"?: a gold query chain}
-  tokenizer.json, train.bin / val.bin (token ids, every document starts with <|bos|>), meta.json
-The world adds qa_closed.jsonl (questions about the pretraining world, for closed-book practice) and, per
-question, its type, entity, hops and answer sentence ("response").
+Writes a data directory (README: Your own data) with tokenizer.json, meta.json and train.bin / val.bin (token ids,
+each document after <|bos|>); the world adds qa_closed.jsonl, closed-book questions about the pretraining world.
 """
 
+import contextlib
+import itertools
 import json
 import os
 import random
@@ -60,43 +51,37 @@ def jsonl(rows):
     return (json.dumps(r) + "\n" for r in rows)
 
 
-def write_bins(out, tok, items, total=None):
-    """Tokenise (is_val, text) items into train.bin / val.bin, each document preceded by <|bos|>; returns the
-    first fields of meta.json."""
-    dtype = np.uint16 if tok.vocab_size < 2**16 else np.uint32
-    paths = {s: os.path.join(out, f"{s}.bin") for s in ("train", "val")}
-    files = {s: open(p + ".tmp", "wb") for s, p in paths.items()}
-    counts = {s: [0, 0] for s in paths}  # tokens, docs
-
-    def flush(batch):
-        for (is_val, _), ids in zip(batch, tok.encode_batch([t for _, t in batch])):
-            s = "val" if is_val else "train"
-            files[s].write(np.array([tok.bos_id] + ids, dtype=dtype).tobytes())
-            counts[s][0] += len(ids) + 1
-            counts[s][1] += 1
-
+@contextlib.contextmanager
+def staged(*paths, mode="w"):
+    """Files at path.tmp, moved over their paths if the block succeeds, else removed: a failure changes nothing."""
+    files = [open(p + ".tmp", mode) for p in paths]
     try:
-        batch = []
-        for item in tqdm(items, total=total, desc="tokenise", unit="doc", mininterval=1.0):
-            batch.append(item)
-            if len(batch) == 4096:
-                flush(batch)
-                batch = []
-        flush(batch)
-        for f in files.values():
+        yield files
+        for f, p in zip(files, paths):
             f.close()
-        if counts["train"][1] == 0:
-            raise ValueError(f"no documents for train.bin ({counts['val'][1]} went to val.bin): need more text")
-        for s in files:
-            os.replace(paths[s] + ".tmp", paths[s])
-    finally:  # a failed run leaves the previous output as it was, and no debris
-        for s, f in files.items():
+            os.replace(f.name, p)
+    finally:
+        for f in files:
             f.close()
-            if os.path.exists(paths[s] + ".tmp"):
-                os.remove(paths[s] + ".tmp")
-    return dict(vocab_size=tok.vocab_size, dtype=np.dtype(dtype).name, bos_id=tok.bos_id,
-                n_train_tokens=counts["train"][0], n_val_tokens=counts["val"][0], n_train_docs=counts["train"][1],
-                n_val_docs=counts["val"][1])
+            if os.path.exists(f.name):
+                os.remove(f.name)
+
+
+def write_bins(out, tok, items, total=None):
+    """(is_val, text) items into train.bin / val.bin, each document after <|bos|>; returns meta.json's first fields."""
+    dtype = np.uint16 if tok.vocab_size < 2**16 else np.uint32
+    n_tokens, n_docs = [0, 0], [0, 0]  # train, val: indexed by is_val, as the files are
+    with staged(os.path.join(out, "train.bin"), os.path.join(out, "val.bin"), mode="wb") as files:
+        items = iter(tqdm(items, total=total, desc="tokenise", unit="doc", mininterval=1.0))
+        while batch := list(itertools.islice(items, 4096)):
+            for (is_val, _), ids in zip(batch, tok.encode_batch([t for _, t in batch])):
+                files[is_val].write(np.array([tok.bos_id] + ids, dtype=dtype).tobytes())
+                n_tokens[is_val] += len(ids) + 1
+                n_docs[is_val] += 1
+        if n_docs[0] == 0:
+            raise ValueError(f"no documents for train.bin ({n_docs[1]} went to val.bin): need more text")
+    return dict(vocab_size=tok.vocab_size, dtype=np.dtype(dtype).name, bos_id=tok.bos_id, n_train_tokens=n_tokens[0],
+                n_val_tokens=n_tokens[1], n_train_docs=n_docs[0], n_val_docs=n_docs[1])
 
 
 def write_meta(out, tok, meta, t0):
@@ -120,16 +105,11 @@ def prepare_world(out, seed, world_size, heldout_frac, n_renderings, vocab_size,
     print(f"world: {n_docs['train']:,} training-world, {n_docs['heldout']:,} held-out and {n_docs['rag']:,} RAG-world "
           f"entities ({time.time() - t0:.1f}s)")
 
-    # the knowledge base: one rendering of every document of every world
-    def kb_rows():
-        kb_rng = random.Random(seed + 1)
-        for w in worlds:
-            for kind, n in w.kinds():
-                for i in range(n):
-                    title, text = render_doc(w, kind, i, kb_rng)
-                    yield {"id": doc_id(w, kind, i), "title": title, "text": text, "metadata": {"world": w.split, "type": kind}}
-    write_atomic(os.path.join(out, "kb.jsonl"),
-                 jsonl(tqdm(kb_rows(), total=sum(n_docs.values()), desc="kb", unit="doc", mininterval=1.0)))
+    kb_rng = random.Random(seed + 1)  # the knowledge base: one rendering of every document of every world
+    kb = ((w, k, i, *render_doc(w, k, i, kb_rng)) for w in worlds for k, n in w.kinds() for i in range(n))
+    write_atomic(os.path.join(out, "kb.jsonl"), jsonl(
+        {"id": doc_id(w, k, i), "title": title, "text": text, "metadata": {"world": w.split, "type": k}}
+        for w, k, i, title, text in tqdm(kb, total=sum(n_docs.values()), desc="kb", unit="doc", mininterval=1.0)))
     qa_counts = {}
     for w, split in zip(worlds, ("closed", "heldout", "train")):  # RAG fine-tunes on the RAG world
         qas = list(tqdm(make_qa(w, rng, pool, first_names), desc=f"qa_{split}", unit="qa", mininterval=1.0))
@@ -154,13 +134,11 @@ def prepare_world(out, seed, world_size, heldout_frac, n_renderings, vocab_size,
     def all_renderings():
         for r in range(n_renderings):
             yield from corpus_items(train, random.Random(f"{seed}-rendering-{r}"), val_frac)
-            if reading:
-                yield from reading_items(reading[r], random.Random(f"{seed}-reading-{r}"), val_frac)
+            yield from reading_items(reading[r], random.Random(f"{seed}-reading-{r}"), val_frac) if reading else ()
     total = n_renderings * (2 * n_docs["train"] + sum(sum(n for _, n in w.kinds()) for w in reading[:1]))
-    meta = dict(write_bins(out, tok, all_renderings(), total), source="world", kb_docs=n_docs, qa=qa_counts,
-                config=dict(seed=seed, world_size=world_size, heldout_frac=heldout_frac, rag_frac=rag_frac,
-                            reading_frac=reading_frac, n_renderings=n_renderings, vocab_size=vocab_size,
-                            val_frac=val_frac))
+    cfg = dict(seed=seed, world_size=world_size, heldout_frac=heldout_frac, rag_frac=rag_frac,
+               reading_frac=reading_frac, n_renderings=n_renderings, vocab_size=vocab_size, val_frac=val_frac)
+    meta = dict(write_bins(out, tok, all_renderings(), total), source="world", kb_docs=n_docs, qa=qa_counts, config=cfg)
     return write_meta(out, tok, meta, t0)
 
 
@@ -173,11 +151,10 @@ TEXT_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 def text_files(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"--input {path}: no such file or folder")
-    if os.path.isfile(path):
-        if not path.endswith(TEXT_EXTENSIONS):
-            raise ValueError(f"--input {path}: unsupported file type (expected {', '.join(TEXT_EXTENSIONS)})")
-        return [path]
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(TEXT_EXTENSIONS))
+    if os.path.isfile(path) and not path.endswith(TEXT_EXTENSIONS):
+        raise ValueError(f"--input {path}: unsupported file type (expected {', '.join(TEXT_EXTENSIONS)})")
+    files = [path] if os.path.isfile(path) else \
+        sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(TEXT_EXTENSIONS))
     if not files:
         raise ValueError(f"--input {path}: folder holds no {', '.join(TEXT_EXTENSIONS)} files")
     return files
@@ -188,16 +165,13 @@ def read_documents(files):
     for path in files:
         if path.endswith(".txt"):
             with open(path, encoding="utf-8", errors="replace") as f:
-                for k, para in enumerate(re.split(r"\n\s*\n", f.read())):
-                    if para.strip():
-                        yield f"{path}#{k}", para.strip()
+                paras = re.split(r"\n\s*\n", f.read())
+            yield from ((f"{path}#{k}", p.strip()) for k, p in enumerate(paras) if p.strip())
         elif path.endswith(".jsonl"):
             with open(path, encoding="utf-8") as f:
                 for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
                     try:
-                        text = json.loads(line)["text"]
+                        text = json.loads(line)["text"] if line.strip() else ""
                     except json.JSONDecodeError:
                         raise ValueError(f"{path}:{lineno}: not valid JSON") from None
                     except (KeyError, TypeError):
@@ -207,22 +181,15 @@ def read_documents(files):
                     if text.strip():
                         yield f"{path}:{lineno}", text
         else:
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise ValueError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+            import pyarrow.parquet as pq  # here: only parquet input pays for importing it
             try:
                 pf = pq.ParquetFile(path)
             except Exception as e:  # pyarrow raises several kinds for unreadable files
                 raise ValueError(f"{path}: not a readable parquet file ({e})") from None
             if "text" not in pf.schema_arrow.names:
                 raise ValueError(f"{path}: no \"text\" column (columns: {', '.join(pf.schema_arrow.names)})")
-            row = 0
-            for batch in pf.iter_batches(columns=["text"]):
-                for text in batch.column(0).to_pylist():
-                    row += 1
-                    if text and text.strip():
-                        yield f"{path}@{row}", text
+            texts = (t for batch in pf.iter_batches(columns=["text"]) for t in batch.column(0).to_pylist())
+            yield from ((f"{path}@{row}", t) for row, t in enumerate(texts, 1) if t and t.strip())
 
 
 def capped(texts):
@@ -240,39 +207,29 @@ def prepare_text(input_path, out, seed, vocab_size, val_frac):
     os.makedirs(out, exist_ok=True)
     tok = Tokenizer.train(capped(t for _, t in read_documents(files)), vocab_size)
     print(f"tokenizer: {tok.vocab_size} tokens from {len(files)} file(s) ({time.time() - t0:.1f}s)")
-    kb_path = os.path.join(out, "kb.jsonl")
-    kb = open(kb_path + ".tmp", "w")  # the same documents, as a knowledge base for retrieval
 
-    def items():
+    def items(kb):  # the documents, written to kb as a knowledge base for retrieval as they go
         rng = random.Random(seed)
         for n, (source, text) in enumerate(read_documents(files)):
             kb.write(json.dumps({"id": str(n), "title": os.path.basename(source), "text": text,
                                  "metadata": {"source": source}}) + "\n")
             yield (n == 0 and val_frac > 0) or rng.random() < val_frac, text  # doc 0 to val: val.bin never empty
-    try:
-        meta = write_bins(out, tok, items())
-    except BaseException:
-        kb.close()
-        os.remove(kb.name)
-        raise
-    kb.close()
-    os.replace(kb.name, kb_path)
-    meta = dict(meta, source=os.path.abspath(input_path), config=dict(seed=seed, vocab_size=vocab_size, val_frac=val_frac))
-    return write_meta(out, tok, meta, t0)
+    with staged(os.path.join(out, "kb.jsonl")) as (kb,):
+        meta = write_bins(out, tok, items(kb))
+    cfg = dict(seed=seed, vocab_size=vocab_size, val_frac=val_frac)
+    return write_meta(out, tok, dict(meta, source=os.path.abspath(input_path), config=cfg), t0)
 
 
 # -----------------------------------------------------------------------------
 
 def main(argv):
-    cfg = dict(config)
-    configure(cfg, argv)
-    if cfg["input"]:
-        out = cfg["out"] or "data/text"
-        s = prepare_text(cfg["input"], out, cfg["seed"], cfg["vocab_size"] or 8192, cfg["val_frac"])
+    cfg = configure(dict(config), argv)
+    text = cfg.pop("input")
+    out = cfg.pop("out") or ("data/text" if text else "data/world")
+    if text:
+        s = prepare_text(text, out, cfg["seed"], cfg["vocab_size"] or 8192, cfg["val_frac"])
     else:
-        out = cfg["out"] or "data/world"
-        s = prepare_world(out, cfg["seed"], cfg["world_size"], cfg["heldout_frac"], cfg["n_renderings"],
-                          cfg["vocab_size"] or 2048, cfg["val_frac"], cfg["rag_frac"], cfg["reading_frac"])
+        s = prepare_world(out, **dict(cfg, vocab_size=cfg["vocab_size"] or 2048))
     print(f"wrote {out}/: {s['n_train_docs']:,} + {s['n_val_docs']:,} docs, {s['n_train_tokens']:,} train + "
           f"{s['n_val_tokens']:,} val tokens ({s['dtype']}), vocab {s['vocab_size']}, {s['seconds']:.1f}s")
 

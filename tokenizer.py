@@ -1,7 +1,6 @@
 """
-The tokenizer and the conversation format, shared by every stage: BPE (rustbpe learns the merges, tiktoken
-encodes with them) with the special tokens that delimit turns and documents, and render_conversation, which
-turns a conversation into token ids and the loss mask.
+The tokenizer (BPE with the special tokens that delimit turns and documents) and render_conversation, which turns a
+conversation into token ids and the loss mask; shared by every stage.
 """
 import base64
 import json
@@ -36,8 +35,7 @@ class Tokenizer:
             raise ValueError(f"vocab_size={vocab_size} is too small: need at least {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
         bpe = rustbpe.Tokenizer()
         bpe.train_from_iterator(iter(texts), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
-        ranks = sorted(bpe.get_mergeable_ranks(), key=lambda br: br[1])
-        assert [r for _, r in ranks] == list(range(len(ranks)))
+        ranks = sorted(bpe.get_mergeable_ranks(), key=lambda br: br[1])  # ranks are 0..n-1
         return cls([bytes(b) for b, _ in ranks], bpe.get_pattern())
 
     def encode(self, text):
@@ -69,32 +67,27 @@ ABSTAIN = "The documents do not contain the answer."  # what the model says when
 # -----------------------------------------------------------------------------
 # Conversations -> token ids + loss mask (1 on what the model must produce: queries and answers)
 
-ROLE_TOKENS = {"user": ("<|user_start|>", "<|user_end|>", 0),
+ROLE_TOKENS = {"user": ("<|user_start|>", "<|user_end|>", 0), "documents": ("<|doc_start|>", "<|doc_end|>", 0),
                "query": ("<|query_start|>", "<|query_end|>", 1),
                "assistant": ("<|assistant_start|>", "<|assistant_end|>", 1)}
 
 
 def render_conversation(tok, messages, max_len=None):
-    ids, mask = [tok.bos_id], [0]
-    n_docs = 0  # documents are numbered across the whole conversation so a citation [k] is unambiguous
+    ids, mask, n_docs = [tok.bos_id], [0], 0
     for i, msg in enumerate(messages):
         role, content = msg.get("role"), msg.get("content")
-        if role == "documents":
-            for doc in content:
-                n_docs += 1
-                part = [tok.special("<|doc_start|>")] + tok.encode(f"[{n_docs}] {doc['title']}: {doc['text']}") + [tok.special("<|doc_end|>")]
-                ids += part
-                mask += [0] * len(part)
-        elif role in ROLE_TOKENS:
-            start, end, m = ROLE_TOKENS[role]
+        if role not in ROLE_TOKENS:
+            raise ValueError(f"message {i}: unknown role {role!r} (expected user, documents, query or assistant)")
+        start, end, m = ROLE_TOKENS[role]
+        if role == "documents":  # numbered across the whole conversation, so a citation [k] is unambiguous
+            texts = [f"[{n_docs + j}] {doc['title']}: {doc['text']}" for j, doc in enumerate(content, 1)]
+            n_docs += len(texts)
+        else:
             # a leading space, as SentencePiece's dummy prefix: a name that opens the answer then has the tokens it
             # has in the question and the documents, so answering is copying (without it, held-out answers failed)
-            part = [tok.special(start)] + tok.encode(" " + content) + [tok.special(end)]
+            texts = [" " + content]
+        for text in texts:
+            part = [tok.special(start)] + tok.encode(text) + [tok.special(end)]
             ids += part
             mask += [m] * len(part)
-        else:
-            raise ValueError(f"message {i}: unknown role {role!r} (expected user, documents, query or assistant)")
-    if max_len is not None:
-        ids, mask = ids[:max_len], mask[:max_len]
-    return ids, mask
-
+    return ids[:max_len], mask[:max_len]

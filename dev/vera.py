@@ -1,17 +1,10 @@
 """
-A real data directory from V.E.R.A. (Virtual Entity of Relevant Acronyms, Debian's dict-vera): one document per
-dictionary entry, "What does X stand for?" for every acronym with a single entry, answered by its expansion, and
-questions about acronyms that are in no entry (the answer is to abstain). Split by document, as the synthetic world
-is: held-out questions ask about entries that no training stage sees, and qa_train's about entries that pretraining
-does not see either, so that fine-tuning can only answer them by reading (not from memory). The rest of the entries
-are pretraining text, each followed by its question and answer, plus reading exercises as the world has them: made-up
-acronyms of real words, each seen once, then asked about, which the model can answer only by copying.
+A real data directory from V.E.R.A. (Debian's dict-vera, computing acronyms): a document per entry, and "What does X
+stand for?" for every one-entry acronym and for made-up ones (abstain), split by document as the world is. The other
+entries, with their questions and reading exercises on made-up acronyms, are pretraining text (pretrain.jsonl).
 
     apt-get download dict-vera && dpkg -x dict-vera_*.deb /tmp/vera     # or: apt-get install dict-vera
     python dev/vera.py --dict=/tmp/vera/usr/share/dictd/vera --out=data/vera
-
-Writes kb.jsonl, qa_train.jsonl, qa_heldout.jsonl (the data-directory layout of prepare.py) and pretrain.jsonl, the
-training entries' text for `python prepare.py --input=data/vera/pretrain.jsonl`.
 """
 import argparse
 import gzip
@@ -57,6 +50,10 @@ def new_acronym(rng, taken, a=""):
     return a
 
 
+def asked(question, answer):
+    return f"\nQuestion: {question}\nAnswer: {answer}"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dict", default="/usr/share/dictd/vera", help="the dictionary, without .index / .dict.dz")
@@ -71,44 +68,35 @@ def main():
         raise SystemExit(f"error: {args.dict}: not a readable dictd dictionary ({e})")
     rng = random.Random(args.seed)
     count = Counter(d["title"].lower() for d in docs)  # entries per acronym, case-insensitive
-    qas = []
-    for d in docs:
-        answer = expansion(d["text"])
-        if count[d["title"].lower()] == 1 and len(answer.split()) >= 2:  # ambiguous acronyms stay in the KB as distractors
-            qas.append({"id": f"vera-qa-{len(qas)}", "question": rng.choice(PHRASINGS).format(a=d["title"]),
-                        "golden_answers": [answer], "gold_ids": [d["id"]]})
+    # ambiguous acronyms stay in the KB as distractors
+    one = [(d, a) for d in docs if count[d["title"].lower()] == 1 and len((a := expansion(d["text"])).split()) >= 2]
+    qas = [{"id": f"vera-qa-{n}", "question": rng.choice(PHRASINGS).format(a=d["title"]), "golden_answers": [a],
+            "gold_ids": [d["id"]]} for n, (d, a) in enumerate(one)]
     rng.shuffle(qas)
     n_held, n_train = (round(len(qas) * share) for share in QA_SHARES.values())
     splits = {"heldout": qas[:n_held], "train": qas[n_held:n_held + n_train]}
     for split, items in splits.items():  # unanswerable: a made-up acronym that no entry has
         for i in range(round(len(items) * args.unanswerable)):
-            items.append({"id": f"vera-{split}-none-{i}", "question": rng.choice(PHRASINGS).format(a=new_acronym(rng, count)),
-                          "golden_answers": [], "gold_ids": []})
+            question = rng.choice(PHRASINGS).format(a=new_acronym(rng, count))
+            items.append({"id": f"vera-{split}-none-{i}", "question": question, "golden_answers": [], "gold_ids": []})
         rng.shuffle(items)
     unseen = {g for items in splits.values() for q in items for g in q["gold_ids"]}
-    by_id = {q["gold_ids"][0]: q for q in qas[n_held + n_train:]}
-    pretrain = []
-    for d in docs:
-        if d["id"] not in unseen:
-            q = by_id.get(d["id"])
-            pretrain.append(f"{d['title']}: {d['text']}" + (f"\nQuestion: {q['question']}\nAnswer: {q['golden_answers'][0]}" if q else ""))
-    words = sorted({w for d in docs if d["id"] not in unseen for w in expansion(d["text"]).split() if w[:1].isupper() and w.isalpha()})
+    seen = [d for d in docs if d["id"] not in unseen]
+    by_id = {q["gold_ids"][0]: (q["question"], q["golden_answers"][0]) for q in qas[n_held + n_train:]}
+    pretrain = [f"{d['title']}: {d['text']}" + (asked(*by_id[d["id"]]) if d["id"] in by_id else "") for d in seen]
+    words = sorted({w for d in seen for w in expansion(d["text"]).split() if w[:1].isupper() and w.isalpha()})
     for _ in range(args.reading):  # one to three made-up entries, then questions about them
-        made = []
-        for _ in range(rng.randint(1, 3)):
-            ws = rng.sample(words, rng.randint(2, 5))
-            made.append((new_acronym(rng, count, "".join(w[0] for w in ws).upper()), " ".join(ws)))
+        made = [(new_acronym(rng, count, "".join(w[0] for w in ws).upper()), " ".join(ws))
+                for ws in (rng.sample(words, rng.randint(2, 5)) for _ in range(rng.randint(1, 3)))]
         pretrain.append("\n".join(f"{a}: {e}" for a, e in made) + "".join(
-            f"\nQuestion: {rng.choice(PHRASINGS).format(a=a)}\nAnswer: {e}" for a, e in rng.sample(made, len(made))))
+            asked(rng.choice(PHRASINGS).format(a=a), e) for a, e in rng.sample(made, len(made))))
     rng.shuffle(pretrain)
-    os.makedirs(args.out, exist_ok=True)
     files = {"kb": docs, "qa_train": splits["train"], "qa_heldout": splits["heldout"],
              "pretrain": [{"text": t} for t in pretrain]}
     for name, rows in files.items():
-        path = os.path.join(args.out, name + ".jsonl")
-        write_atomic(path, (json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_atomic(os.path.join(args.out, name + ".jsonl"), (json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"wrote {args.out}/: {len(docs):,} documents, {len(splits['train']):,} training and "
-          f"{len(splits['heldout']):,} held-out questions, {len(docs) - len(unseen):,} entries and {args.reading:,} "
+          f"{len(splits['heldout']):,} held-out questions, {len(seen):,} entries and {args.reading:,} "
           "reading exercises to pretrain on")
 
 
