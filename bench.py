@@ -1,30 +1,16 @@
 """
-Measures every speed and size figure the README quotes, side by side in one run, and prints markdown tables; and
-the RAG diagnostics, from a checkpoint or from rag_train.py's eval.json files.
-Speeds are medians over rounds in which the contenders take turns, so that changes in machine load hit them alike.
+Measures every speed and size figure the README quotes and prints markdown tables; and the RAG diagnostics. Speeds
+are medians over rounds in which the contenders take turns, so that changes in machine load hit them alike.
 
-    python bench.py                               # the default sections, on this machine (CPU or one GPU)
-    python bench.py --what=train,decode --out=out/bench.json --plot=out/bench_decode
+    python bench.py                               # every section, on this machine (CPU or one GPU)
+    python bench.py --what=decode --contexts=256,1024,4096 --plot=out/bench_decode
     python bench.py --reading out/tiny/ckpt.pt    # can a base model read? [--data_dir=data/world]
     python bench.py --vs_k out/rag_T/eval.json out/rag/eval.json --plot=acc_vs_k   # accuracy vs k: table and plot
-
-  train:     training tokens/s (and MFU on GPU) of T, M (Mamba-1), M2, M3 (Mamba-2, -3) and hybrid models, equal width
-  decode:    prefill time, per-token decode time and cache size per sequence as the context grows (and a plot)
-  mixer:     Mamba-1 mixer forward+backward: ours vs mamba-ssm's own module on its sequential selective_scan_ref,
-             and our chunked PyTorch scan (the path without the C scan or mamba-ssm's kernels)
-  block:     one block's forward+backward, T vs Mamba-1 vs Mamba-2 vs Mamba-3 at equal width
-  bm25:      our BM25 vs rank_bm25 (same top-10 and scores) and bm25s (latency), 50k synthetic documents
-  retrieval: recall@1/5 and MRR on data/world's held-out single-hop questions, and latency per query, per retriever
-  memory:    estimated training memory of every GPU config in configs/ (weights, grads, AdamW state, activations)
-
-Memory figures: a decode cache's size is the bytes of its tensors; training memory (the memory section) is an estimate.
 """
 import argparse
-import contextlib
 import dataclasses
 import glob
 import importlib.util
-import io
 import json
 import os
 import platform
@@ -32,7 +18,6 @@ import random
 import runpy
 import statistics
 import sys
-import tempfile
 import time
 import types
 from unittest import mock
@@ -41,14 +26,15 @@ import numpy as np
 import torch
 
 import model
-from common import autocast, load_model, peak_flops, plot, write_atomic
+from common import autocast, load_model, peak_flops, plot, step_optimizers
 from model import GPT, GPTConfig
 from rag import load_data
 
 
-def sync():
+def clock():
     if torch.cuda.is_initialized():  # GPU work is asynchronous: wait for it before reading the clock
         torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def timed(fns, rounds=5, warmup=True):
@@ -56,12 +42,10 @@ def timed(fns, rounds=5, warmup=True):
     times = {name: [] for name in fns}
     for r in range(-1 if warmup else 0, rounds):
         for name, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            sync()
             if r >= 0:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -72,48 +56,26 @@ def table(title, header, rows):
     print(flush=True)
 
 
-def synthetic_docs(n, vocab=30_000, seed=0):
-    """Zipf-distributed pseudo-words (like text: a few very common terms, a long tail), 10 to 150 words each."""
-    from retrieve import Document
-    rng = np.random.default_rng(seed)
-    lens = rng.integers(10, 150, n)
-    words = np.minimum(rng.zipf(1.1, lens.sum()), vocab) - 1
-    starts, names = np.concatenate([[0], np.cumsum(lens)]), [f"w{i}" for i in range(vocab)]
-    return [Document(id=str(i), text=" ".join(names[w] for w in words[starts[i]:starts[i + 1]])) for i in range(n)]
-
-
-def synthetic_queries(n, vocab=30_000, seed=1):
-    rng = np.random.default_rng(seed)
-    return [" ".join(f"w{min(w, vocab) - 1}" for w in rng.zipf(1.1, rng.integers(2, 6))) for _ in range(n)]
-
-
 def mamba_ssm_mamba():
-    """mamba-ssm's own Mamba (Mamba-1) module, from its source (the sdist unpacked under .gpu/, or at
-    $MAMBA_SSM_SRC) on its sequential selective_scan_ref, the CUDA-only imports stubbed; None without the source."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    src = os.environ.get("MAMBA_SSM_SRC") or next(iter(sorted(glob.glob(os.path.join(here, ".gpu", "mamba_ssm-*/")))), None)
+    """mamba-ssm's Mamba-1 module from its source (.gpu/mamba_ssm-*/ or $MAMBA_SSM_SRC) on its sequential
+    selective_scan_ref, the CUDA-only imports stubbed; None without the source."""
+    pattern = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".gpu", "mamba_ssm-*/")
+    src = os.environ.get("MAMBA_SSM_SRC") or (sorted(glob.glob(pattern)) or [None])[0]
     if src is None or importlib.util.find_spec("einops") is None:
         return None
-    before = set(sys.modules)
-
-    def load(name, rel):
-        spec = importlib.util.spec_from_file_location(name, os.path.join(src, "mamba_ssm", rel))
-        sys.modules[name] = mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    try:  # empty modules in place of the package __init__s (they import the CUDA kernels) and of the CUDA scan
-        for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton", "mamba_ssm.utils", "mamba_ssm.modules",
-                     "mamba_ssm.ops.triton.layer_norm", "selective_scan_cuda"):
-            sys.modules[name] = types.ModuleType(name)
-        sys.modules["mamba_ssm.ops.triton.layer_norm"]._layer_norm_fwd = None
-        load("mamba_ssm.utils.torch", "utils/torch.py")
-        scan = load("mamba_ssm.ops.selective_scan_interface", "ops/selective_scan_interface.py")
-        simple = load("mamba_ssm.modules.mamba_simple", "modules/mamba_simple.py")
-    finally:
-        for name in set(sys.modules) - before:
-            del sys.modules[name]
-    simple.selective_scan_fn = scan.selective_scan_ref
-    return simple.Mamba
+    # empty modules in place of the package __init__s (they import the CUDA kernels) and of the CUDA scan
+    stubs = {name: types.ModuleType(name) for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton",
+             "mamba_ssm.utils", "mamba_ssm.modules", "mamba_ssm.ops.triton.layer_norm", "selective_scan_cuda")}
+    stubs["mamba_ssm.ops.triton.layer_norm"]._layer_norm_fwd = None
+    mods = {}
+    with mock.patch.dict(sys.modules, stubs):  # and sys.modules as it was, afterwards
+        for name in ("utils.torch", "ops.selective_scan_interface", "modules.mamba_simple"):
+            path = os.path.join(src, "mamba_ssm", *name.split(".")) + ".py"
+            spec = importlib.util.spec_from_file_location("mamba_ssm." + name, path)
+            sys.modules[spec.name] = mods[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mods[name])
+    mods["modules.mamba_simple"].selective_scan_fn = mods["ops.selective_scan_interface"].selective_scan_ref
+    return mods["modules.mamba_simple"].Mamba
 
 
 # the same width and depth for every pattern: on CPU the tiny config's shape, on GPU the d20 shape
@@ -123,15 +85,16 @@ PATTERNS = {"T": dict(block_pattern="T"), "M": dict(block_pattern="M"), "M2": di
             "M3": dict(block_pattern="M", mamba_version=3), "hybrid TM": dict(block_pattern="TM")}
 
 # -----------------------------------------------------------------------------
-# the benchmarks: one function per section, each adding its numbers to results
+# the benchmarks: one function per section, each printing its tables
 
-def bench_train(args, results):
+def bench_train(args):
     device, shape = args.device, SHAPE_GPU if args.on_gpu else SHAPE_CPU
     T, B = (2048, 8) if args.on_gpu else (256, 16)
 
-    def train_step(kw):
+    def train_step(name):
         torch.manual_seed(0)
-        m = GPT(GPTConfig(block_size=T, **shape, **kw)).to(device)
+        m = GPT(GPTConfig(block_size=T, **shape, **PATTERNS[name])).to(device)
+        info[name] = m.num_params(), m.flops_per_token(T)
         opts = m.configure_optimizers(1e-4, 0.0, (0.9, 0.95), device.split(":")[0])
         x = torch.randint(0, shape["vocab_size"], (B, T + 1), device=device)
 
@@ -139,41 +102,31 @@ def bench_train(args, results):
             with autocast(device):
                 _, loss = m(x[:, :-1], x[:, 1:])
             loss.backward()
-            for opt in opts:
-                opt.step()
-            m.zero_grad(set_to_none=True)
-        return step, m.num_params(), m.flops_per_token(T)
+            step_optimizers(opts, m, 1.0, 0.0)
+        return step
 
-    if args.on_gpu:  # a dedicated device needs no turns, and four d20 models with AdamW state may not fit at once
-        t, info = {}, {}
-        for name, kw in PATTERNS.items():
-            step, *info[name] = train_step(kw)
-            t |= timed({name: step}, 3)
-            del step
-    else:
-        built = {name: train_step(kw) for name, kw in PATTERNS.items()}
-        t, info = timed({name: b[0] for name, b in built.items()}, 7), {name: b[1:] for name, b in built.items()}
-        del built
+    # on CPU the patterns take turns; a dedicated GPU needs none, and four d20 models with AdamW may not fit at once
+    t, info = {}, {}
+    for group in [[name] for name in PATTERNS] if args.on_gpu else [list(PATTERNS)]:
+        t |= timed({name: train_step(name) for name in group}, 3 if args.on_gpu else 7)
     rows, peak = [], peak_flops(device)
     for name, (params, flops) in info.items():
         tok_s = B * T / t[name]
         mfu = f"{100 * tok_s * flops / peak:.1f}%" if peak else "-"
         rows.append([name, f"{params / 1e6:.2f}M", f"{tok_s:,.0f}", f"{t['T'] / t[name]:.2f}", mfu])
-        results.setdefault("train", {})[name] = dict(params=params, tokens_per_s=tok_s, vs_T=t["T"] / t[name])
     table(f"training step (forward + backward + AdamW), batch {B} x {T}, {shape['n_layer']} layers x {shape['n_embd']}",
           ["pattern", "params", "tokens/s", "vs T", "MFU"], rows)
 
 
-def bench_decode(args, results):
+def bench_decode(args):
     device, shape = args.device, SHAPE_GPU if args.on_gpu else SHAPE_CPU
     contexts = args.contexts or ([1024, 4096, 16384, 32768] if args.on_gpu else [256, 1024, 4096])
     steps = 100  # decode steps timed per context; each one grows the context by a token, which is negligible
-    rows, d = [], results.setdefault("decode", {})
+    rows, ms = [], {}  # ms[name][ctx]: ms per decoded token
     for name, kw in PATTERNS.items():
         torch.manual_seed(0)
-        m = GPT(GPTConfig(block_size=max(contexts), **shape, **kw)).to(device).eval()
-        if args.on_gpu:
-            m = m.to(torch.bfloat16)
+        m = GPT(GPTConfig(block_size=max(contexts), **shape, **kw)).to(device, torch.bfloat16 if args.on_gpu else None)
+        m.eval()
         prompts = {ctx: torch.randint(0, shape["vocab_size"], (1, ctx), device=device) for ctx in contexts}
         tok, caches = prompts[contexts[0]][:, -1:], {}
 
@@ -185,101 +138,85 @@ def bench_decode(args, results):
             t_prefill = timed({ctx: lambda ctx=ctx: prefill(ctx) for ctx in contexts}, 3)
             # the contexts take turns token by token, so that load changes hit them alike
             t_tok = timed({ctx: lambda ctx=ctx: m(tok, cache=caches[ctx]) for ctx in contexts}, steps)
+        ms[name] = {ctx: 1000 * t_tok[ctx] for ctx in contexts}
         for ctx in contexts:
             cache_mb = sum(t.numel() * t.element_size() for layer in caches[ctx].layers for t in layer) / 2**20
-            rows.append([name, ctx, f"{1000 * t_prefill[ctx]:.1f}", f"{1000 * t_tok[ctx]:.2f}", f"{1 / t_tok[ctx]:,.0f}",
+            rows.append([name, ctx, f"{1000 * t_prefill[ctx]:.1f}", f"{ms[name][ctx]:.2f}", f"{1 / t_tok[ctx]:,.0f}",
                          f"{cache_mb:.2f}"])
-            d.setdefault(name, {})[ctx] = dict(prefill_s=t_prefill[ctx], per_token_s=t_tok[ctx], cache_mb=cache_mb)
         del m, caches
-    table(f"prefill and decode, batch 1, {shape['n_layer']} layers x {shape['n_embd']}" + (" bf16" if args.on_gpu else " fp32")
-          + "; cache: the bytes of its tensors", ["pattern", "context", "prefill ms", "decode ms/token", "tokens/s",
-                                                  "cache MB/sequence"], rows)
+    size = f"{shape['n_layer']} layers x {shape['n_embd']}" + (" bf16" if args.on_gpu else " fp32")
+    table(f"prefill and decode, batch 1, {size}; cache: the bytes of its tensors",
+          ["pattern", "context", "prefill ms", "decode ms/token", "tokens/s", "cache MB/sequence"], rows)
     lo, hi = contexts[0], contexts[-1]
     table(f"decode per token as the context grows, and against T (target: pure M, M3 at {hi} within 1.3x of at {lo}; "
-          "on GPU: hybrid decode tokens/s at 16k >= 3x T's)", ["pattern", f"ms/token at {hi} / at {lo}",
-          f"tokens/s vs T at {hi}"], [[name, f"{d[name][hi]['per_token_s'] / d[name][lo]['per_token_s']:.2f}",
-                                       f"{d['T'][hi]['per_token_s'] / d[name][hi]['per_token_s']:.2f}"] for name in PATTERNS])
+          "on GPU: hybrid decode tokens/s at 16k >= 3x T's)",
+          ["pattern", f"ms/token at {hi} / at {lo}", f"tokens/s vs T at {hi}"],
+          [[name, f"{ms[name][hi] / ms[name][lo]:.2f}", f"{ms['T'][hi] / ms[name][hi]:.2f}"] for name in PATTERNS])
     stem = "out/bench_decode" if args.plot is None else args.plot
     if stem:
-        plot(stem, f"decode, batch 1, {shape['n_layer']} x {shape['n_embd']}, {results['device']}", "tokens of context",
-             "ms per token", {name: (contexts, [1000 * d[name][ctx]["per_token_s"] for ctx in contexts]) for name in PATTERNS},
-             xlog=True, ylog=True)
+        plot(stem, f"decode, batch 1, {shape['n_layer']} x {shape['n_embd']}, {args.machine}", "tokens of context",
+             "ms per token", {name: (contexts, list(ms[name].values())) for name in PATTERNS}, xlog=True, ylog=True)
         print(f"(plot: {stem}.png, {stem}.svg)\n")
 
 
-def bench_mixer(args, results):
+def bench_mixer(args):
     device, reference_mamba = args.device, mamba_ssm_mamba()
-
-    def loop_scan(x, dt, A, B, C, h0=None):
-        """The definition one time step at a time, as selective_scan_ref: when mamba-ssm's source is not here."""
-        h = x.new_zeros(x.shape[0], *A.shape) if h0 is None else h0
-        ys = []
-        for t in range(x.shape[1]):
-            h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * x[:, t])[..., None] * B[:, t, None, :]
-            ys.append((h * C[:, t, None, :]).sum(-1))
-        return torch.stack(ys, 1), h
+    if reference_mamba is None:
+        print("## Mamba-1 mixer: skipped, it needs mamba-ssm's source (README: Tests) and einops\n")
+        return
 
     def fwd_bwd(mixer, x):
         mixer(x).square().mean().backward()
 
-    ref_name = "mamba-ssm Mamba + selective_scan_ref" if reference_mamba else "sequential loop (no mamba-ssm source in .gpu/)"
-    ours_path = ("mamba-ssm kernels" if model.cuda_kernels() else "chunked scan") if args.on_gpu else \
-        ("C scan" if model.cpu_scan_available() else "chunked scan")
-    sizes = [(2, 512, 128), (8, 512, 256)] + ([(8, 2048, 1024)] if args.on_gpu else [])  # the fallback at L=2048
+    def chunked():  # our mixer on the chunked PyTorch scan, not its own path
+        with mock.patch.multiple(model, selective_scan=model.chunked_scan, cuda_kernels=lambda: None):
+            fwd_bwd(ours, x)
+
+    fast = model.cuda_kernels() if args.on_gpu else model.cpu_scan_available()
+    ours_path = ("mamba-ssm kernels" if args.on_gpu else "C scan") if fast else "chunked scan"
     rows = []
-    for B, L, d in sizes:
+    for B, L, d in [(2, 512, 128), (8, 512, 256)] + ([(8, 2048, 1024)] if args.on_gpu else []):
         torch.manual_seed(0)
         ours = model.Mamba(d).to(device)
         # use_fast_path=False: its fused path would call the CUDA scan (stubbed) where causal-conv1d is installed
-        theirs = reference_mamba(d_model=d, use_fast_path=False).to(device) if reference_mamba else None
-        if theirs is not None:
-            ours.load_state_dict(theirs.state_dict())
+        theirs = reference_mamba(d_model=d, use_fast_path=False).to(device)
+        ours.load_state_dict(theirs.state_dict())
         x = torch.randn(B, L, d, device=device, requires_grad=True)
-
-        def chunked():
-            with mock.patch.multiple(model, selective_scan=model.chunked_scan, cuda_kernels=lambda: None):
-                fwd_bwd(ours, x)
-
-        def reference():
-            if theirs is not None:
-                return fwd_bwd(theirs, x)
-            with mock.patch.multiple(model, selective_scan=loop_scan, cuda_kernels=lambda: None):
-                fwd_bwd(ours, x)
-
         t = timed({"ours": lambda: fwd_bwd(ours, x), "chunked": chunked}, 3)
-        t |= timed({"ref": reference}, 1, warmup=False)  # 100 s a call here: once is enough
-        rows.append([f"{B} x {L} x {d}", f"{1000 * t['ours']:.0f}", f"{1000 * t['chunked']:.0f}", f"{1000 * t['ref']:.0f}",
-                     f"{t['ref'] / t['ours']:.0f}x", f"{t['ref'] / t['chunked']:.1f}x", f"{t['chunked'] / t['ours']:.1f}x"])
-        results.setdefault("mixer", {})[f"{B}x{L}x{d}"] = dict(ours_s=t["ours"], chunked_s=t["chunked"], ref_s=t["ref"],
-                                                               ours_path=ours_path, reference=ref_name)
-    table(f"Mamba-1 mixer forward+backward, fp32: ours ({ours_path}) and our chunked PyTorch scan vs {ref_name} "
-          "(target: ours >= 30x the reference)",
+        t |= timed({"ref": lambda: fwd_bwd(theirs, x)}, 1, warmup=False)  # 100 s a call here: once is enough
+        rows.append([f"{B} x {L} x {d}", f"{1000 * t['ours']:.0f}", f"{1000 * t['chunked']:.0f}",
+                     f"{1000 * t['ref']:.0f}", f"{t['ref'] / t['ours']:.0f}x", f"{t['ref'] / t['chunked']:.1f}x",
+                     f"{t['chunked'] / t['ours']:.1f}x"])
+    table(f"Mamba-1 mixer forward+backward, fp32: ours ({ours_path}) and our chunked PyTorch scan vs mamba-ssm Mamba + "
+          "selective_scan_ref (target: ours >= 30x the reference)",
           ["B x L x d_model", "ours ms", "chunked ms", "reference ms", "ref / ours", "ref / chunked", "chunked / ours"],
           rows)
 
 
-def bench_block(args, results):
+def bench_block(args):
     B, L, d = 8, 256, 256
     cfg = dict(block_size=L, vocab_size=256, n_layer=1, n_head=4, n_kv_head=4, n_embd=d)
-    blocks = {"T": model.AttentionBlock(GPTConfig(**cfg)), "Mamba-1": model.MambaBlock(GPTConfig(**cfg, mamba_version=1)),
-              "Mamba-2": model.MambaBlock(GPTConfig(**cfg, mamba_version=2)),
-              "Mamba-3": model.MambaBlock(GPTConfig(**cfg, mamba_version=3))}
+    blocks = {"T": model.AttentionBlock(GPTConfig(**cfg))} | {
+        f"Mamba-{v}": model.MambaBlock(GPTConfig(**cfg, mamba_version=v)) for v in (1, 2, 3)}
     cos, sin = model.rotary(0, L, d // cfg["n_head"], args.device)
     x = torch.randn(B, L, d, device=args.device, requires_grad=True)
     t = timed({name: lambda blk=blk.to(args.device): blk(x, cos, sin).square().mean().backward()
                for name, blk in blocks.items()}, 7)
-    table(f"one block forward+backward, fp32, d_model {d}, batch {B} x {L} (targets: Mamba-2 <= 1.5x T, Mamba-1 <= 5x T, "
-          "Mamba-3 <= 1.5x T)",
+    table(f"one block forward+backward, fp32, d_model {d}, batch {B} x {L} (targets: Mamba-2 <= 1.5x T, "
+          "Mamba-1 <= 5x T, Mamba-3 <= 1.5x T)",
           ["block", "ms", "vs T"], [[name, f"{1000 * s:.1f}", f"{s / t['T']:.2f}"] for name, s in t.items()])
-    results["block"] = {name: dict(seconds=s, vs_T=s / t["T"]) for name, s in t.items()}
 
 
-def bench_bm25(args, results):
+def bench_bm25(args):
     import bm25s
     from rank_bm25 import BM25Okapi
-    from retrieve import BM25Retriever, tokenize
-    n_docs, n_queries = 50_000, 100
-    docs, queries = synthetic_docs(n_docs), synthetic_queries(n_queries)
+    from retrieve import BM25Retriever, Document, tokenize
+
+    def words(rng, n):  # Zipf-distributed pseudo-words, like text: a few very common terms, a long tail
+        return " ".join(f"w{w - 1}" for w in np.minimum(rng.zipf(1.1, n), 30_000).tolist())
+    n_docs, n_queries, rng, qrng = 50_000, 100, np.random.default_rng(0), np.random.default_rng(1)
+    docs = [Document(id=str(i), text=words(rng, n)) for i, n in enumerate(rng.integers(10, 150, n_docs))]
+    queries = [words(qrng, qrng.integers(2, 6)) for _ in range(n_queries)]
     tokens, qtok = [tokenize(doc.text) for doc in docs], [tokenize(q) for q in queries]
     okapi, lucene = BM25Retriever(method="okapi"), BM25Retriever()
     okapi.add_documents(docs)
@@ -300,49 +237,43 @@ def bench_bm25(args, results):
                "ours (lucene)": lambda: [lucene.retrieve(q, 10) for q in queries],
                "rank_bm25 (okapi)": lambda: [np.argpartition(-rank.get_scores(qt), 9)[:10] for qt in qtok],
                "bm25s (lucene)": lambda: [fast.retrieve([qt], k=10, show_progress=False) for qt in qtok]}, 3)
-    print(f"## BM25 okapi vs rank_bm25 BM25Okapi, {n_docs:,} synthetic documents, {n_queries} queries: top-10 ids identical "
-          f"for {same}/{n_queries} ({same_but_ties}/{n_queries} up to ties at the 10th score), max |score difference| "
-          f"{err:.1e} (target: same top-10, scores to 1e-6)\n")
+    print(f"## BM25 okapi vs rank_bm25 BM25Okapi, {n_docs:,} synthetic documents, {n_queries} queries: top-10 ids "
+          f"identical for {same}/{n_queries} ({same_but_ties}/{n_queries} up to ties at the 10th score), max |score "
+          f"difference| {err:.1e} (target: same top-10, scores to 1e-6)\n")
     table(f"BM25 latency, top 10 of {n_docs:,} documents, one query at a time "
           "(target: >= 50x faster than rank_bm25, within 1.5x of bm25s)",
           ["retriever", "ms/query", "rank_bm25 / this", "this / bm25s"],
           [[name, f"{1000 * s / n_queries:.3f}", f"{t['rank_bm25 (okapi)'] / s:.0f}x", f"{s / t['bm25s (lucene)']:.2f}"]
            for name, s in t.items()])
-    results["bm25"] = dict(top10_identical=same, top10_identical_up_to_ties=same_but_ties, max_score_diff=err,
-                           ms_per_query={name: 1000 * s / n_queries for name, s in t.items()})
 
 
-def bench_retrieval(args, results):
-    from retrieve import RETRIEVERS, evaluate, load_documents, read_jsonl
+def bench_retrieval(args):
+    from retrieve import RETRIEVERS, load_documents, mrr, read_jsonl, recall_at_k
     docs = load_documents("data/world/kb.jsonl")
     single = [r for _, r in read_jsonl("data/world/qa_heldout.jsonl") if r["hops"] == 1]
-    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:  # evaluate() reads a file
-        f.writelines(json.dumps(r) + "\n" for r in single)
-    retrievers, rows, metrics = {}, [], results.setdefault("retrieval", {})
+    asked, golds = [r["question"] for r in single], [[str(g) for g in r["gold_ids"]] for r in single]
+    retrievers, metrics = {}, {}
     for label, kind, options in [("BM25 (lucene)", "bm25", {}), ("BM25 (okapi)", "bm25", {"method": "okapi"}),
                                  ("dense MiniLM (exact)", "dense", {}), ("hybrid (convex 0.5)", "hybrid", {}),
                                  ("hybrid (RRF 60)", "hybrid", {"fusion": "rrf"})]:
         retrievers[label] = r = RETRIEVERS[kind](**options)
         r.add_documents(docs)
-        with contextlib.redirect_stdout(io.StringIO()):
-            metrics[label] = evaluate(r, f.name)
-    os.remove(f.name)
-    questions = [r["question"] for r in single[:50]]
+        runs = [[d.id for d, _ in hits] for hits in r.retrieve_batch(asked, 10)]  # as retrieve.evaluate: MRR@10
+        metrics[label] = np.mean([[recall_at_k(run, g, 1), recall_at_k(run, g, 5), mrr(run, g)]
+                                  for run, g in zip(runs, golds)], 0)
+    questions = asked[:50]
     t = timed({label: lambda r=r: [r.retrieve(q, 5) for q in questions] for label, r in retrievers.items()}, 3)
-    for label, m in metrics.items():
-        m["ms_per_query"] = 1000 * t[label] / len(questions)
-        rows.append([label, f"{m['recall@1']:.3f}", f"{m['recall@5']:.3f}", f"{m['mrr']:.3f}", f"{m['ms_per_query']:.2f}"])
-    table(f"retrieval on data/world: {len(docs)} documents, {len(single)} held-out single-hop questions; latency is one "
-          "query at a time, top 5 (target: hybrid at least as good as the better of its parts)",
-          ["retriever", "recall@1", "recall@5", "MRR@10", "ms/query"], rows)
+    table(f"retrieval on data/world: {len(docs)} documents, {len(single)} held-out single-hop questions; latency is "
+          "one query at a time, top 5 (target: hybrid at least as good as the better of its parts)",
+          ["retriever", "recall@1", "recall@5", "MRR@10", "ms/query"],
+          [[label, *(f"{x:.3f}" for x in m), f"{1000 * t[label] / len(questions):.2f}"]
+           for label, m in metrics.items()])
 
 
-def bench_memory(args, results):
-    # An estimate, not a measurement (no GPU here): weights, grads and AdamW moments in fp32 are 16 bytes a
-    # parameter (exact count, model built on the meta device); activations saved for backward in bf16 are ~34 bytes
-    # per token per unit of width per layer (Korthikanti et al. 2022, without the s^2 attention term that flash
-    # attention removes; a Mamba mixer + MLP block saves about as much), plus fp32 logits and their gradient
-    # (8 bytes per token per vocabulary entry). Allocator slack and CUDA context (~1-2 GiB) come on top.
+def bench_memory(args):
+    # An estimate: weights, grads and fp32 AdamW moments are 16 bytes a parameter; activations saved for backward in
+    # bf16 ~34 bytes per token per unit of width per layer (Korthikanti et al. 2022, without the s^2 attention term
+    # flash attention removes), fp32 logits and their gradient 8 per token per vocabulary entry; CUDA context on top.
     rows = []
     for path in sorted(glob.glob("configs/*.py")):
         name = os.path.basename(path)
@@ -353,11 +284,9 @@ def bench_memory(args, results):
         with torch.device("meta"):
             m = GPT(GPTConfig(**margs))
         params, tokens = m.num_params(), cfg["device_batch_size"] * cfg["block_size"]
-        state = 16 * params
-        act = tokens * (34 * cfg["n_embd"] * cfg["n_layer"] + 8 * margs["vocab_size"])
+        state, act = 16 * params, tokens * (34 * cfg["n_embd"] * cfg["n_layer"] + 8 * margs["vocab_size"])
         rows.append([name, m.pattern, f"{params / 1e6:.0f}M", f"{cfg['device_batch_size']} x {cfg['block_size']}",
                      f"{state / 2**30:.1f}", f"{act / 2**30:.1f}", f"{(state + act) / 2**30:.1f}"])
-        results.setdefault("memory", {})[name] = dict(params=params, state_bytes=state, activation_bytes=act)
     table("estimated training memory per GPU (bf16 autocast, fp32 AdamW; vocab 32768)",
           ["config", "pattern", "params", "batch", "weights+grads+AdamW GiB", "activations GiB", "total GiB"], rows)
 
@@ -370,25 +299,24 @@ SECTIONS = {"train": bench_train, "decode": bench_decode, "mixer": bench_mixer, 
 
 @torch.no_grad()
 def reading_loss(model, tok, qas, by_id):
-    """Loss per token of the answer to a question asked right after its gold document, in the pretraining format
-    (world.reading_items, the world's entity given; dev/vera.py's): a model that ignores the document pays the full
-    price of every name (10+ nats a token), one that copies pays almost nothing on them. Before any RAG fine-tuning."""
+    """Loss per answer token of questions asked right after their gold document, in the pretraining format
+    (world.reading_items): a model that ignores the document pays 10+ nats a name token, one that copies ~0."""
     device = next(model.parameters()).device
     total, n = 0.0, 0
     for q in qas:
         d = by_id[q["gold_ids"][0]]
-        lead, rest = (" " + q["entity"], q["response"][len(q["entity"]):]) if "entity" in q else ("", " " + q["golden_answers"][0])
+        lead = " " + q["entity"] if "entity" in q else ""
+        rest = q["response"][len(q["entity"]):] if "entity" in q else " " + q["golden_answers"][0]
         prompt = tok.encode(f"{d.title}: {d.text}\nQuestion: {q['question']}\nAnswer:{lead}")
         answer = tok.encode(rest)
-        ids = torch.tensor([[tok.bos_id] + prompt + answer], device=device)
-        y = ids[:, 1:].clone()
-        y[:, :len(prompt)] = -1
-        total += model(ids[:, :-1], y, loss_reduction="none")[1].sum().item()
+        x = torch.tensor([[tok.bos_id] + prompt + answer[:-1]], device=device)
+        y = torch.tensor([[-1] * len(prompt) + answer], device=device)  # only the answer's tokens are scored
+        total += model(x, y, loss_reduction="none")[1].sum().item()
         n += len(answer)
     return total / n
 
+
 def diagnose(args):
-    """--reading on a checkpoint, with the held-out questions of args.data_dir."""
     try:
         m, tok, _ = load_model(args.reading, "cpu", args.data_dir)
         _, by_id, qa = load_data(args.data_dir)
@@ -406,9 +334,8 @@ def diagnose(args):
 #   python bench.py --vs_k out/rag_T/eval.json out/rag_M/eval.json out/rag/eval.json --plot=acc_vs_k
 
 def curves(results):
-    """(index of its eval.json, label, params, {k: value}, kind) for each eval.json: EM in one pass, EM after
-    cite-then-read where it was measured, and how often the one-pass citation names a gold document. The label is
-    the pattern and the run (the checkpoint's directory), so two runs of one pattern stay apart."""
+    """(index of its eval.json, label, params, {k: value}, kind) per curve: one-pass EM, cite-then-read EM and the
+    one-pass citation's gold rate, where measured. Labels name the pattern and the run (the checkpoint's directory)."""
     out = []
     for i, r in enumerate(results):
         run = os.path.basename(os.path.dirname(r.get("checkpoint", "")))
@@ -419,17 +346,6 @@ def curves(results):
             if values:
                 out.append((i, label, r["params"], values, kind))
     return out
-
-
-def vs_k_table(results):
-    """Markdown table: a row per eval.json (and its cite-then-read sweep, and its citations), % with k documents in
-    context."""
-    ks = sorted({int(k) for r in results for k in r["vs_k"]})
-    lines = ["| model | params | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
-    for _, label, params, em, _ in curves(results):
-        cells = [f"{100 * em[k]:.1f}" if k in em else "" for k in ks]
-        lines.append(f"| {label} | {params:,} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def vs_k_plot(stem, results):
@@ -450,7 +366,10 @@ def vs_k(args):
             sys.exit(f"error: {path}: {e}")
         if not isinstance(results[-1], dict) or not {"pattern", "params", "vs_k"} <= results[-1].keys():
             sys.exit(f"error: {path} is not an eval.json of rag_train.py (it needs pattern, params and vs_k)")
-    print(vs_k_table(results))
+    ks = sorted({int(k) for r in results for k in r["vs_k"]})  # a markdown row per curve, % at each k
+    print("| model | params | " + " | ".join(f"k={k}" for k in ks) + " |\n|---|---|" + "---|" * len(ks))
+    for _, label, params, em, _ in curves(results):
+        print(f"| {label} | {params:,} | " + " | ".join(f"{100 * em[k]:.1f}" if k in em else "" for k in ks) + " |")
     if args.plot:
         vs_k_plot(args.plot, results)
         print(f"wrote {args.plot}.png and {args.plot}.svg")
@@ -458,16 +377,16 @@ def vs_k(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument("--what", default="train,decode,mixer,block,bm25,retrieval,memory", help="sections, comma-separated")
+    parser.add_argument("--what", default=",".join(SECTIONS), type=lambda v: v.split(","),
+                        help="sections, comma-separated: " + ", ".join(SECTIONS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    # Tiny models gain nothing from a second CPU thread, and on a loaded machine OpenMP threads spin-wait on each
+    # 1: tiny models gain nothing from a second thread, and on a loaded machine OpenMP threads spin-wait on each
     # other (10x slower with 2 threads than with 1 at load average 8 on 2 cores). 0: torch's default.
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="", help="also write the numbers as JSON here")
     parser.add_argument("--contexts", type=lambda v: sorted(int(c) for c in v.split(",")),  # argparse names a bad one
                         help="decode: tokens of context, comma-separated (default 256,1024,4096 on CPU)")
-    parser.add_argument("--plot", help="the plot's path without extension (STEM.png and STEM.svg are written); "
-                                       "default out/bench_decode for the decode section, none for --vs_k; '' for none")
+    parser.add_argument("--plot", help="the plot's path without extension (STEM.png and STEM.svg); default "
+                                       "out/bench_decode for the decode section, none for --vs_k; '' for none")
     task = parser.add_mutually_exclusive_group()
     task.add_argument("--reading", metavar="CKPT", help="a base model's loss per answer token after the gold document")
     task.add_argument("--vs_k", nargs="+", metavar="EVAL_JSON", help="rag_train.py's EM vs k: a table (and --plot)")
@@ -479,21 +398,17 @@ def main():
         return diagnose(args)
     if args.vs_k:
         return vs_k(args)
-    what = args.what.split(",")
-    if set(what) - set(SECTIONS):
-        parser.error(f"--what: unknown section(s) {sorted(set(what) - set(SECTIONS))}; choose from {', '.join(SECTIONS)}")
+    if unknown := set(args.what) - set(SECTIONS):
+        parser.error(f"--what: unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     args.on_gpu = args.device.startswith("cuda")
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor() or platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
-    results = {"device": torch.cuda.get_device_name() if args.on_gpu else f"{cpu}, {os.cpu_count()} cores",
-               "threads": torch.get_num_threads(), "torch": torch.__version__, "load_average": os.getloadavg()[0]}
-    print(f"# bench on {results['device']}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
-          f"load average {results['load_average']:.1f}\n", flush=True)
+    args.machine = torch.cuda.get_device_name() if args.on_gpu else f"{cpu}, {os.cpu_count()} cores"
+    print(f"# bench on {args.machine}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
+          f"load average {os.getloadavg()[0]:.1f}\n", flush=True)
     for name, section in SECTIONS.items():
-        if name in what:
-            section(args, results)
-    if args.out:
-        write_atomic(args.out, json.dumps(results, indent=1))
+        if name in args.what:
+            section(args)
 
 
 if __name__ == "__main__":
