@@ -1,16 +1,6 @@
 """
-Retrieval for RAG: a knowledge base (KB) of documents, three ways to search it, and metrics.
-
-  BM25Retriever    BM25 on a precomputed inverted index; method="okapi" gives rank_bm25.BM25Okapi's
-                   scores, method="lucene" (default) gives Lucene's / bm25s's
-  DenseRetriever   sentence-transformers embeddings (all-MiniLM-L6-v2) in FAISS: exact inner product,
-                   HNSW from HNSW_MIN_SIZE documents on (or by index="hnsw")
-  HybridRetriever  dense + BM25, fused by a convex combination of normalised scores or reciprocal rank
-                   fusion, optionally reranked by a cross-encoder
-
-A KB is a directory: documents.jsonl, index files (.npy arrays, .json, a FAISS index) and manifest.json, which
-records the number of documents and the index sizes that loading checks. No pickle anywhere: a KB loads without
-running code from it. Saves are atomic, and writers of one KB take turns (a lock file beside it).
+Retrieval for RAG: BM25, dense and hybrid search over a knowledge base (KB), and metrics. A KB is a directory
+(documents.jsonl, index files, manifest.json); no pickle, saves are atomic, and writers of one KB take turns.
 
   python retrieve.py --documents docs.jsonl --output kb/ --type bm25|dense|hybrid          # build (--overwrite)
   python retrieve.py --documents more.jsonl --kb kb/                                       # grow
@@ -103,12 +93,12 @@ def take_top_k(scores, k):
     return top[np.lexsort((top, -scores[top]))]
 
 class Retriever:
-    """Subclasses index doc_text() and implement _index, _search, _save_index, _load_index, _lengths (index sizes)."""
-    type = None
-
+    # subclasses implement _search; each of self.parts (the retriever itself, or a hybrid's dense and BM25 retrievers)
+    # implements _index, _save_index, _load_index and _lengths (the index sizes manifest.json records)
     def __init__(self, **options):
-        self.options = options  # plain JSON values: they go into manifest.json and back into __init__
-        self.docs = []
+        # plain JSON values: they go into manifest.json and back into __init__ (stopwords only when there are some)
+        self.options = {k: v for k, v in options.items() if k != "stopwords" or v}
+        self.docs, self.parts = [], (self,)
 
     def add_documents(self, docs):
         docs, seen = list(docs), {d.id for d in self.docs}
@@ -119,8 +109,12 @@ class Retriever:
                 raise ValueError(f"duplicate document id {d.id!r}")
             seen.add(d.id)
         if docs:
-            self._index(docs)  # extends the index in place: what is indexed already is not redone
+            for part in self.parts:
+                part._index(docs)  # extends the index in place: what is indexed already is not redone
             self.docs.extend(docs)
+
+    def lengths(self):
+        return {k: v for part in self.parts for k, v in part._lengths().items()}
 
     def retrieve(self, query, top_k=5):
         return self.retrieve_batch([query], top_k)[0]
@@ -133,31 +127,30 @@ class Retriever:
         if not all(isinstance(q, str) for q in queries):
             raise ValueError("queries must be strings")
         k = min(top_k, len(self.docs))
-        live = [i for i, q in enumerate(queries) if tokenize(q)] if k > 0 else []
+        live = [i for i, q in enumerate(queries) if tokenize(q)]
         results = [[] for _ in queries]
-        for i, (idx, scores) in zip(live, self._search([queries[i] for i in live], k) if live else []):
+        for i, (idx, scores) in zip(live, self._search([queries[i] for i in live], k) if live and k else []):
             results[i] = [(self.docs[j], float(s)) for j, s in zip(idx, scores)]
         return results
 
-    def save(self, path):
+    def save(self, path, lock=True):
         """Writes the KB to a temp directory beside it, then swaps it in: a crash leaves the previous KB whole.
-        Under the KB's lock, so concurrent writers never mix their files."""
+        Under the KB's lock, unless the caller holds it (lock=False)."""
         path = os.path.normpath(path)
-        with kb_lock(path):
-            kb_or_empty = os.path.isdir(path) and (not os.listdir(path) or os.path.exists(os.path.join(path, "manifest.json")))
-            if os.path.exists(path) and not kb_or_empty:
-                raise ValueError(f"refusing to replace {path}: it is not a KB directory (no manifest.json) and not empty")
+        with kb_lock(path) if lock else contextlib.nullcontext():
+            if os.path.exists(path) and not (os.path.isdir(path) and (not os.listdir(path) or is_kb(path))):
+                raise ValueError(f"refusing to replace {path}: not empty and not a KB directory (no manifest.json)")
             for stale in glob.glob(glob.escape(path) + ".tmp[0-9]*"):  # from killed saves: no one else writes now
                 shutil.rmtree(stale, ignore_errors=True)
             tmp, old = f"{path}.tmp{os.getpid()}", path + ".old"
             os.makedirs(tmp)
             try:
                 save_documents(self.docs, os.path.join(tmp, "documents.jsonl"))
-                self._save_index(tmp)
+                for part in self.parts:
+                    part._save_index(tmp)
                 manifest = dict(format_version=FORMAT_VERSION, type=self.type, options=self.options,
-                                n_documents=len(self.docs), lengths=self._lengths(), created_with="retrieve.py")
-                with open(os.path.join(tmp, "manifest.json"), "w") as f:
-                    json.dump(manifest, f, indent=2)
+                                n_documents=len(self.docs), lengths=self.lengths(), created_with="retrieve.py")
+                write_atomic(os.path.join(tmp, "manifest.json"), json.dumps(manifest, indent=2))
                 if os.path.exists(path):
                     shutil.rmtree(old, ignore_errors=True)
                     os.rename(path, old)
@@ -166,25 +159,19 @@ class Retriever:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
 
-_locks_held = set()  # flock on a second descriptor of a lock this process holds would wait for ourselves
-
 @contextlib.contextmanager
 def kb_lock(path):
-    """An exclusive flock on .<name>.lock beside the KB (the KB directory itself is swapped on save). Writers hold it
-    from load to save, so a second one waits, then adds to what the first saved."""
+    # an exclusive flock on .<name>.lock beside the KB (the directory itself is swapped on save), held by writers
+    # from load to save, so a second one waits, then adds to what the first saved. Not reentrant: flock on a second
+    # descriptor of a lock this process holds would wait for ourselves.
     path = os.path.normpath(path)
-    lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
-    if lock in _locks_held:
-        yield
-        return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(lock, "a") as f:
+    with open(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock"), "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
-        _locks_held.add(lock)
-        try:
-            yield
-        finally:
-            _locks_held.discard(lock)
+        yield
+
+def is_kb(path):
+    return os.path.exists(os.path.join(path, "manifest.json"))
 
 def load_json(file):
     try:
@@ -206,63 +193,68 @@ def load_array(path, name, dtype, ndim=1):
 def load_kb(path):
     """Reads manifest.json and returns the retriever it describes, with its documents and index."""
     path = os.path.normpath(path)
-    if not os.path.exists(os.path.join(path, "manifest.json")) and os.path.exists(os.path.join(path + ".old", "manifest.json")):
-        path = path + ".old"  # a save was interrupted mid-swap: this is the previous KB, intact
+    if not is_kb(path) and is_kb(path + ".old"):
+        path += ".old"  # a save was interrupted mid-swap: this is the previous KB, intact
     manifest_path = os.path.join(path, "manifest.json")
-    if not os.path.exists(manifest_path):
+    if not is_kb(path):
         raise FileNotFoundError(f"no KB at {path} (missing {manifest_path}); build one with "
                                 f"python retrieve.py --documents docs.jsonl --output {path}")
     m = load_json(manifest_path)
-    try:
-        version, kind, options, n = m["format_version"], m["type"], m["options"], m["n_documents"]
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{manifest_path}: not a valid manifest ({e!r})") from None
+    version = m.get("format_version") if isinstance(m, dict) else None
     if version != FORMAT_VERSION:
         raise ValueError(f"{manifest_path}: format_version {version!r} is not supported by this retrieve.py "
                          f"(it reads version {FORMAT_VERSION}); rebuild the KB or update retrieve.py")
-    if kind not in RETRIEVERS:
-        raise ValueError(f"{manifest_path}: unknown type {kind!r} (known: {', '.join(RETRIEVERS)})")
+    if m.get("type") not in RETRIEVERS:
+        raise ValueError(f"{manifest_path}: unknown type {m.get('type')!r} (known: {', '.join(RETRIEVERS)})")
     try:
-        kb = RETRIEVERS[kind](**options)
-    except TypeError as e:
-        raise ValueError(f"{manifest_path}: bad options for type {kind!r} ({e})") from None
-    kb.docs = load_documents(os.path.join(path, "documents.jsonl"))
+        kb, n = RETRIEVERS[m["type"]](**m["options"]), m["n_documents"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{manifest_path}: not a valid manifest ({e!r})") from None
+    kb.docs.extend(load_documents(os.path.join(path, "documents.jsonl")))  # extended: a hybrid's parts share it
     if len(kb.docs) != n:
         raise ValueError(f"{manifest_path}: n_documents is {n} but documents.jsonl has {len(kb.docs)}")
-    kb._load_index(path)
-    if m.get("lengths", kb._lengths()) != kb._lengths():  # KBs from before lengths were recorded have none
-        raise ValueError(f"{manifest_path}: records index sizes {m['lengths']}, the files hold {kb._lengths()} (corrupt KB)")
+    for part in kb.parts:
+        part._load_index(path)
+    if m.get("lengths", kb.lengths()) != kb.lengths():  # KBs from before lengths were recorded have none
+        raise ValueError(f"{manifest_path}: index sizes {m['lengths']}, the files hold {kb.lengths()} (corrupt KB)")
     return kb
 
 # -----------------------------------------------------------------------------
-# sparse retrievers: an inverted index of raw term counts, turned into per-(term, doc) weights
+# BM25 on an inverted index of raw term counts, turned into per-(term, doc) weights:
+#   score(q, d) = sum over query terms t of idf(t) * tf (k1 + 1) / (tf + k1 (1 - b + b |d| / avgdl))
+#   method="okapi":  idf = ln(N - df + 0.5) - ln(df + 0.5), negative ones floored to epsilon * mean idf:
+#                    rank_bm25.BM25Okapi exactly (on a tiny KB most idfs are ~0, so every document scores ~0)
+#   method="lucene": idf = ln(1 + (N - df + 0.5) / (df + 0.5)), never negative, and no (k1 + 1) factor:
+#                    Lucene's, Elasticsearch's and bm25s's; our default, sane from 1 document up
 
 WORD = re.compile(r"\w+")
 
 def tokenize(text):
-    """Lowercased runs of letters, digits and '_': "Kelmar's 2nd-born" -> ['kelmar', 's', '2nd', 'born'].
-    The terms BM25 indexes; give rank_bm25 or bm25s these tokens and they score exactly like ours."""
+    """Lowercased runs of letters, digits and '_': "Kelmar's 2nd-born" -> ['kelmar', 's', '2nd', 'born']."""
     return WORD.findall(text.lower())
 
 def stop_words(name):
-    """bm25s's English lists: "en" is Lucene's 33 words, "en_plus" NLTK's 179 ("what", "does", ...), which
-    questions are made of; "" none (so the question words of "What does X stand for?" outscore X)."""
+    # bm25s's English lists: "en" is Lucene's 33 words, "en_plus" NLTK's 179 ("what", "does", ...), which questions
+    # are made of; "" none (so the question words of "What does X stand for?" outscore X)
     if not name:
         return frozenset()
-    import bm25s.stopwords as lists
     if name not in ("en", "en_plus"):
         raise ValueError(f"unknown stopwords {name!r} (en, en_plus)")
-    return frozenset(getattr(lists, "STOPWORDS_" + name.upper()))
+    import bm25s.stopwords
+    return frozenset(getattr(bm25s.stopwords, "STOPWORDS_" + name.upper()))
 
-class SparseRetriever(Retriever):
-    """Postings in CSC layout: term t occurs in documents post_doc[indptr[t]:indptr[t+1]] (ascending),
-    post_tf times each. The raw counts are kept because idf depends on N and df: adding documents
-    changes every weight, and recomputing them from counts (O(nnz), vectorised) is what makes
-    "add to a KB" give exactly the KB built from all documents at once. Subclasses define the weights."""
+class BM25Retriever(Retriever):
+    type = "bm25"
+    arrays = {"indptr": np.int64, "post_doc": np.int32, "post_tf": np.int32, "doc_len": np.int32}  # saved as .npy
 
-    def __init__(self, stopwords="", **options):
-        super().__init__(**options, **({"stopwords": stopwords} if stopwords else {}))  # old KBs have none
-        self.stop = stop_words(stopwords)
+    def __init__(self, k1=1.5, b=0.75, method="lucene", epsilon=0.25, stopwords=""):
+        if method not in ("okapi", "lucene"):
+            raise ValueError(f"unknown BM25 method {method!r} (okapi, lucene)")
+        super().__init__(k1=k1, b=b, method=method, epsilon=epsilon, stopwords=stopwords)
+        self.k1, self.b, self.method, self.epsilon, self.stop = k1, b, method, epsilon, stop_words(stopwords)
+        # postings in CSC layout: term t occurs in documents post_doc[indptr[t]:indptr[t+1]] (ascending), post_tf
+        # times each. The raw counts are kept because idf depends on N and df: adding documents changes every weight,
+        # and recomputing them from counts gives exactly the KB built from all documents at once.
         self.vocab = {}                            # term -> id, in order of first appearance
         self.indptr = np.zeros(1, np.int64)        # (V+1,)
         self.post_doc = np.zeros(0, np.int32)      # (nnz,)
@@ -294,64 +286,6 @@ class SparseRetriever(Retriever):
         self.doc_len = np.concatenate([self.doc_len, np.frombuffer(lens, np.int32)])
         self._reweight()
 
-    def scores(self, query):
-        """(N,) float64 score of every document for `query`, like rank_bm25's get_scores."""
-        counts = Counter(t for t in tokenize(query) if t in self.vocab and t not in self.stop)
-        terms = np.array([self.vocab[t] for t in counts], np.int64)
-        scores = np.zeros(len(self.doc_len))
-        for t, w in zip(terms, self._query_weights(terms, np.array(list(counts.values()), np.float64))):
-            a, b = self.indptr[t], self.indptr[t + 1]
-            np.add.at(scores, self.post_doc[a:b], self.weights[a:b] if w == 1 else w * self.weights[a:b])
-        return scores
-
-    def _search(self, queries, k):
-        results = []
-        for q in queries:
-            scores = self.scores(q)
-            idx = take_top_k(scores, k)
-            idx = idx[scores[idx] != 0]  # no query term (or, under okapi, only terms with idf 0): no evidence
-            results.append((idx, scores[idx]))
-        return results
-
-    def _save_index(self, path):
-        with open(os.path.join(path, "vocab.json"), "w", encoding="utf-8") as f:
-            json.dump(list(self.vocab), f, ensure_ascii=False)
-        for name in ("indptr", "post_doc", "post_tf", "doc_len"):
-            np.save(os.path.join(path, name + ".npy"), getattr(self, name))
-
-    def _lengths(self):
-        return {"terms": len(self.vocab), "postings": len(self.post_doc)}
-
-    def _load_index(self, path):
-        file = os.path.join(path, "vocab.json")
-        terms = load_json(file)
-        if not isinstance(terms, list):
-            raise ValueError(f"{file}: expected a list of terms (corrupt KB)")
-        self.vocab = {t: i for i, t in enumerate(terms)}
-        for name, dtype in (("indptr", np.int64), ("post_doc", np.int32), ("post_tf", np.int32), ("doc_len", np.int32)):
-            setattr(self, name, load_array(path, name + ".npy", dtype))
-        # checked here, or a query would index out of bounds
-        if not (len(self.indptr) == len(self.vocab) + 1 and self.indptr[0] == 0 and (np.diff(self.indptr) >= 0).all()
-                and self.indptr[-1] == len(self.post_doc) == len(self.post_tf) and len(self.doc_len) == len(self.docs)
-                and ((self.post_doc >= 0) & (self.post_doc < len(self.docs))).all()):
-            raise ValueError(f"{path}: index files do not match vocab.json / documents.jsonl (corrupt KB)")
-        self._reweight()
-
-class BM25Retriever(SparseRetriever):
-    """BM25: sum over query terms of idf(t) * tf (k1 + 1) / (tf + k1 (1 - b + b |d| / avgdl)).
-    method="okapi":  idf = ln(N - df + 0.5) - ln(df + 0.5), negative ones floored to epsilon * mean idf:
-                     rank_bm25.BM25Okapi exactly. On a tiny KB most terms are in half the documents and
-                     get idf ~ 0, so every document scores ~ 0.
-    method="lucene": idf = ln(1 + (N - df + 0.5) / (df + 0.5)), never negative, and tf / (tf + k1 (...)):
-                     Lucene, Elasticsearch and bm25s's default. Our default: sane from 1 document up."""
-    type = "bm25"
-
-    def __init__(self, k1=1.5, b=0.75, method="lucene", epsilon=0.25, stopwords=""):
-        if method not in ("okapi", "lucene"):
-            raise ValueError(f"unknown BM25 method {method!r} (okapi, lucene)")
-        super().__init__(stopwords, k1=k1, b=b, method=method, epsilon=epsilon)
-        self.k1, self.b, self.method, self.epsilon = k1, b, method, epsilon
-
     def _reweight(self):
         N, df = len(self.doc_len), np.diff(self.indptr)
         if self.method == "okapi":
@@ -362,14 +296,54 @@ class BM25Retriever(SparseRetriever):
             idf = np.log(1 + (N - df + 0.5) / (df + 0.5))
         tf, dl = self.post_tf.astype(np.float64), self.doc_len[self.post_doc]
         avgdl = self.doc_len.mean() if N else 1.0
-        self.weights = np.repeat(idf, np.diff(self.indptr)) * (tf * (self.k1 + 1 if self.method == "okapi" else 1)
-                                                               / (tf + self.k1 * (1 - self.b + self.b * dl / avgdl)))
+        self.weights = np.repeat(idf, df) * (tf * (self.k1 + 1 if self.method == "okapi" else 1)
+                                             / (tf + self.k1 * (1 - self.b + self.b * dl / avgdl)))
 
-    def _query_weights(self, terms, counts):
-        return counts  # a term twice in the query counts twice, as in rank_bm25, bm25s and Lucene
+    def scores(self, query):
+        """(N,) float64 score of every document for `query`, like rank_bm25's get_scores."""
+        scores = np.zeros(len(self.doc_len))
+        # a term twice in the query counts twice, as in rank_bm25, bm25s and Lucene
+        for t, count in Counter(t for t in tokenize(query) if t in self.vocab and t not in self.stop).items():
+            a, b = self.indptr[self.vocab[t]], self.indptr[self.vocab[t] + 1]
+            np.add.at(scores, self.post_doc[a:b], self.weights[a:b] * count)
+        return scores
+
+    def _search(self, queries, k):
+        results = []
+        for scores in map(self.scores, queries):
+            idx = take_top_k(scores, k)
+            idx = idx[scores[idx] != 0]  # no query term (or, under okapi, only terms with idf 0): no evidence
+            results.append((idx, scores[idx]))
+        return results
+
+    def _lengths(self):
+        return {"terms": len(self.vocab), "postings": len(self.post_doc)}
+
+    def _save_index(self, path):
+        write_atomic(os.path.join(path, "vocab.json"), json.dumps(list(self.vocab), ensure_ascii=False))
+        for name in self.arrays:
+            np.save(os.path.join(path, name + ".npy"), getattr(self, name))
+
+    def _load_index(self, path):
+        terms = load_json(os.path.join(path, "vocab.json"))
+        if not isinstance(terms, list):
+            raise ValueError(f"{path}/vocab.json: expected a list of terms (corrupt KB)")
+        self.vocab = {t: i for i, t in enumerate(terms)}
+        for name, dtype in self.arrays.items():
+            setattr(self, name, load_array(path, name + ".npy", dtype))
+        # checked here, or a query would index out of bounds
+        if not (len(self.indptr) == len(self.vocab) + 1 and self.indptr[0] == 0 and (np.diff(self.indptr) >= 0).all()
+                and self.indptr[-1] == len(self.post_doc) == len(self.post_tf) and len(self.doc_len) == len(self.docs)
+                and ((self.post_doc >= 0) & (self.post_doc < len(self.docs))).all()):
+            raise ValueError(f"{path}: index files do not match vocab.json / documents.jsonl (corrupt KB)")
+        self._reweight()
 
 # -----------------------------------------------------------------------------
-# dense retriever
+# dense retriever: cosine similarity of normalised sentence embeddings in FAISS. index="flat" is exact; "hnsw" is a
+# graph (M=32, efConstruction=200, efSearch=128) that keeps recall@10 0.996 of exact on 100k 384-d vectors with a
+# 32-d latent structure, at 1/40 of the time a query, but only 0.33 on structureless random vectors (dev/LOG.md);
+# "auto" is flat below HNSW_MIN_SIZE documents, HNSW from there. The FAISS index holds the only in-memory copy of
+# the embeddings; on disk they are embeddings.npy, so a KB can be re-indexed without re-encoding.
 
 @functools.lru_cache(maxsize=None)
 def load_encoder(name, cross=False):
@@ -385,12 +359,6 @@ def load_encoder(name, cross=False):
     return sentence_transformers.CrossEncoder(name) if cross else sentence_transformers.SentenceTransformer(name)
 
 class DenseRetriever(Retriever):
-    """Cosine similarity of normalised sentence embeddings. index="flat" is exact. index="hnsw" is a FAISS
-    HNSW graph, M=32, efConstruction=200, efSearch=128: on 100k synthetic 384-d unit vectors with a 32-d
-    latent structure it keeps recall@10 0.996 of exact at 1/40 of the time a query; on structureless uniform
-    random vectors (the worst case) it keeps only 0.33, and needs efSearch 1024 for 0.89. index="auto" is flat
-    below HNSW_MIN_SIZE documents, HNSW from there. The FAISS index holds the only in-memory copy of the
-    embeddings; on disk they are embeddings.npy, so a KB can be re-indexed without re-encoding."""
     type = "dense"
 
     def __init__(self, model=DEFAULT_MODEL, index="auto", batch_size=64):
@@ -410,25 +378,25 @@ class DenseRetriever(Retriever):
 
     def _new_index(self, kind, vectors):
         import faiss
-        d = vectors.shape[1]
         if kind == "flat":
-            index = faiss.IndexFlatIP(d)
+            index = faiss.IndexFlatIP(vectors.shape[1])
         else:
-            index = faiss.IndexHNSWFlat(d, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.IndexHNSWFlat(vectors.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction, index.hnsw.efSearch = HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH
         index.add(vectors)
         return index
 
-    def embeddings(self):
-        # an empty KB saves a (0, 0) array: np.save(None) would pickle an object array
-        return self.index.reconstruct_n(0, self.index.ntotal) if self.index is not None else np.zeros((0, 0), np.float32)
-
     def _lengths(self):
         return {"vectors": self.index.ntotal if self.index is not None else 0}
 
+    def embeddings(self):
+        if self.index is None:  # an empty KB saves a (0, 0) array: np.save(None) would pickle an object array
+            return np.zeros((0, 0), np.float32)
+        return self.index.reconstruct_n(0, self.index.ntotal)
+
     def _index(self, docs):
         vectors = self.encode([doc_text(d) for d in docs])
-        n = len(vectors) + (self.index.ntotal if self.index is not None else 0)
+        n = len(vectors) + self._lengths()["vectors"]
         if self.index is None:
             self.index = self._new_index(self._kind(n), vectors)
         elif self._kind(n) != self._kind(self.index.ntotal):  # grew past HNSW_MIN_SIZE: rebuild, no re-encoding
@@ -450,33 +418,30 @@ class DenseRetriever(Retriever):
         import faiss
         vectors = load_array(path, "embeddings.npy", np.float32, 2)
         if len(vectors) != len(self.docs):
-            raise ValueError(f"{path}: embeddings.npy has {len(vectors)} rows for {len(self.docs)} documents (corrupt KB)")
-        hnsw_path = os.path.join(path, "index.faiss")
-        if not len(vectors):
-            self.index = None
-        elif self._kind(len(vectors)) == "hnsw" and os.path.exists(hnsw_path):
-            try:
-                self.index = faiss.read_index(hnsw_path)
-            except RuntimeError:
-                raise ValueError(f"{hnsw_path}: not a FAISS index (corrupt KB)") from None
-            if not (isinstance(self.index, faiss.IndexHNSWFlat) and self.index.metric_type == faiss.METRIC_INNER_PRODUCT
-                    and (self.index.ntotal, self.index.d) == vectors.shape):
-                raise ValueError(f"{hnsw_path}: not an inner-product HNSW index of the {vectors.shape[0]} "
-                                 f"{vectors.shape[1]}-d vectors in embeddings.npy (corrupt KB)")
-            self.index.hnsw.efSearch = HNSW_EF_SEARCH
-        else:
-            self.index = self._new_index(self._kind(len(vectors)), vectors)
+            raise ValueError(f"{path}/embeddings.npy: {len(vectors)} rows for {len(self.docs)} documents (corrupt KB)")
+        file = os.path.join(path, "index.faiss")
+        if not len(vectors) or self._kind(len(vectors)) != "hnsw" or not os.path.exists(file):
+            self.index = self._new_index(self._kind(len(vectors)), vectors) if len(vectors) else None
+            return
+        try:
+            self.index = faiss.read_index(file)
+        except RuntimeError:
+            raise ValueError(f"{file}: not a FAISS index (corrupt KB)") from None
+        if not (isinstance(self.index, faiss.IndexHNSWFlat) and self.index.metric_type == faiss.METRIC_INNER_PRODUCT
+                and (self.index.ntotal, self.index.d) == vectors.shape):
+            raise ValueError(f"{file}: not an inner-product HNSW index of the {vectors.shape[0]} "
+                             f"{vectors.shape[1]}-d vectors in embeddings.npy (corrupt KB)")
+        self.index.hnsw.efSearch = HNSW_EF_SEARCH
 
 # -----------------------------------------------------------------------------
-# hybrid retriever
+# hybrid retriever: dense + BM25, each returning its `depth` best. fusion="convex" scores a document alpha * dense +
+# (1 - alpha) * bm25 with each list's scores min-max normalised to [0, 1] (0 where a list lacks it); fusion="rrf"
+# sums 1 / (rrf_k + rank) over the two lists (Cormack et al. 2009, k=60). Convex is the default: on the synthetic
+# world it matched or beat the better part on every question set, while RRF, which sees only ranks, fell below the
+# better part on most (Bruch et al. 2023 also find convex ahead). A named cross-encoder (reranker=) then rescores
+# the fused top `depth`.
 
 class HybridRetriever(Retriever):
-    """Dense + BM25. Each returns its `depth` best; fusion="convex" scores a document alpha * dense +
-    (1 - alpha) * bm25 with each list's scores min-max normalised to [0, 1] (0 where a list lacks it);
-    fusion="rrf" scores it sum 1 / (rrf_k + rank) over the two lists (Cormack et al. 2009, k=60).
-    Convex is the default: on the synthetic world it matched or beat the better part on every question set,
-    while RRF, which sees only ranks, fell below the better part on most (Bruch et al. 2023 also find convex
-    ahead). A named cross-encoder (reranker=) then rescores the fused top `depth`."""
     type = "hybrid"
 
     def __init__(self, model=DEFAULT_MODEL, index="auto", method="lucene", k1=1.5, b=0.75,
@@ -484,10 +449,11 @@ class HybridRetriever(Retriever):
         if fusion not in ("rrf", "convex"):
             raise ValueError(f"unknown fusion {fusion!r} (rrf, convex)")
         super().__init__(model=model, index=index, method=method, k1=k1, b=b, fusion=fusion, alpha=alpha,
-                         rrf_k=rrf_k, depth=depth, reranker=reranker, **({"stopwords": stopwords} if stopwords else {}))
+                         rrf_k=rrf_k, depth=depth, reranker=reranker, stopwords=stopwords)
         self.dense = DenseRetriever(model=model, index=index)
         self.bm25 = BM25Retriever(k1=k1, b=b, method=method, stopwords=stopwords)
         self.fusion, self.alpha, self.rrf_k, self.depth, self.reranker = fusion, alpha, rrf_k, depth, reranker
+        self.parts = (self.dense, self.bm25)
         self.dense.docs = self.bm25.docs = self.docs  # the parts only read it (len, checks on load)
 
     def fuse(self, dense, sparse):
@@ -501,37 +467,22 @@ class HybridRetriever(Retriever):
                 lo, hi = scores.min(), scores.max()
                 for j, s in zip(idx.tolist(), ((scores - lo) / (hi - lo) if hi > lo else np.ones(len(idx))).tolist()):
                     fused[j] += weight * s
-        idx, scores = np.fromiter(fused.keys(), np.int64, len(fused)), np.fromiter(fused.values(), np.float64, len(fused))
+        idx, scores = np.array(list(fused), np.int64), np.array(list(fused.values()), np.float64)
         order = take_top_k(scores, len(scores))
         return idx[order], scores[order]
 
     def _search(self, queries, k):
         depth = min(max(k, self.depth), len(self.docs))
-        results = [self.fuse(d, s) for d, s in zip(self.dense._search(queries, depth), self.bm25._search(queries, depth))]
+        results = [self.fuse(*lists) for lists in zip(*(part._search(queries, depth) for part in self.parts))]
         if self.reranker:
             cross = load_encoder(self.reranker, cross=True)
             for i, (q, (idx, _)) in enumerate(zip(queries, results)):
                 idx = idx[:depth]
-                scores = np.asarray(cross.predict([(q, doc_text(self.docs[j])) for j in idx]), np.float64).reshape(len(idx))
+                scores = cross.predict([(q, doc_text(self.docs[j])) for j in idx])
+                scores = np.asarray(scores, np.float64).reshape(len(idx))
                 order = take_top_k(scores, len(scores))
                 results[i] = idx[order], scores[order]
         return [(idx[:k], scores[:k]) for idx, scores in results]
-
-    def _index(self, docs):
-        self.dense._index(docs)
-        self.bm25._index(docs)
-
-    def _save_index(self, path):
-        self.dense._save_index(path)
-        self.bm25._save_index(path)
-
-    def _load_index(self, path):
-        self.dense.docs = self.bm25.docs = self.docs
-        self.dense._load_index(path)
-        self.bm25._load_index(path)
-
-    def _lengths(self):
-        return {**self.dense._lengths(), **self.bm25._lengths()}
 
 RETRIEVERS = {"bm25": BM25Retriever, "dense": DenseRetriever, "hybrid": HybridRetriever}
 
@@ -545,7 +496,8 @@ def new_retriever(kind, stopwords=""):
     return RETRIEVERS[kind](**({"stopwords": stopwords} if stopwords else {}))
 
 # -----------------------------------------------------------------------------
-# metrics: `retrieved` is a ranked list of document ids, `gold` the ids that answer the question
+# metrics: `retrieved` is a ranked list of document ids, `gold` the ids that answer the question. MRR is 0 when no
+# gold document was retrieved; nDCG has binary relevance, over the DCG of the ideal ranking (all gold ones first).
 
 def recall_at_k(retrieved, gold, k):
     return len(set(retrieved[:k]) & set(gold)) / len(gold)
@@ -554,19 +506,16 @@ def precision_at_k(retrieved, gold, k):
     return len(set(retrieved[:k]) & set(gold)) / k
 
 def mrr(retrieved, gold):
-    """Reciprocal rank of the first gold document (0 when none was retrieved)."""
     gold = set(gold)
     return next((1 / rank for rank, d in enumerate(retrieved, 1) if d in gold), 0.0)
 
 def ndcg_at_k(retrieved, gold, k):
-    """Binary relevance: DCG of the ranking over DCG of the ideal one (all gold documents first)."""
     gold = set(gold)
     dcg = sum(1 / math.log2(rank + 1) for rank, d in enumerate(retrieved[:k], 1) if d in gold)
     return dcg / sum(1 / math.log2(rank + 1) for rank in range(1, min(k, len(gold)) + 1))
 
 def evaluate(retriever, qa_jsonl, ks=(1, 5, 10)):
-    """Runs every question with gold documents through the retriever; prints and returns mean metrics
-    (MRR over the top max(ks))."""
+    """Mean metrics of the questions with gold documents (MRR over the top max(ks)), printed and returned."""
     questions, golds = [], []
     for lineno, r in read_jsonl(qa_jsonl):
         if not isinstance(r.get("question"), str) or not isinstance(r.get("gold_ids"), list):
@@ -581,12 +530,10 @@ def evaluate(retriever, qa_jsonl, ks=(1, 5, 10)):
         runs += [[d.id for d, _ in hits] for hits in retriever.retrieve_batch(questions[i:i + 256], max(ks))]
     mean = lambda f: sum(map(f, runs, golds)) / len(runs)
     results = {"n": len(runs), "mrr": mean(mrr)}
-    for k in ks:
-        for name, metric in (("recall", recall_at_k), ("precision", precision_at_k), ("ndcg", ndcg_at_k)):
-            results[f"{name}@{k}"] = mean(lambda r, g: metric(r, g, k))
     print(f"{retriever.type} retriever, {len(runs)} questions with gold documents from {qa_jsonl}")
     print(f"{'':>10}" + "".join(f"{'@' + str(k):>8}" for k in ks))
-    for name in ("recall", "precision", "ndcg"):
+    for name, metric in (("recall", recall_at_k), ("precision", precision_at_k), ("ndcg", ndcg_at_k)):
+        results.update({f"{name}@{k}": mean(lambda r, g: metric(r, g, k)) for k in ks})
         print(f"{name:>10}" + "".join(f"{results[f'{name}@{k}']:8.4f}" for k in ks))
     print(f"{'MRR@' + str(max(ks)):>10}{results['mrr']:8.4f}")
     return results
@@ -600,8 +547,7 @@ if __name__ == "__main__":
     parser.add_argument("--output", help="directory to write the new KB to")
     parser.add_argument("--overwrite", action="store_true", help="let --output replace an existing KB")
     parser.add_argument("--type", default="bm25", choices=list(RETRIEVERS), help="retriever to build")
-    parser.add_argument("--stopwords", default="", choices=["", "en", "en_plus"], help="English stopwords left out "
-                        "of a new bm25 / hybrid index (bm25s's lists)")
+    parser.add_argument("--stopwords", default="", choices=["", "en", "en_plus"], help="left out of a new bm25 index")
     parser.add_argument("--kb", help="an existing KB directory")
     parser.add_argument("--query", help="search the KB")
     parser.add_argument("--top_k", type=int, default=5)
@@ -615,11 +561,12 @@ if __name__ == "__main__":
         if args.documents and (args.output or args.kb):
             path = args.output or args.kb
             with kb_lock(path):  # held from the check (or the load) to the save: no concurrent writer's work is lost
-                if args.output and os.path.exists(os.path.join(path, "manifest.json")) and not args.overwrite:
-                    raise ValueError(f"{path} already holds a KB: add to it with --kb {path}, or replace it with --overwrite")
+                if args.output and is_kb(path) and not args.overwrite:
+                    raise ValueError(f"{path} already holds a KB: add to it with --kb {path}, or replace it with "
+                                     "--overwrite")
                 kb = new_retriever(args.type, args.stopwords) if args.output else load_kb(path)
                 kb.add_documents(load_documents(args.documents))
-                kb.save(path)
+                kb.save(path, lock=False)
             print(f"built a {args.type} KB of {len(kb.docs)} documents in {path}" if args.output else
                   f"{path} now holds {len(kb.docs)} documents")
         elif args.kb and args.query is not None:
