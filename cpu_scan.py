@@ -1,14 +1,9 @@
 """
-The Mamba-1 selective scan on CPU: a small C loop compiled by the system C compiler on first use (under a second),
-the CPU twin of mamba-ssm's CUDA scan, as torch custom ops. model.py runs its chunked PyTorch scan when this
-returns no kernel.
-
-Loading a library runs its code, so the cache ($XDG_CACHE_HOME or ~/.cache, then hybrid-gpt/) is used only while
-it is private: the directory is created 0700; a directory or file that is not yours, or that group or others can
-write, is refused with a one-line message and the scan is built in a private temp directory instead; the library's
-SHA-256, stored beside it, is checked before it is loaded. A library that will not load is rebuilt once, then the
-chunked PyTorch scan runs, with a warning.
+The Mamba-1 selective scan on CPU as torch custom ops: a small C loop, the CPU twin of mamba-ssm's CUDA scan, compiled
+by the system C compiler on first use. Loading a library runs its code, so the cache ($XDG_CACHE_HOME/hybrid-gpt) is
+used only while no one else can write it, and a library loads only if its SHA-256 matches the one stored beside it.
 """
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -123,18 +118,15 @@ def private(path):
 
 
 def build(cc, lib):
-    """Compiles SCAN_C to lib and its SHA-256 to lib.sha256; False when the compiler fails with both flags.
-    Compile and link are separate steps: linking with -ffast-math adds a constructor that would switch the whole
-    process to flushing denormals to zero."""
+    """Compiles SCAN_C to lib and its SHA-256 to lib.sha256; False when the compiler fails with both flags."""
+    # compile and link apart: linking with -ffast-math adds a constructor that makes the process flush denormals
     for openmp in ("-fopenmp", "-fopenmp-simd"):  # Apple's clang has no OpenMP runtime: one thread, still vectorised
         with tempfile.TemporaryDirectory(dir=os.path.dirname(lib)) as tmp:
-            src, obj, out, digest = (os.path.join(tmp, f) for f in ("scan.c", "scan.o", "scan.so", "sha256"))
-            with open(src, "w") as f:
-                f.write(SCAN_C)
+            obj, out, digest = (os.path.join(tmp, f) for f in ("scan.o", "scan.so", "sha256"))
             try:
-                for cmd in ([cc, "-O3", "-march=native", "-ffast-math", "-fPIC", openmp, "-c", src, "-o", obj],
+                for cmd in ([cc, "-O3", "-march=native", "-ffast-math", "-fPIC", openmp, "-xc", "-c", "-", "-o", obj],
                             [cc, "-shared", openmp, obj, "-o", out, "-lm"]):
-                    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+                    subprocess.run(cmd, input=SCAN_C, text=True, check=True, capture_output=True, timeout=120)
             except (OSError, subprocess.SubprocessError):
                 continue
             with open(digest, "w") as f:
@@ -150,12 +142,10 @@ def build(cc, lib):
 def load(cc, lib):
     """lib when its SHA-256 matches the stored one and it loads; else a fresh build, and one rebuild."""
     for attempt in range(3):
-        try:
-            with open(lib + ".sha256") as f:
-                if sha256(lib) == f.read().strip():
-                    return ctypes.CDLL(lib)
-        except OSError:
-            pass  # missing, damaged (a truncated library would die of SIGBUS inside CDLL, hence the hash) or unloadable
+        # missing, damaged (a truncated library would die of SIGBUS inside CDLL, hence the hash) or unloadable: build
+        with contextlib.suppress(OSError), open(lib + ".sha256") as f:
+            if sha256(lib) == f.read().strip():
+                return ctypes.CDLL(lib)
         if attempt == 2 or not build(cc, lib):
             break
     if attempt:  # not when there is no compiler at all: then the chunked scan is the plan, not a failure
@@ -223,14 +213,12 @@ def _(x, dt, A, B, C, h0):
 
 @cpu_scan_backward.register_fake
 def _(x, dt, A, B, C, hchk, dy, dhT):
-    return [torch.empty_like(x), torch.empty_like(x), torch.empty_like(A), torch.empty_like(B), torch.empty_like(C),
-            x.new_empty(x.shape[0], *A.shape)]
+    return [torch.empty_like(t) for t in (x, dt, A, B, C, dhT)]  # dh0 is shaped as dhT
 
 
 def cpu_scan_setup_context(ctx, inputs, output):
-    x, dt, A, B, C, h0 = inputs
-    ctx.save_for_backward(x, dt, A, B, C, output[2])
-    ctx.h0_grad = h0 is not None
+    ctx.save_for_backward(*inputs[:5], output[2])  # x, dt, A, B, C and the checkpointed states
+    ctx.h0_grad = inputs[5] is not None
 
 
 def cpu_scan_grad(ctx, dy, dhT, _):

@@ -1,13 +1,7 @@
 """
-A GPT whose blocks are attention (T) or Mamba (M), mixed by a pattern string, in one file.
-
-- T block: nanochat style. RMSNorm pre-norm, rotary, QK-norm, grouped-query attention, ReLU^2 MLP, no biases.
-- M block: RMSNorm pre-norm + a Mamba mixer: Mamba-1 (S6), Mamba-2 (SSD) or Mamba-3 (SISO), with the parameters,
-  state-dict keys and initialisation of mamba_ssm.modules.mamba_simple.Mamba / mamba2.Mamba2 / mamba3.Mamba3.
-- On CUDA, when mamba-ssm and causal-conv1d import, the mixers call their fused kernels. Elsewhere they run the
-  same maths in PyTorch, except the Mamba-1 scan on CPU: a small C loop (cpu_scan.py) compiled on first use, the
-  CPU twin of mamba-ssm's CUDA scan, with a chunked PyTorch scan as the fallback. A laptop can train either.
-- One cache object holds a KV cache per T layer and the constant-size state per M layer for generation.
+A GPT whose layers are attention (T, nanochat's) or Mamba (M: a Mamba-1, -2 or -3 mixer with mamba-ssm's parameters,
+state-dict keys and init), mixed by a pattern string. On CUDA the mixers call mamba-ssm's fused kernels when installed;
+elsewhere the same maths runs in PyTorch, and the Mamba-1 scan on CPU in a small compiled C loop (cpu_scan.py).
 """
 
 import functools
@@ -42,8 +36,7 @@ def layer_pattern(config):
     """block_pattern tiled to n_layer, e.g. "TMM" with 4 layers -> "TMMT"."""
     p = config.block_pattern
     if not p or set(p) - set("TM") or len(p) > config.n_layer:
-        raise ValueError(f"block_pattern={p!r}: must be a non-empty string of 'T'/'M', "
-                         f"at most n_layer={config.n_layer} long")
+        raise ValueError(f"block_pattern={p!r}: must be 1 to n_layer={config.n_layer} letters, each 'T' or 'M'")
     return (p * config.n_layer)[:config.n_layer]
 
 
@@ -61,10 +54,7 @@ def cuda_kernels():
         from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined
     except Exception:  # mamba-ssm < 2.3
         mamba3_siso_combined = None
-    return dict(causal_conv1d_update=causal_conv1d_update, mamba_inner_fn=mamba_inner_fn,
-                selective_state_update=selective_state_update, mamba_chunk_scan_combined=mamba_chunk_scan_combined,
-                mamba_split_conv1d_scan_combined=mamba_split_conv1d_scan_combined,
-                mamba3_siso_combined=mamba3_siso_combined)
+    return dict(locals())  # the functions imported above, by name
 
 
 def kernels_for(x):
@@ -116,14 +106,11 @@ class CausalSelfAttention(nn.Module):
             kv[0][:, :, pos:pos + T] = k
             kv[1][:, :, pos:pos + T] = v
             k, v = kv[0][:, :, :pos + T], kv[1][:, :, :pos + T]
-        gqa = self.n_kv_head != self.n_head
-        if kv is None or pos == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif T == 1:  # one new token sees everything
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        else:  # a chunk at pos..pos+T-1 sees the cache and itself causally
+        mask = None  # causal from position 0; one new token sees everything
+        if pos > 0 and T > 1:  # a chunk at pos..pos+T-1 sees the cache and itself causally
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
+                                           enable_gqa=self.n_kv_head != self.n_head)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -144,18 +131,19 @@ class MLP(nn.Module):
 
 def selective_scan(x, dt, A, B, C, h0=None):
     """x, dt (b, L, D); A (D, N); B, C (b, L, N); h0 (b, D, N) or None -> y (b, L, D) without the D skip, h_L (b, D, N).
-    On CPU in fp32 a compiled C loop (cpu_scan.py); elsewhere the chunked scan in PyTorch."""
+    One step (decode) directly; on CPU in fp32 a compiled C loop (cpu_scan.py); elsewhere the chunked scan."""
+    if x.shape[1] == 1 and h0 is not None:
+        h = torch.exp(dt[:, 0, :, None] * A) * h0 + (dt * x)[:, 0, :, None] * B[:, 0, None, :]
+        return (h @ C[:, 0, :, None]).squeeze(-1).unsqueeze(1), h
     if x.device.type == "cpu" and x.dtype == torch.float32 and cpu_scan_available():
         return cpu_scan(x, dt, A, B, C, h0)[:2]
     return chunked_scan(x, dt, A, B, C, h0)
 
 
 def chunked_scan(x, dt, A, B, C, h0=None):
-    """Split L into chunks of Q ~ sqrt(L); scan all chunks at once from a zero state (Q steps), then carry the
-    state across chunks (L/Q steps): 2*sqrt(L) Python steps instead of L, and only products of decays <= 1
-    (no exp of cumulative sums that overflow), so it is exact and stable in any dtype, on any device."""
-    b, L, D = x.shape
-    N = A.shape[1]
+    """Scan all chunks of Q ~ sqrt(L) steps at once, then carry the state across them: 2 sqrt(L) Python steps, and
+    only products of decays <= 1 (no overflowing exp of cumulative sums): exact and stable in any dtype."""
+    (b, L, D), N = x.shape, A.shape[1]
     Q = max(1, math.isqrt(L))
     nc = -(-L // Q)
     pad = nc * Q - L  # padded steps have dt = 0: decay 1, no input, so the final state is unchanged
@@ -178,9 +166,15 @@ def chunked_scan(x, dt, A, B, C, h0=None):
     return y[:, :L], carry
 
 
-def causal_conv(conv1d, x, conv_state=None):
+def causal_conv(conv1d, x, conv_state=None, kernels=None):
     """silu(depthwise causal conv over time): x (B, L, C) -> (B, L, C). With conv_state (B, C, d_conv), the last
     d_conv inputs seen so far, continue from it instead of zero padding, and update it in place."""
+    if conv_state is not None and x.shape[1] == 1:  # one token (decode), on causal-conv1d's kernel if given
+        if kernels:
+            return kernels["causal_conv1d_update"](x[:, 0].to(conv_state.dtype), conv_state,
+                                                   conv1d.weight.squeeze(1), conv1d.bias, "silu").unsqueeze(1)
+        conv_state.copy_(torch.cat([conv_state[..., 1:], x.transpose(1, 2)], dim=-1))
+        return F.silu((conv_state * conv1d.weight.squeeze(1)).sum(-1) + conv1d.bias).unsqueeze(1)
     L, x = x.shape[1], x.transpose(1, 2)  # (B, C, L)
     if conv_state is None:
         x = conv1d(x)[..., :L]
@@ -189,16 +183,6 @@ def causal_conv(conv1d, x, conv_state=None):
         conv_state.copy_(x[..., -conv_state.shape[-1]:])
         x = F.conv1d(x, conv1d.weight, conv1d.bias, groups=x.shape[1])
     return F.silu(x).transpose(1, 2).contiguous()  # (B, L, C): elementwise ops on a transposed view are slow
-
-
-def causal_conv_step(conv1d, x, conv_state, kernels=None):
-    """One token of causal_conv: x (B, C)."""
-    if kernels:
-        return kernels["causal_conv1d_update"](x.to(conv_state.dtype), conv_state, conv1d.weight.squeeze(1),
-                                               conv1d.bias, "silu")
-    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
-    conv_state[:, :, -1] = x
-    return F.silu((conv_state * conv1d.weight.squeeze(1)).sum(-1) + conv1d.bias)
 
 
 def dt_bias_init(n):
@@ -244,43 +228,26 @@ class Mamba(nn.Module):
 
     def forward(self, u, state=None):
         """u (B, L, d_model) -> (B, L, d_model). state: (conv_state, ssm_state), continued and updated in place."""
-        kernels = kernels_for(u)
-        if state is not None and u.shape[1] == 1:
-            return self.step(u, state, kernels)
-        A = -torch.exp(self.A_log.float())  # (D, N)
+        kernels, A = kernels_for(u), -torch.exp(self.A_log.float())  # A (D, N)
         if kernels and state is None:  # fused conv + scan + gate + out_proj
             return kernels["mamba_inner_fn"](
                 self.in_proj(u).transpose(1, 2), self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
                 self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias, A, None, None, self.D.float(),
                 delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, L, D) each
-        x = causal_conv(self.conv1d, x, None if state is None else state[0])
+        x = causal_conv(self.conv1d, x, None if state is None else state[0], kernels)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())  # (B, L, D) fp32
+        dt = F.linear(dt, self.dt_proj.weight)  # (B, L, D), bias added with the softplus
+        if kernels and state is not None and u.shape[1] == 1:  # mamba-ssm's decode kernel, gate included
+            y = kernels["selective_state_update"](state[1], x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D,
+                                                  z=z[:, 0], dt_bias=self.dt_proj.bias, dt_softplus=True)
+            return self.out_proj(y.to(u.dtype)).unsqueeze(1)
+        dt = F.softplus(dt.float() + self.dt_proj.bias.float())  # fp32
         y, h = selective_scan(x.float(), dt, A, B.float(), C.float(), None if state is None else state[1])
         if state is not None:
             state[1].copy_(h)
         y = (y + x.float() * self.D.float()) * F.silu(z.float())
         return self.out_proj(y.to(u.dtype))
-
-    def step(self, u, state, kernels):
-        """One token: u (B, 1, d_model), O(1) in the context length."""
-        conv_state, ssm_state = state
-        x, z = self.in_proj(u.squeeze(1)).chunk(2, dim=-1)  # (B, D)
-        A = -torch.exp(self.A_log.float())
-        x = causal_conv_step(self.conv1d, x, conv_state, kernels)
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight)  # (B, D), bias added with the softplus
-        if kernels:
-            y = kernels["selective_state_update"](ssm_state, x, dt, A, B, C, self.D, z=z,
-                                                  dt_bias=self.dt_proj.bias, dt_softplus=True)
-        else:
-            dt = F.softplus(dt.float() + self.dt_proj.bias.float())
-            ssm_state.copy_(torch.exp(dt.unsqueeze(-1) * A) * ssm_state
-                            + (dt * x.float()).unsqueeze(-1) * B.float().unsqueeze(1))
-            y = (ssm_state @ C.float().unsqueeze(-1)).squeeze(-1) + self.D.float() * x.float()
-            y = y * F.silu(z.float())
-        return self.out_proj(y.to(u.dtype)).unsqueeze(1)
 
 
 # -----------------------------------------------------------------------------
@@ -289,8 +256,7 @@ class Mamba(nn.Module):
 #   h_t = exp(dt_t * A_h) * h_{t-1} + dt_t * x_t B_t^T      h (P, N) per head;   y_t = h_t C_t + D_h * x_t
 
 def segsum(a_cum):
-    """a_cum (..., T) cumulative sums -> (..., T, T) with [i, j] = a_cum[i] - a_cum[j] = a[j+1] + ... + a[i] for j <= i,
-    -inf above the diagonal (mamba-ssm's kernels use the same differences of cumulative sums)."""
+    """a_cum (..., T) cumulative sums -> (..., T, T): a_cum[i] - a_cum[j] = a[j+1] + ... + a[i] if j <= i, else -inf"""
     T = a_cum.size(-1)
     causal = torch.ones(T, T, dtype=torch.bool, device=a_cum.device).tril()
     return (a_cum.unsqueeze(-1) - a_cum.unsqueeze(-2)).masked_fill(~causal, float("-inf"))
@@ -300,6 +266,9 @@ def ssd_scan(x, a, B, C, chunk_size, h0=None):
     """x (b, L, H, P) already times dt; a (b, L, H) = dt * A; B, C (b, L, N); h0 (b, H, P, N) or None
     -> y (b, L, H, P) without the D skip, h_L (b, H, P, N)."""
     b, L, H, P = x.shape
+    if L == 1 and h0 is not None:  # one step of the recurrence (decode)
+        h = torch.exp(a[:, 0])[..., None, None] * h0 + x[:, 0, ..., None] * B[:, 0, None, None, :]
+        return (h @ C[:, 0, None, :, None]).squeeze(-1).unsqueeze(1), h
     Q = min(chunk_size, L)
     pad = -L % Q  # padded steps: a = 0 and x = 0, so no decay and no input
     x, a, B, C = (F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) for t in (x, a, B, C))
@@ -324,22 +293,9 @@ def ssd_scan(x, a, B, C, chunk_size, h0=None):
     return y.reshape(b, c * Q, H, P)[:, :L], states[:, -1]
 
 
-class GatedRMSNorm(nn.Module):
-    """Mamba-2's output norm: rmsnorm(y * silu(z)) * weight (mamba-ssm's RMSNormGated, norm_before_gate=False)."""
-
-    def __init__(self, d):
-        super().__init__()
-        self.eps = 1e-5
-        self.weight = nn.Parameter(torch.ones(d))
-
-    def forward(self, y, z):
-        return F.rms_norm(y.float() * F.silu(z.float()), (y.size(-1),), self.weight.float(), self.eps)
-
-
 class Mamba2(nn.Module):
-    """Mamba-2 mixer with mamba_ssm.modules.mamba2.Mamba2's parameters and init (ngroups=1, D per head,
-    gated RMSNorm): state dicts load both ways. chunk_size changes speed, never results: 64 is the fastest
-    PyTorch chunk on CPU (fwd+bwd at B=8, L=256, d=256: 287 ms vs 466 ms at mamba-ssm's default 256)."""
+    """Mamba-2 mixer with mamba_ssm.modules.mamba2.Mamba2's parameters and init (ngroups=1, D per head, gated
+    RMSNorm): state dicts load both ways. chunk_size changes speed only; 64 is the fastest PyTorch chunk on CPU."""
 
     def __init__(self, d_model, d_state=128, d_conv=4, expand=2, headdim=64, chunk_size=64):
         super().__init__()
@@ -354,18 +310,17 @@ class Mamba2(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(self.nheads))
         self.A_log = nn.Parameter(torch.empty(self.nheads))
         self.D = nn.Parameter(torch.empty(self.nheads))
-        self.norm = GatedRMSNorm(self.d_inner)
+        self.norm = nn.RMSNorm(self.d_inner, eps=1e-5)  # gated: see gated_norm
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self):
-        for m in (self.in_proj, self.conv1d, self.out_proj):
+        for m in (self.in_proj, self.conv1d, self.out_proj, self.norm):
             m.reset_parameters()
         self.dt_bias.copy_(dt_bias_init(self.nheads))
         self.A_log.copy_(torch.log(torch.empty(self.nheads).uniform_(1, 16)))  # A = -uniform(1, 16) per head
         self.D.fill_(1.0)
-        self.norm.weight.fill_(1.0)
 
     def allocate_state(self, batch_size):
         """(conv_state (B, d_inner + 2N, d_conv), ssm_state (B, H, P, N) fp32)."""
@@ -373,23 +328,29 @@ class Mamba2(nn.Module):
         return (torch.zeros(batch_size, w.shape[0], self.d_conv, device=w.device, dtype=w.dtype),
                 torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=w.device, dtype=torch.float32))
 
+    def gated_norm(self, y, z):
+        """rmsnorm(y * silu(z)) * weight: mamba-ssm's RMSNormGated with norm_before_gate=False."""
+        return F.rms_norm(y.float() * F.silu(z.float()), (self.d_inner,), self.norm.weight.float(), self.norm.eps)
+
     def forward(self, u, state=None):
         """u (B, L, d_model) -> (B, L, d_model). state: (conv_state, ssm_state), continued and updated in place."""
-        kernels = kernels_for(u)
-        if state is not None and u.shape[1] == 1:
-            return self.step(u, state, kernels)
-        A = -torch.exp(self.A_log.float())  # (H,)
+        kernels, A = kernels_for(u), -torch.exp(self.A_log.float())  # A (H,)
         zxbcdt = self.in_proj(u)
         if kernels and state is None:  # fused conv + chunked scan + gated norm + out_proj
             return kernels["mamba_split_conv1d_scan_combined"](
                 zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, A, self.D, self.chunk_size,
                 rmsnorm_weight=self.norm.weight, rmsnorm_eps=self.norm.eps, outproj_weight=self.out_proj.weight,
                 outproj_bias=self.out_proj.bias, headdim=self.headdim, norm_before_gate=False)
-        (b, L, _), N = u.shape, self.d_state
-        z, xBC, dt = zxbcdt.split([self.d_inner, self.d_inner + 2 * N, self.nheads], dim=-1)
-        x, B, C = causal_conv(self.conv1d, xBC, None if state is None else state[0]).split([self.d_inner, N, N], -1)
-        x = x.reshape(b, L, self.nheads, self.headdim)  # (B, L, H, P)
-        h0 = None if state is None else state[1]
+        (b, L, _), H, P, N = u.shape, self.nheads, self.headdim, self.d_state
+        conv_state, h0 = (None, None) if state is None else state
+        z, xBC, dt = zxbcdt.split([self.d_inner, self.d_inner + 2 * N, H], dim=-1)
+        x, B, C = causal_conv(self.conv1d, xBC, conv_state, kernels).split([self.d_inner, N, N], dim=-1)
+        x = x.reshape(b, L, H, P)  # (B, L, H, P)
+        if kernels and h0 is not None and L == 1:  # decode kernel (D skip included); B, C (B, 1, N) as (B, ngroups, N)
+            y = kernels["selective_state_update"](  # it takes per-(head, channel, state) parameters
+                h0, x[:, 0], dt[:, 0, :, None].expand(-1, H, P), A[:, None, None].expand(H, P, N), B, C,
+                self.D.unsqueeze(-1).expand(H, P), dt_bias=self.dt_bias.unsqueeze(-1).expand(H, P), dt_softplus=True)
+            return self.out_proj(self.gated_norm(y.reshape(b, L, self.d_inner), z).to(u.dtype))
         if kernels:
             y, h = kernels["mamba_chunk_scan_combined"](x, dt, A, B.unsqueeze(2), C.unsqueeze(2), self.chunk_size,
                                                         dt_bias=self.dt_bias, dt_softplus=True, initial_states=h0,
@@ -397,30 +358,10 @@ class Mamba2(nn.Module):
         else:
             dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, L, H)
             y, h = ssd_scan(x.float() * dt.unsqueeze(-1), dt * A, B.float(), C.float(), self.chunk_size, h0)
-        if state is not None:
-            state[1].copy_(h)
+        if h0 is not None:
+            h0.copy_(h)
         y = y + x * self.D.float().unsqueeze(-1)
-        return self.out_proj(self.norm(y.reshape(b, L, self.d_inner), z).to(u.dtype))
-
-    def step(self, u, state, kernels):
-        """One token: u (B, 1, d_model), O(1) in the context length."""
-        conv_state, ssm_state = state
-        N, H, P = self.d_state, self.nheads, self.headdim
-        z, xBC, dt = self.in_proj(u.squeeze(1)).split([self.d_inner, self.d_inner + 2 * N, H], dim=-1)
-        x, B, C = causal_conv_step(self.conv1d, xBC, conv_state, kernels).split([self.d_inner, N, N], dim=-1)
-        x = x.view(-1, H, P)  # (B, H, P)
-        A = -torch.exp(self.A_log.float())
-        if kernels:  # the kernel takes per-(head, channel, state) parameters
-            y = kernels["selective_state_update"](
-                ssm_state, x, dt.unsqueeze(-1).expand(-1, H, P), A[:, None, None].expand(H, P, N),
-                B.unsqueeze(1), C.unsqueeze(1), self.D.unsqueeze(-1).expand(H, P),
-                dt_bias=self.dt_bias.unsqueeze(-1).expand(H, P), dt_softplus=True)
-        else:
-            dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, H)
-            ssm_state.copy_(ssm_state * torch.exp(dt * A)[..., None, None]
-                            + (dt.unsqueeze(-1) * x.float()).unsqueeze(-1) * B.float()[:, None, None, :])
-            y = (ssm_state @ C.float()[:, None, :, None]).squeeze(-1) + self.D.float().unsqueeze(-1) * x.float()
-        return self.out_proj(self.norm(y.reshape(-1, self.d_inner), z).to(u.dtype)).unsqueeze(1)
+        return self.out_proj(self.gated_norm(y.reshape(b, L, self.d_inner), z).to(u.dtype))
 
 
 # -----------------------------------------------------------------------------
@@ -432,11 +373,6 @@ class Mamba2(nn.Module):
 # theta_t - theta_s). Unrolled, v_s k_s^T enters h_t (t > s) with weight w_s = gamma_s + dt_{s+1} (1 - lam_{s+1})
 # and h_s with gamma_s: Mamba-2's SSD scan over x = w v, minus the diagonal's extra dt_{t+1} (1 - lam_{t+1}) term.
 
-def outer(w, v, k):
-    """w (..., H) times v (..., H, P) k (..., H, N)^T -> (..., H, P, N) fp32: a weighted rank-1 state update."""
-    return w[..., None, None] * v.float().unsqueeze(-1) * k.float().unsqueeze(-2)
-
-
 def rotate_pairs(x, cos, sin):
     """x (..., N) with pair (x[2i], x[2i+1]) turned by angle i, cos and sin (..., S); pairs from S on stay put."""
     S = cos.shape[-1]
@@ -446,8 +382,7 @@ def rotate_pairs(x, cos, sin):
 
 class Mamba3(nn.Module):
     """Mamba-3 mixer (SISO) with mamba_ssm.modules.mamba3.Mamba3's parameters and init at its defaults (one group
-    of B and C, half the state dims rotated, no output norm): state dicts load both ways. It has no conv: the
-    trapezoid's look-back of one token replaces it."""
+    of B and C, half the state dims rotated, no output norm, no conv): state dicts load both ways."""
 
     def __init__(self, d_model, d_state=128, expand=2, headdim=64, chunk_size=64):
         super().__init__()
@@ -477,8 +412,7 @@ class Mamba3(nn.Module):
             p.fill_(1.0)
 
     def allocate_state(self, batch_size):
-        """(angle (B, H, S) fp32, ssm_state (B, H, P, N) fp32, k (B, 1, H, N), v (B, H, P)), mamba-ssm's layout:
-        k and v of the last token, whose beta term the next token adds."""
+        """(angle (B, H, S), ssm_state (B, H, P, N) fp32; the last token's k (B, 1, H, N), v (B, H, P)): mamba-ssm's."""
         w, (H, P, N) = self.in_proj.weight, (self.nheads, self.headdim, self.d_state)
         return (torch.zeros(batch_size, H, self.n_angles, device=w.device),
                 torch.zeros(batch_size, H, P, N, device=w.device),
@@ -486,9 +420,7 @@ class Mamba3(nn.Module):
                 torch.zeros(batch_size, H, P, device=w.device, dtype=w.dtype))
 
     def project(self, u):
-        """u (..., d_model) -> z, x (..., H, P); BC (..., 2, 1, N): B and C normed, no bias, in the kernels' layout
-        (one group); dt, dt * A (..., H) fp32; trap (..., H) and angle (..., S) before their sigmoid and tanh, as
-        the kernel takes them."""
+        """u -> the kernel's inputs: z, x (..., H, P); BC (..., 2, 1, N); dt, dt A, trap (..., H); angle (..., S)."""
         H, N = self.nheads, self.d_state
         z, x, BC, dt, A, trap, angle = self.in_proj(u).split(
             [self.d_inner, self.d_inner, 2 * N, H, H, H, self.n_angles], dim=-1)
@@ -498,21 +430,14 @@ class Mamba3(nn.Module):
         BC = BC * torch.stack([self.B_norm.weight, self.C_norm.weight]).unsqueeze(1)
         return z.unflatten(-1, (H, -1)), x.unflatten(-1, (H, -1)), BC, dt, dt * A, trap, angle
 
-    def kq(self, BC, theta):
-        """Biased, rotated k and q (..., H, N) fp32 from BC (..., 2, 1, N) and theta (..., H, S)."""
-        kq = BC.float() + torch.stack([self.B_bias, self.C_bias]).squeeze(2)  # (..., 2, H, N)
-        return rotate_pairs(kq, theta.cos().unsqueeze(-3), theta.sin().unsqueeze(-3)).unbind(-3)
-
     def forward(self, u, state=None):
         """u (B, L, d_model) -> (B, L, d_model). state: allocate_state's tuple, continued and updated in place."""
         kernels = kernels_for(u)
-        if state is not None and u.shape[1] == 1:
-            return self.step(u, state)
         (b, L, _), H, P, N = u.shape, self.nheads, self.headdim, self.d_state
         z, x, BC, dt, adt, trap, angle = self.project(u)
-        if kernels and kernels.get("mamba3_siso_combined"):  # fused rotary + trapezoid + chunked scan + gate
+        if kernels and kernels.get("mamba3_siso_combined") and L > 1:  # fused rotary + trapezoid + scan + gate
             y = kernels["mamba3_siso_combined"](
-                BC[:, :, 1], BC[:, :, 0], x, adt.transpose(1, 2), dt.transpose(1, 2), trap.transpose(1, 2), self.C_bias.squeeze(1),
+                BC[:, :, 1], BC[:, :, 0], x, *(t.transpose(1, 2) for t in (adt, dt, trap)), self.C_bias.squeeze(1),
                 self.B_bias.squeeze(1), angle.float().unsqueeze(2).expand(-1, -1, H, -1), self.D, z,
                 chunk_size=self.chunk_size, return_final_states=state is not None,
                 Input_States=None if state is None else (state[0], state[1], state[2].squeeze(1), state[3]))
@@ -524,11 +449,13 @@ class Mamba3(nn.Module):
         lam = torch.sigmoid(trap.float())                                           # (b, L, H)
         theta = (torch.pi * torch.tanh(angle.float())).unsqueeze(2) * dt.unsqueeze(-1)  # (b, L, H, S)
         theta = theta.cumsum(1) + (0 if state is None else state[0].unsqueeze(1))
-        k, q = self.kq(BC, theta)                                                   # (b, L, H, N)
+        kq = BC.float() + torch.stack([self.B_bias, self.C_bias]).squeeze(2)        # (b, L, 2, H, N), biased
+        k, q = rotate_pairs(kq, theta.cos().unsqueeze(2), theta.sin().unsqueeze(2)).unbind(2)  # (b, L, H, N)
         shifted = F.pad((dt * (1 - lam))[:, 1:], (0, 0, 0, 1))  # dt_{t+1} (1 - lam_{t+1}); none past the end
         h0 = None
         if state is not None:  # the state gets beta_0 v_{-1} k_{-1}^T, but for alpha_0, which SSD applies
-            h0 = (state[1] + outer((dt * (1 - lam))[:, 0], state[3], state[2][:, 0])).reshape(b * H, 1, P, N)
+            beta_v = (dt * (1 - lam))[:, 0, :, None, None] * state[3].float().unsqueeze(-1)  # (b, H, P, 1)
+            h0 = (state[1] + beta_v * state[2].float().transpose(1, 2)).reshape(b * H, 1, P, N)
         heads_as_batch = lambda t: t.transpose(1, 2).reshape(b * H, L, *t.shape[3:])  # SSD with per-head B, C
         y, h = ssd_scan(heads_as_batch(x.float() * (dt * lam + shifted).unsqueeze(-1)).unsqueeze(2),
                         heads_as_batch(adt.unsqueeze(-1)), heads_as_batch(k), heads_as_batch(q), self.chunk_size, h0)
@@ -537,20 +464,6 @@ class Mamba3(nn.Module):
             for s, n in zip(state, (theta[:, -1] % (2 * math.pi), h.view(b, H, P, N), k[:, -1:], x[:, -1])):
                 s.copy_(n)
         return self.out_proj((y * F.silu(z.float())).reshape(b, L, self.d_inner).to(u.dtype))
-
-    def step(self, u, state):
-        """One token: u (B, 1, d_model), O(1) in the context length."""
-        angle_state, ssm_state, k_state, v_state = state
-        z, v, BC, dt, adt, trap, angle = self.project(u.squeeze(1))                   # v (B, H, P); dt (B, H)
-        lam, alpha = torch.sigmoid(trap.float()), torch.exp(adt)
-        theta = angle_state + (torch.pi * torch.tanh(angle.float())).unsqueeze(1) * dt.unsqueeze(-1)  # (B, H, S)
-        k, q = self.kq(BC, theta)                                                    # (B, H, N)
-        ssm_state.copy_(alpha[..., None, None] * ssm_state + outer(alpha * dt * (1 - lam), v_state, k_state[:, 0])
-                        + outer(dt * lam, v, k))
-        y = (ssm_state @ q.unsqueeze(-1)).squeeze(-1) + self.D.float().unsqueeze(-1) * v.float()
-        for s, n in zip(state, (theta % (2 * math.pi), ssm_state, k.unsqueeze(1), v)):
-            s.copy_(n)
-        return self.out_proj((y * F.silu(z.float())).reshape(-1, self.d_inner).to(u.dtype)).unsqueeze(1)
 
 
 # -----------------------------------------------------------------------------
@@ -587,8 +500,7 @@ class MambaBlock(nn.Module):
 # GPT
 
 class Cache:
-    """Everything generation carries between calls: per layer (k, v) of (B, n_kv_head, max_len, hd) for T,
-    the mixer's state tuple for M; pos = tokens seen so far, advanced by GPT.forward whatever the last layer is."""
+    """Per layer (k, v) of (B, n_kv_head, max_len, hd) for T, the mixer's state for M; pos: tokens seen so far."""
 
     def __init__(self, layers, max_len):
         self.layers, self.max_len, self.pos = layers, max_len, 0
@@ -613,12 +525,10 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """Also materialises a model built on the meta device: model.to_empty(device=...); model.init_weights().
-        Mamba mixers keep their own init (dt bias, A, D); everything else is nanochat's."""
-        cfg = self.config
+        """nanochat's init, but mixers keep mamba-ssm's; also for a model built on the meta device, after to_empty()."""
         nn.init.normal_(self.transformer.wte.weight, std=1.0)
         nn.init.normal_(self.lm_head.weight, std=0.001)
-        s = 3 ** 0.5 * cfg.n_embd ** -0.5  # uniform with std 1/sqrt(n_embd)
+        s = 3 ** 0.5 * self.config.n_embd ** -0.5  # uniform with std 1/sqrt(n_embd)
         for block in self.transformer.h:
             if isinstance(block, AttentionBlock):
                 for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
@@ -646,41 +556,31 @@ class GPT(nn.Module):
             cache.pos += T
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1,
-                               reduction=loss_reduction)
+        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
         return logits, loss.view(B, T) if loss_reduction == "none" else loss
 
     def init_cache(self, batch_size, max_len):
-        w = self.lm_head.weight
-        hd = self.config.n_embd // self.config.n_head
-        layers = []
-        for block in self.transformer.h:
-            if isinstance(block, AttentionBlock):
-                kv_shape = (batch_size, self.config.n_kv_head, max_len, hd)
-                layers.append((torch.zeros(kv_shape, device=w.device, dtype=w.dtype),
-                               torch.zeros(kv_shape, device=w.device, dtype=w.dtype)))
-            else:
-                layers.append(block.mixer.allocate_state(batch_size))
-        return Cache(layers, max_len)
+        w, cfg = self.lm_head.weight, self.config
+        kv = (batch_size, cfg.n_kv_head, max_len, cfg.n_embd // cfg.n_head)
+        return Cache([tuple(torch.zeros(kv, device=w.device, dtype=w.dtype) for _ in range(2))
+                      if isinstance(block, AttentionBlock) else block.mixer.allocate_state(batch_size)
+                      for block in self.transformer.h], max_len)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None):
         """Prefill idx (B, T) once, then decode one token at a time from the cache -> (B, T + max_new_tokens)."""
-        cache = self.init_cache(idx.size(0), idx.size(1) + max_new_tokens)
-        logits, _ = self(idx, cache=cache)
-        for i in range(max_new_tokens):
-            next_id = sample_next(logits[:, -1], temperature, top_k)
-            idx = torch.cat([idx, next_id], dim=1)
-            if i < max_new_tokens - 1:
-                logits, _ = self(next_id, cache=cache)
+        cache, new = self.init_cache(idx.size(0), idx.size(1) + max_new_tokens), idx
+        for _ in range(max_new_tokens):
+            logits, _ = self(new, cache=cache)
+            new = sample_next(logits[:, -1], temperature, top_k)
+            idx = torch.cat([idx, new], dim=1)
         return idx
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs (forward + backward = 3x forward) per token: 6 per matmul weight, plus attention
-        scores and values, plus the scan (what a matmul-only count misses for Mamba)."""
+        """Training FLOPs (3x forward) per token: 6 per matmul weight, attention scores and values, and the scans."""
         flops = 6 * sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         for block in self.transformer.h:
             m = getattr(block, "mixer", None)
@@ -699,18 +599,17 @@ class GPT(nn.Module):
         """[AdamW], with no weight decay on vectors, A_log, D, the embedding and the LM head (as nanochat), the
         embedding at embedding_lr_mult * learning_rate (nanochat: 50x). A list, as the stages step and save it."""
         named = dict(self.named_parameters())
+        wte = named.pop("transformer.wte.weight")
         # by name, not by mamba-ssm's p._no_weight_decay flag, which to_empty() (meta-device init) drops
         no_decay = {n for n, p in named.items() if p.ndim < 2 or n.endswith(("A_log", ".D", "lm_head.weight"))}
-        adam = [n for n in named if n != "transformer.wte.weight"]
-        groups = [dict(params=[named[n] for n in adam if n not in no_decay], weight_decay=weight_decay),
-                  dict(params=[named[n] for n in adam if n in no_decay], weight_decay=0.0),
-                  dict(params=[named["transformer.wte.weight"]], weight_decay=0.0, lr=learning_rate * embedding_lr_mult)]
+        groups = [dict(params=[p for n, p in named.items() if n not in no_decay], weight_decay=weight_decay),
+                  dict(params=[p for n, p in named.items() if n in no_decay], weight_decay=0.0),
+                  dict(params=[wte], weight_decay=0.0, lr=learning_rate * embedding_lr_mult)]
         return [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")]
 
     @classmethod
     def from_checkpoint(cls, ckpt):
-        fields = GPTConfig.__dataclass_fields__
-        unknown = set(ckpt["model_args"]) - set(fields)
+        unknown = set(ckpt["model_args"]) - set(GPTConfig.__dataclass_fields__)
         if unknown:
             raise ValueError(f"checkpoint model_args: unknown GPTConfig field(s) {sorted(unknown)}")
         model = cls(GPTConfig(**ckpt["model_args"]))

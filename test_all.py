@@ -681,14 +681,17 @@ def check_scan(scan, dtype, atol, shapes=((2, 37, 8, 4), (1, 64, 16, 16), (3, 1,
 
 def test_chunked_scan_matches_sequential_reference():
     check_scan(chunked_scan, torch.float64, 1e-10)
+    check_scan(selective_scan, torch.float64, 1e-10, shapes=((3, 1, 4, 2),))  # one step from a state: decode
 
 
 def test_cpu_scan_kernel_matches_sequential_reference():
     if cpu_scan.cpu_scan_kernel() is None:
         return skip("no C compiler: the CPU kernel is not built (the chunked scan runs instead)")
     assert (torch.tensor([1e-39]) * 1.0).item() > 0, "loading the kernel switched the process to flush-to-zero"
-    check_scan(selective_scan, torch.float32, 2e-5)
-    check_scan(selective_scan, torch.float32, 2e-5, shapes=((1, 300, 70, 3),))  # several checkpoints, ragged blocks
+    kernel = lambda *inputs: cpu_scan.cpu_scan(*inputs)[:2]  # selective_scan takes one step (L = 1) itself
+    check_scan(kernel, torch.float32, 2e-5)
+    check_scan(kernel, torch.float32, 2e-5, shapes=((1, 300, 70, 3),))  # several checkpoints, ragged blocks
+    check_scan(selective_scan, torch.float32, 2e-5, shapes=((2, 37, 8, 4),))  # on CPU in fp32 it runs the kernel
 
 
 def test_mamba_falls_back_to_the_pytorch_scan():
@@ -760,7 +763,7 @@ def test_cpu_scan_cache_trusts_only_a_private_hashed_library(tmp_path):
 def test_ssd_scan_matches_sequential_reference():
     """Mamba-2's chunked SSD form == the Mamba-1 recurrence with A constant within a head."""
     torch.manual_seed(0)
-    for b, L, H, P, N, Q in ((2, 37, 3, 4, 5, 8), (1, 16, 2, 2, 3, 16), (2, 5, 1, 3, 2, 64)):
+    for b, L, H, P, N, Q in ((2, 37, 3, 4, 5, 8), (1, 16, 2, 2, 3, 16), (2, 5, 1, 3, 2, 64), (2, 1, 2, 3, 4, 8)):
         x, B, C = torch.randn(b, L, H, P, dtype=torch.float64), torch.randn(b, L, N, dtype=torch.float64), \
             torch.randn(b, L, N, dtype=torch.float64)
         dt = F.softplus(torch.randn(b, L, H, dtype=torch.float64) - 1)
@@ -948,7 +951,7 @@ def test_mamba3_matches_mamba_ssm_triton_kernel():
 
 
 def test_mamba3_decode_and_chunked_prefill_match_full_forward():
-    """Our recurrent step (the paper's recurrence, token by token) and chunked prefills vs the chunked forward;
+    """Decoding token by token (the recurrence, one step of ssd_scan) and chunked prefills vs the chunked forward;
     init as mamba-ssm's."""
     torch.manual_seed(0)
     m = Mamba3(d_model=32, d_state=8, headdim=8, chunk_size=8)
