@@ -1,14 +1,11 @@
-"""
-Measures every speed and size figure the README quotes and prints markdown tables; and the RAG diagnostics. Speeds
-are medians over rounds in which the contenders take turns, so that changes in machine load hit them alike.
+"""Measures the speed and size figures the README quotes as markdown tables (speeds: medians over rounds in which
+the contenders take turns, so that load changes hit them alike), and the RAG diagnostics.
 
-    python bench.py                               # every section, on this machine (CPU or one GPU)
-    python bench.py --what=decode --contexts=256,1024,4096 --plot=out/bench_decode
+    python bench.py [--what=decode --contexts=256,1024,4096 --plot=out/bench_decode]   # this CPU or one GPU
     python bench.py --reading out/tiny/ckpt.pt    # can a base model read? [--data_dir=data/world]
     python bench.py --vs_k out/rag_T/eval.json out/rag/eval.json --plot=acc_vs_k   # accuracy vs k: table and plot
 """
 import argparse
-import dataclasses
 import glob
 import importlib.util
 import json
@@ -26,7 +23,7 @@ import numpy as np
 import torch
 
 import model
-from common import autocast, load_model, peak_flops, plot, step_optimizers
+from common import load_model, or_die, plot
 from model import GPT, GPTConfig
 from rag import load_data
 
@@ -57,25 +54,21 @@ def table(title, header, rows):
 
 
 def mamba_ssm_mamba():
-    """mamba-ssm's Mamba-1 module from its source (.gpu/mamba_ssm-*/ or $MAMBA_SSM_SRC) on its sequential
-    selective_scan_ref, the CUDA-only imports stubbed; None without the source."""
-    pattern = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".gpu", "mamba_ssm-*/")
-    src = os.environ.get("MAMBA_SSM_SRC") or (sorted(glob.glob(pattern)) or [None])[0]
+    """mamba-ssm's Mamba-1 (source: $MAMBA_SSM_SRC or .gpu/mamba_ssm-*/) on selective_scan_ref; None without it."""
+    src = os.environ.get("MAMBA_SSM_SRC") or min(glob.glob(".gpu/mamba_ssm-*/"), default=None)
     if src is None or importlib.util.find_spec("einops") is None:
         return None
-    # empty modules in place of the package __init__s (they import the CUDA kernels) and of the CUDA scan
+    # empty modules in place of the CUDA scan, Triton's layer norm and the package __init__s (they import the CUDA
+    # kernels); the packages whose modules load from the source get its folders as their __path__
     stubs = {name: types.ModuleType(name) for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton",
              "mamba_ssm.utils", "mamba_ssm.modules", "mamba_ssm.ops.triton.layer_norm", "selective_scan_cuda")}
     stubs["mamba_ssm.ops.triton.layer_norm"]._layer_norm_fwd = None
-    mods = {}
+    for name in ("mamba_ssm.ops", "mamba_ssm.utils", "mamba_ssm.modules"):
+        stubs[name].__path__ = [os.path.join(src, *name.split("."))]
     with mock.patch.dict(sys.modules, stubs):  # and sys.modules as it was, afterwards
-        for name in ("utils.torch", "ops.selective_scan_interface", "modules.mamba_simple"):
-            path = os.path.join(src, "mamba_ssm", *name.split(".")) + ".py"
-            spec = importlib.util.spec_from_file_location("mamba_ssm." + name, path)
-            sys.modules[spec.name] = mods[name] = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mods[name])
-    mods["modules.mamba_simple"].selective_scan_fn = mods["ops.selective_scan_interface"].selective_scan_ref
-    return mods["modules.mamba_simple"].Mamba
+        simple = importlib.import_module("mamba_ssm.modules.mamba_simple")
+        simple.selective_scan_fn = importlib.import_module("mamba_ssm.ops.selective_scan_interface").selective_scan_ref
+    return simple.Mamba
 
 
 # the same width and depth for every pattern: on CPU the tiny config's shape, on GPU the d20 shape
@@ -87,37 +80,6 @@ PATTERNS = {"T": dict(block_pattern="T"), "M": dict(block_pattern="M"), "M2": di
 # -----------------------------------------------------------------------------
 # the benchmarks: one function per section, each printing its tables
 
-def bench_train(args):
-    device, shape = args.device, SHAPE_GPU if args.on_gpu else SHAPE_CPU
-    T, B = (2048, 8) if args.on_gpu else (256, 16)
-
-    def train_step(name):
-        torch.manual_seed(0)
-        m = GPT(GPTConfig(block_size=T, **shape, **PATTERNS[name])).to(device)
-        info[name] = m.num_params(), m.flops_per_token(T)
-        opts = m.configure_optimizers(1e-4, 0.0, (0.9, 0.95), device.split(":")[0])
-        x = torch.randint(0, shape["vocab_size"], (B, T + 1), device=device)
-
-        def step():
-            with autocast(device):
-                _, loss = m(x[:, :-1], x[:, 1:])
-            loss.backward()
-            step_optimizers(opts, m, 1.0, 0.0)
-        return step
-
-    # on CPU the patterns take turns; a dedicated GPU needs none, and four d20 models with AdamW may not fit at once
-    t, info = {}, {}
-    for group in [[name] for name in PATTERNS] if args.on_gpu else [list(PATTERNS)]:
-        t |= timed({name: train_step(name) for name in group}, 3 if args.on_gpu else 7)
-    rows, peak = [], peak_flops(device)
-    for name, (params, flops) in info.items():
-        tok_s = B * T / t[name]
-        mfu = f"{100 * tok_s * flops / peak:.1f}%" if peak else "-"
-        rows.append([name, f"{params / 1e6:.2f}M", f"{tok_s:,.0f}", f"{t['T'] / t[name]:.2f}", mfu])
-    table(f"training step (forward + backward + AdamW), batch {B} x {T}, {shape['n_layer']} layers x {shape['n_embd']}",
-          ["pattern", "params", "tokens/s", "vs T", "MFU"], rows)
-
-
 def bench_decode(args):
     device, shape = args.device, SHAPE_GPU if args.on_gpu else SHAPE_CPU
     contexts = args.contexts or ([1024, 4096, 16384, 32768] if args.on_gpu else [256, 1024, 4096])
@@ -126,7 +88,6 @@ def bench_decode(args):
     for name, kw in PATTERNS.items():
         torch.manual_seed(0)
         m = GPT(GPTConfig(block_size=max(contexts), **shape, **kw)).to(device, torch.bfloat16 if args.on_gpu else None)
-        m.eval()
         prompts = {ctx: torch.randint(0, shape["vocab_size"], (1, ctx), device=device) for ctx in contexts}
         tok, caches = prompts[contexts[0]][:, -1:], {}
 
@@ -247,40 +208,14 @@ def bench_bm25(args):
            for name, s in t.items()])
 
 
-def bench_retrieval(args):
-    from retrieve import RETRIEVERS, load_documents, mrr, read_jsonl, recall_at_k
-    docs = load_documents("data/world/kb.jsonl")
-    single = [r for _, r in read_jsonl("data/world/qa_heldout.jsonl") if r["hops"] == 1]
-    asked, golds = [r["question"] for r in single], [[str(g) for g in r["gold_ids"]] for r in single]
-    retrievers, metrics = {}, {}
-    for label, kind, options in [("BM25 (lucene)", "bm25", {}), ("BM25 (okapi)", "bm25", {"method": "okapi"}),
-                                 ("dense MiniLM (exact)", "dense", {}), ("hybrid (convex 0.5)", "hybrid", {}),
-                                 ("hybrid (RRF 60)", "hybrid", {"fusion": "rrf"})]:
-        retrievers[label] = r = RETRIEVERS[kind](**options)
-        r.add_documents(docs)
-        runs = [[d.id for d, _ in hits] for hits in r.retrieve_batch(asked, 10)]  # as retrieve.evaluate: MRR@10
-        metrics[label] = np.mean([[recall_at_k(run, g, 1), recall_at_k(run, g, 5), mrr(run, g)]
-                                  for run, g in zip(runs, golds)], 0)
-    questions = asked[:50]
-    t = timed({label: lambda r=r: [r.retrieve(q, 5) for q in questions] for label, r in retrievers.items()}, 3)
-    table(f"retrieval on data/world: {len(docs)} documents, {len(single)} held-out single-hop questions; latency is "
-          "one query at a time, top 5 (target: hybrid at least as good as the better of its parts)",
-          ["retriever", "recall@1", "recall@5", "MRR@10", "ms/query"],
-          [[label, *(f"{x:.3f}" for x in m), f"{1000 * t[label] / len(questions):.2f}"]
-           for label, m in metrics.items()])
-
-
 def bench_memory(args):
     # An estimate: weights, grads and fp32 AdamW moments are 16 bytes a parameter; activations saved for backward in
     # bf16 ~34 bytes per token per unit of width per layer (Korthikanti et al. 2022, without the s^2 attention term
     # flash attention removes), fp32 logits and their gradient 8 per token per vocabulary entry; CUDA context on top.
     rows = []
-    for path in sorted(glob.glob("configs/*.py")):
-        name = os.path.basename(path)
-        if name.startswith(("rag_", "refrag_", "tiny")):
-            continue
-        cfg = runpy.run_path(path)  # a GPU config sets the whole model shape and the batch
-        margs = {f.name: cfg[f.name] for f in dataclasses.fields(GPTConfig) if f.name in cfg} | {"vocab_size": 32768}
+    for name in sorted(glob.glob("*_d[0-9]*.py", root_dir="configs")):  # the pretraining configs, named by depth
+        cfg = runpy.run_path(os.path.join("configs", name))  # a GPU config sets the whole model shape and the batch
+        margs = {k: cfg[k] for k in GPTConfig.__dataclass_fields__ if k in cfg} | {"vocab_size": 32768}
         with torch.device("meta"):
             m = GPT(GPTConfig(**margs))
         params, tokens = m.num_params(), cfg["device_batch_size"] * cfg["block_size"]
@@ -291,8 +226,7 @@ def bench_memory(args):
           ["config", "pattern", "params", "batch", "weights+grads+AdamW GiB", "activations GiB", "total GiB"], rows)
 
 
-SECTIONS = {"train": bench_train, "decode": bench_decode, "mixer": bench_mixer, "block": bench_block,
-            "bm25": bench_bm25, "retrieval": bench_retrieval, "memory": bench_memory}
+SECTIONS = {f.__name__[len("bench_"):]: f for f in (bench_decode, bench_mixer, bench_block, bench_bm25, bench_memory)}
 
 # -----------------------------------------------------------------------------
 # can a base model read? python bench.py --reading out/tiny/ckpt.pt
@@ -301,7 +235,6 @@ SECTIONS = {"train": bench_train, "decode": bench_decode, "mixer": bench_mixer, 
 def reading_loss(model, tok, qas, by_id):
     """Loss per answer token of questions asked right after their gold document, in the pretraining format
     (world.reading_items): a model that ignores the document pays 10+ nats a name token, one that copies ~0."""
-    device = next(model.parameters()).device
     total, n = 0.0, 0
     for q in qas:
         d = by_id[q["gold_ids"][0]]
@@ -309,20 +242,16 @@ def reading_loss(model, tok, qas, by_id):
         rest = q["response"][len(q["entity"]):] if "entity" in q else " " + q["golden_answers"][0]
         prompt = tok.encode(f"{d.title}: {d.text}\nQuestion: {q['question']}\nAnswer:{lead}")
         answer = tok.encode(rest)
-        x = torch.tensor([[tok.bos_id] + prompt + answer[:-1]], device=device)
-        y = torch.tensor([[-1] * len(prompt) + answer], device=device)  # only the answer's tokens are scored
+        x = torch.tensor([[tok.bos_id] + prompt + answer[:-1]])
+        y = torch.tensor([[-1] * len(prompt) + answer])  # only the answer's tokens are scored
         total += model(x, y, loss_reduction="none")[1].sum().item()
         n += len(answer)
     return total / n
 
 
 def diagnose(args):
-    try:
-        m, tok, _ = load_model(args.reading, "cpu", args.data_dir)
-        _, by_id, qa = load_data(args.data_dir)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    m.eval()
+    m, tok, _ = or_die(load_model, args.reading, "cpu", args.data_dir)
+    _, by_id, qa = or_die(load_data, args.data_dir)
     qas = [q for q in qa["heldout"] if len(q.get("gold_ids", [])) == 1 and q["golden_answers"] and
            q.get("response", "").startswith(q.get("entity", ""))]
     qas = random.Random(0).sample(qas, min(100, len(qas)))
@@ -334,18 +263,15 @@ def diagnose(args):
 #   python bench.py --vs_k out/rag_T/eval.json out/rag_M/eval.json out/rag/eval.json --plot=acc_vs_k
 
 def curves(results):
-    """(index of its eval.json, label, params, {k: value}, kind) per curve: one-pass EM, cite-then-read EM and the
-    one-pass citation's gold rate, where measured. Labels name the pattern and the run (the checkpoint's directory)."""
-    out = []
+    """(eval.json's index, label, params, {k: value}, kind) per curve: EM, cite-then-read EM, citations' gold rate."""
     for i, r in enumerate(results):
-        run = os.path.basename(os.path.dirname(r.get("checkpoint", "")))
-        name = f"{r['pattern']} {run}" if run else r["pattern"]
+        # named by the pattern and the run (the checkpoint's directory), if known
+        name = f"{r['pattern']} {os.path.basename(os.path.dirname(r.get('checkpoint', '')))}".rstrip()
         for key, label, field, kind in (("vs_k", name, "em", "em"), ("vs_k_reread", name + ", reread", "em", "reread"),
                                         ("vs_k", name + ", cites gold", "citation_gold", "cites")):
             values = {int(k): s[field] for k, s in r.get(key, {}).items() if field in s}
             if values:
-                out.append((i, label, r["params"], values, kind))
-    return out
+                yield i, label, r["params"], values, kind
 
 
 def vs_k_plot(stem, results):
@@ -385,8 +311,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--contexts", type=lambda v: sorted(int(c) for c in v.split(",")),  # argparse names a bad one
                         help="decode: tokens of context, comma-separated (default 256,1024,4096 on CPU)")
-    parser.add_argument("--plot", help="the plot's path without extension (STEM.png and STEM.svg); default "
-                                       "out/bench_decode for the decode section, none for --vs_k; '' for none")
+    parser.add_argument("--plot", help="write STEM.png and STEM.svg (decode: default out/bench_decode, '' for none)")
     task = parser.add_mutually_exclusive_group()
     task.add_argument("--reading", metavar="CKPT", help="a base model's loss per answer token after the gold document")
     task.add_argument("--vs_k", nargs="+", metavar="EVAL_JSON", help="rag_train.py's EM vs k: a table (and --plot)")
@@ -406,9 +331,8 @@ def main():
     args.machine = torch.cuda.get_device_name() if args.on_gpu else f"{cpu}, {os.cpu_count()} cores"
     print(f"# bench on {args.machine}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
           f"load average {os.getloadavg()[0]:.1f}\n", flush=True)
-    for name, section in SECTIONS.items():
-        if name in args.what:
-            section(args)
+    for section in [section for name, section in SECTIONS.items() if name in args.what]:  # in SECTIONS' order
+        section(args)
 
 
 if __name__ == "__main__":
