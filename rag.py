@@ -50,12 +50,9 @@ def load_data(data_dir, splits=("train", "heldout")):
     by_id, qa = {d.id: d for d in docs}, {}
     for split in splits + ("closed",):
         path = os.path.join(data_dir, f"qa_{split}.jsonl")
-        if split == "closed" and not os.path.isfile(path):
-            continue
-        if not os.path.isfile(path):
-            raise ValueError(f"{path} not found")
-        qa[split] = load_qa(path, by_id)
-        if not qa[split] and split != "closed":
+        if split != "closed" or os.path.isfile(path):  # qa_closed.jsonl is optional
+            qa[split] = load_qa(path, by_id)
+        if split != "closed" and not qa[split]:
             raise ValueError(f"{path}: no questions")
     # a held-out set about other documents than these is a mix-up, not an evaluation
     answerable = [q for q in qa.get("heldout", []) if q["golden_answers"]]
@@ -69,9 +66,8 @@ def load_data(data_dir, splits=("train", "heldout")):
 
 def doc_dict(d):
     """retrieve.Document or dict -> {"id", "title", "text"}."""
-    if isinstance(d, dict):
-        return {"id": str(d.get("id", "")), "title": d.get("title", ""), "text": d["text"]}
-    return {"id": d.id, "title": d.title, "text": d.text}
+    d = d if isinstance(d, dict) else vars(d)
+    return {"id": str(d.get("id", "")), "title": d.get("title", ""), "text": d["text"]}
 
 
 def single_hop(qa):
@@ -155,7 +151,7 @@ def out_of_world_example(tok, rng, qas, search, k_max, k_power=0.0):
 
 def pack(next_example, rows, seq_len):
     """(x, y), rows x seq_len, of next_example()'s (ids, mask) packed greedily; one that does not fit is dropped."""
-    convs = [([0] * (seq_len + 1), [0] * (seq_len + 1))]  # a full-width row without targets sets the width
+    convs = []
     for _ in range(rows):
         ids, mask = [], []
         while len(ids) < seq_len + 1:
@@ -164,8 +160,7 @@ def pack(next_example, rows, seq_len):
                 break
             ids, mask = ids + e_ids, mask + e_mask
         convs.append((ids[:seq_len + 1], mask[:seq_len + 1]))
-    x, y = padded(convs)
-    return x[1:], y[1:]
+    return padded(convs, seq_len)
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -217,17 +212,16 @@ def doc_holds(doc, answers):
 
 
 def score(qa, text, docs=None):
-    """Metrics of one answer (None: a wrong one) given docs in context (None = closed-book): right is a golden answer
-    when knowable, else abstaining. em_answer: the answer slot alone; citation_ok / citation_gold: every cited document
-    holds an answer / is gold; distracted: a wrong answer that a document in context states."""
+    """Metrics of one answer (None: a wrong one), docs in context (None = closed-book): right is a golden answer when
+    knowable, else abstaining; em_answer: the answer slot alone; citation_ok/_gold: cited documents hold it/are gold."""
     text = text or "<no answer>"
     short, cites = read_answer(text, qa)
     gold = qa["golden_answers"] if docs is None or has_gold(qa, docs) else []
-    best = lambda f, s: max(f(s, g) for g in gold)
-    em_of = lambda s: float(s is None) if not gold else 0.0 if s is None else best(exact_match, s)  # None = abstained
+    # s None = abstained: right only when nothing in context answers it
+    em_of = lambda s: float(s is None and not gold) if s is None or not gold else max(exact_match(s, g) for g in gold)
     em = em_of(short)
     r = {"em": em, "em_answer": em_of(read_answer(text, qa, any_name=True)[0]),
-         "f1": token_f1(short or "", "") if not gold else best(token_f1, short or ""), "abstained": float(short is None),
+         "f1": max(token_f1(short or "", g) for g in gold or [""]), "abstained": float(short is None),
          "hallucinated": float(short is not None and (not gold or not em))}
     if docs is not None and short is not None:
         inside = lambda c: 1 <= c <= len(docs)
@@ -248,12 +242,8 @@ def summarize(rows):
 
 def fit(tok, messages, max_len, reserve):
     """Drops old turns, then the last documents' worst, to free `reserve` tokens: (messages, ids, dropped) or None."""
-    messages = [dict(m) for m in messages]
-    dropped = {"docs": 0, "turns": 0}
-    while True:
-        ids, _ = render_conversation(tok, messages)
-        if len(ids) + reserve <= max_len:
-            return messages, ids, dropped
+    messages, dropped = [dict(m) for m in messages], {"docs": 0, "turns": 0}
+    while len(ids := render_conversation(tok, messages)[0]) + reserve > max_len:
         user_turns = [i for i, m in enumerate(messages) if m["role"] == "user"]
         if len(user_turns) > 1:  # older turns go before this turn's documents
             messages = messages[user_turns[1]:]
@@ -263,6 +253,7 @@ def fit(tok, messages, max_len, reserve):
             dropped["docs"] += 1
         else:
             return None
+    return messages, ids, dropped
 
 
 def docs_tokens(tok, before, docs):
@@ -278,23 +269,19 @@ def generate(model, tok, messages, retrieve=None, top_k=4, max_hops=0, max_len=1
     """Answers a conversation ending with a user turn; a query's retrieve(query, top_k) documents are prefilled into
     the same cache and it goes on. -> dict(answer, stop ("answer" | "max_hops" | "format" | "max_tokens" | "context"),
     queries, docs (in context, in order), messages, ids, mask (1 = sampled), dropped)."""
-    special = {name: tok.special(name) for name in tok.specials}
-    start_of = {special["<|assistant_start|>"]: "answer", special["<|query_start|>"]: "query"}
-    end_of = {"answer": special["<|assistant_end|>"], "query": special["<|query_end|>"]}
+    start_of = {tok.special("<|assistant_start|>"): "answer", tok.special("<|query_start|>"): "query"}
+    end_of = {"answer": tok.special("<|assistant_end|>"), "query": tok.special("<|query_end|>")}
     device = next(model.parameters()).device
     r = {"answer": None, "stop": "context", "queries": [], "docs": [], "messages": list(messages), "ids": [],
          "mask": [], "dropped": {"docs": 0, "turns": 0}}
-    fitted = fit(tok, messages, max_len, reserve=max_new_tokens)
-    if fitted is None:
+    if (fitted := fit(tok, messages, max_len, reserve=max_new_tokens)) is None:
         return r
-    messages, pending, r["dropped"] = fitted
-    r.update(messages=messages, ids=list(pending), mask=[0] * len(pending),
-             docs=[d for m in messages if m["role"] == "documents" for d in m["content"]])
+    r["messages"], pending, r["dropped"] = fitted
+    r.update(ids=list(pending), mask=[0] * len(pending),
+             docs=[d for m in r["messages"] if m["role"] == "documents" for d in m["content"]])
     cache = model.init_cache(1, max_len)
     kind, content = None, []
-    while True:
-        if cache.pos + len(pending) > max_len:
-            return r  # stop: "context"
+    while cache.pos + len(pending) <= max_len:  # else stop: "context"
         logits = model(torch.tensor([pending], device=device), cache=cache)[0][:, -1]
         t = sample_next(logits, temperature, generator=generator).item()
         r["ids"].append(t)
@@ -306,27 +293,25 @@ def generate(model, tok, messages, retrieve=None, top_k=4, max_hops=0, max_len=1
                 return {**r, "stop": "format"}
         elif t == end_of[kind]:
             text = tok.decode(content).strip()
+            r["messages"] = r["messages"] + [{"role": "assistant" if kind == "answer" else "query", "content": text}]
             if kind == "answer":
-                r.update(answer=text, stop="answer", messages=messages + [{"role": "assistant", "content": text}])
-                return r
+                return {**r, "answer": text, "stop": "answer"}
             r["queries"].append(text)
-            messages = r["messages"] = messages + [{"role": "query", "content": text}]
             if retrieve is None or len(r["queries"]) > max_hops:
                 return {**r, "stop": "max_hops"}
             docs = [doc_dict(d) for d in retrieve(text, top_k)]
-            chunk = docs_tokens(tok, r["docs"], docs)
-            while docs and cache.pos + 1 + len(chunk) + max_new_tokens > max_len:
+            while docs and cache.pos + 1 + len(docs_tokens(tok, r["docs"], docs)) + max_new_tokens > max_len:
                 docs.pop()
                 r["dropped"]["docs"] += 1
-                chunk = docs_tokens(tok, r["docs"], docs)
+            chunk = docs_tokens(tok, r["docs"], docs)
             if on_retrieve:
                 on_retrieve(text, docs)
             if docs:
-                messages = messages + [{"role": "documents", "content": docs}]
-                r.update(messages=messages, docs=r["docs"] + docs, ids=r["ids"] + chunk, mask=r["mask"] + [0] * len(chunk))
+                r.update(messages=r["messages"] + [{"role": "documents", "content": docs}], docs=r["docs"] + docs,
+                         ids=r["ids"] + chunk, mask=r["mask"] + [0] * len(chunk))
             pending = [t] + chunk  # the query's end token and the new documents, in one chunked prefill
             kind, content = None, []
-        elif t in special.values():  # a special token inside a turn
+        elif t in tok.special_ids.values():  # a special token inside a turn
             return {**r, "stop": "format"}
         else:
             before = tok.decode(content)
@@ -336,6 +321,7 @@ def generate(model, tok, messages, retrieve=None, top_k=4, max_hops=0, max_len=1
                 on_token(piece if before else piece.lstrip(" "), kind)  # less the space every message opens with
             if len(content) >= max_new_tokens:
                 return {**r, "stop": "max_tokens"}
+    return r
 
 def knockout(model, tok, head, docs, group, **kw):
     """The document the model cites (or None) reading docs `group` at a time after head, then the cited ones, and on."""
@@ -430,9 +416,9 @@ def reward(qa, out, w_em, w_f1, w_cite, w_format, w_hop):
         - w_hop * parts["hops"], parts
 
 
-def padded(convs):
-    """(ids, mask) conversations -> inputs x, targets y, a row each; y is -1 where the mask is 0 and past the end."""
-    T = max(len(ids) for ids, _ in convs) - 1
+def padded(convs, width=None):
+    """(ids, mask) conversations -> x, y, `width` (or the longest) columns; y is -1 where mask is 0 and past the end."""
+    T = width or max(len(ids) for ids, _ in convs) - 1
     x = torch.zeros(len(convs), T, dtype=torch.long)
     y = torch.full((len(convs), T), -1, dtype=torch.long)
     for i, (ids, mask) in enumerate(convs):

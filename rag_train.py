@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 import rag
 import world
-from common import (StepLog, all_reduce_mean, autocast, check_config, die, load_model, lr_at, peak_flops, print0,
-                    raw_state_dict, save_checkpoint, setup, step_optimizers, teardown, write_atomic)
+from common import (StepLog, all_reduce_mean, autocast, check_config, die, load_model, lr_at, or_die, peak_flops,
+                    print0, raw_state_dict, save_checkpoint, setup, step_optimizers, teardown, write_atomic)
 from configurator import ConfigError, configure
 from retrieve import new_retriever
 
@@ -55,18 +55,15 @@ max_iters = 1500               # run_pipeline.sh's; configs/rag_tiny.py: 2000, t
 learning_rate = 6e-3
 min_lr_frac = 0.1
 warmup_iters = 10
-lr_schedule = "cosine"
 weight_decay = 0.0
 grad_clip = 1.0
 # evaluation (qa_heldout.jsonl)
 eval_n = 0                     # questions per evaluation set (0 = all: the world's 378 single-hop, 89 unanswerable)
 eval_k = 4                     # documents retrieved for the main RAG numbers
 eval_ks = "1,2,4,8,16"         # the accuracy-vs-k sweep
-cite_group = 4                 # cite-then-read picks the document in rounds of at most this many (rag.knockout)
 eval_max_len = 4096            # context limit when generating (the world at k=32 needs ~2,000 tokens)
 # system
 device = "auto"
-compile = False
 seed = 1337
 # -----------------------------------------------------------------------------
 try:
@@ -76,12 +73,10 @@ except ConfigError as e:
     die(e)
 except ValueError as e:  # new_retriever's, naming the option
     die(f"--{e}")
-if min(rag_weight, closed_book_weight, text_weight) < 0 or rag_weight + closed_book_weight + text_weight <= 0:
-    die("task weights rag_weight, closed_book_weight, text_weight must be >= 0 and not all 0")
 check_config(config, [
-    ("eval_interval retrieve_depth seq_len k_max text_len total_batch_size device_batch_size max_iters eval_k",
-     lambda v: v >= 1, "a positive integer"),
-    ("eval_n warmup_iters", lambda v: v >= 0, "a non-negative integer"),
+    ("eval_interval retrieve_depth seq_len k_max text_len total_batch_size device_batch_size max_iters eval_k "
+     "rag_weight", lambda v: v > 0, "positive"),
+    ("eval_n warmup_iters closed_book_weight text_weight", lambda v: v >= 0, "non-negative"),
     ("p_no_gold p_rename p_followup p_out_of_world min_lr_frac", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("eval_ks", lambda v: all(k.strip().isdigit() and int(k) >= 1 for k in v.split(",")), "positive integers, comma-separated")])
 if retrieve_depth <= k_max:  # k_max documents without the gold one are k_max distractors from these
@@ -104,10 +99,7 @@ pretrain_dir = (ckpt.get("config") or {}).get("data_dir", "")  # where its train
 start_step = ckpt["step"] if init_from == "resume" and not eval_only else 0
 print0(f"model: {model.pattern} pattern, {model.num_params():,} parameters, from {ckpt_path} (stage {ckpt.get('stage')})")
 
-try:
-    kb_docs, by_id, qa_sets = rag.load_data(data_dir, ("heldout",) if eval_only else ("train", "heldout"))
-except (ValueError, OSError) as e:
-    die(e)
+kb_docs, by_id, qa_sets = or_die(rag.load_data, data_dir, ("heldout",) if eval_only else ("train", "heldout"))
 heldout_qa = qa_sets["heldout"]
 # the world's RAG examples ask about the RAG world (in the KB, never pretrained on), so answers come from documents
 rag_qa = [q for q in qa_sets.get("train", []) if rag.single_hop(q)]  # single-hop and unanswerable
@@ -205,7 +197,7 @@ def run_set(model, name, items, reread=True):
         dropped += out["dropped"]["docs"]
         rows.append(rag.score(qa, out["answer"], None if docs is None else out["docs"]))
         if reread:
-            out = rag.reread(model, tok, out, group=cite_group, max_len=eval_max_len)
+            out = rag.reread(model, tok, out, max_len=eval_max_len)
             rows_reread.append(rag.score(qa, out["answer"], None if docs is None else out["docs"]))
     types = sorted({qa.get("type", "") for qa, _ in items})
     summary = lambda rows: {**rag.summarize(rows), "dropped_docs": dropped, "em_by_type": {
@@ -232,20 +224,17 @@ def evaluate_heldout(model):  # every model call is rag.generate's, without grad
         res[name], res[name + "_reread"] = run_set(model, name, items)
     # accuracy vs documents in context: the gold document among the k-1 best-ranked distractors, at a random
     # position, so the sweep measures reading, not retrieval (recall is reported above)
+    golds = [[by_id[g] for g in q["gold_ids"][:1]] if "gold_ids" in q else [d for d in h if rag.is_gold(q, d)][:1]
+             for q, h in zip(single, hits)]  # empty where no document found holds the answer: nothing to read
     res["vs_k"], res["vs_k_reread"] = {}, {}
     for k in ks:
-        items = []
-        for q, h in zip(single, hits):
-            gold = [by_id[g] for g in q["gold_ids"][:1]] if "gold_ids" in q else [d for d in h if rag.is_gold(q, d)][:1]
-            if gold:  # else no document found holds its answer: nothing to read
-                docs = gold + no_gold(q, h)[:k - 1]
-                random.Random(f"{seed}-{q['id']}-{k}").shuffle(docs)
-                items.append((q, docs))
+        items = [(q, gold + no_gold(q, h)[:k - 1]) for q, h, gold in zip(single, hits, golds) if gold]
+        for q, docs in items:
+            random.Random(f"{seed}-{q['id']}-{k}").shuffle(docs)
         res["vs_k"][k], res["vs_k_reread"][k] = run_set(model, f"k={k}", items)
     res.update(evaluate_conversations(model))
     res["seconds"] = time.time() - t0
-    model.train()
-    return res
+    return res  # the model stays in eval mode: the run ends after its evaluation
 
 
 def evaluate_conversations(model):
@@ -257,7 +246,7 @@ def evaluate_conversations(model):
     pairs = subsample([tuple(rng.sample(about[e], 2)) for e in sorted(about)], "conversations")
     top = lambda q, k: ranked([q], k)[0]
     kw = dict(retrieve=top, top_k=eval_k, max_len=eval_max_len)
-    rows, recall = {"single": [], "second": [], "followup": []}, {"query": 0, "literal": 0}
+    rows = {"single": [], "second": [], "followup": []}
     for first, qa in tqdm(pairs, desc="eval conversations", unit="pair", leave=False, mininterval=2):
         followup = world.refer_back(qa["question"], qa["entity"], rng.choice(world.PRONOUNS[world.ENTITY_KIND[qa["type"]]]))
         _, out = rag.ask(model, tok, first["question"], **kw)
@@ -266,14 +255,11 @@ def evaluate_conversations(model):
                                   ("followup", followup, history)):
             _, out = rag.ask(model, tok, question, h, first["question"], **kw)
             rows[name].append(rag.score(qa, out["answer"], out["docs"]))
-        recall["query"] += rag.has_gold(qa, top(rag.search_query(followup, first["question"]), eval_k))
-        recall["literal"] += rag.has_gold(qa, top(followup, eval_k))
-    conv = {name: rag.summarize(r) for name, r in rows.items()}
-    conv["followup_recall"] = {k: v / max(1, len(pairs)) for k, v in recall.items()}
     oow = subsample([q for q in world.out_of_world("heldout", random.Random(seed)) if q.get("entity") not in kb_titles],
                     "out_of_world")
     one_pass, reread = run_set(model, "out-of-world", [(q, top(q["question"], eval_k)) for q in oow])
-    return {"conversation": conv, "out_of_world": one_pass, "out_of_world_reread": reread}
+    return {"conversation": {name: rag.summarize(r) for name, r in rows.items()}, "out_of_world": one_pass,
+            "out_of_world_reread": reread}
 
 
 def evaluate_and_report(model):
@@ -296,11 +282,10 @@ def evaluate_and_report(model):
     print0(f"EM by relation, gold document among k={k} (%): "
            + ", ".join(f"{t} {p(v)}" for t, v in first["em_by_type"].items()))
     if "conversation" in res:
-        c, o, recall = res["conversation"], res["out_of_world_reread"], res["conversation"]["followup_recall"]
+        c, o = res["conversation"], res["out_of_world_reread"]
         print0(f"conversations on {c['single']['n']} held-out entities, cite then read, EM (%): single-turn "
                f"{p(c['single']['em'])}, second question of a session {p(c['second']['em'])}, pronoun follow-up "
-               f"{p(c['followup']['em'])}; follow-up recall@{res['eval_k']} (%): with the previous question "
-               f"{p(recall['query'])}, its own words {p(recall['literal'])}")
+               f"{p(c['followup']['em'])}")
         print0(f"out-of-world questions: {o['n']}, abstained (%) {p(o['abstained'])} "
                f"(one pass {p(res['out_of_world']['abstained'])})")
     path = os.path.join(out_dir, "eval.json")
@@ -327,20 +312,17 @@ if init_from == "resume":
     for opt, state in zip(optimizers, ckpt["optimizer"]):
         opt.load_state_dict(state)
 raw_model = model
-if compile:
-    model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
 model_args, tokenizer_json, ckpt = ckpt["model_args"], ckpt["tokenizer"], None  # the optimizer state freed
 os.makedirs(out_dir, exist_ok=True)
-log = StepLog(max_iters, start_step, os.path.join(out_dir, "log.txt") if master else None,
-              raw_model.flops_per_token(seq_len), peak_flops(device), world_size)
-if master:
-    log.write(f"config {json.dumps(config)}")
+log = StepLog(max_iters, start_step, os.path.join(out_dir, "log.txt"), raw_model.flops_per_token(seq_len),
+              peak_flops(device), world_size)
+log.write(f"config {json.dumps(config)}")  # rank 0's, as every line of the log
 
 t_start = time.time()
 for step in range(start_step, max_iters):
-    lr = lr_at(step, max_iters, learning_rate, warmup_iters, lr_schedule, min_lr_frac)
+    lr = lr_at(step, max_iters, learning_rate, warmup_iters, "cosine", min_lr_frac)
     loss_sum, n_tokens = torch.zeros((), device=device), 0
     for micro in range(grad_accum):
         rng = random.Random(f"{seed}-{step}-{rank}-{micro}")  # so a resumed run sees the same batches
