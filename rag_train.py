@@ -61,6 +61,7 @@ grad_clip = 1.0
 eval_n = 0                     # questions per evaluation set (0 = all: the world's 378 single-hop, 89 unanswerable)
 eval_k = 4                     # documents retrieved for the main RAG numbers
 eval_ks = "1,2,4,8,16"         # the accuracy-vs-k sweep
+cite_group = 4                 # above this many documents cite-then-read cites by knockout (rag.knockout); 0: one pass
 eval_max_len = 4096            # context limit when generating (the world at k=32 needs ~2,000 tokens)
 # system
 device = "auto"
@@ -197,7 +198,7 @@ def run_set(model, name, items, reread=True):
         dropped += out["dropped"]["docs"]
         rows.append(rag.score(qa, out["answer"], None if docs is None else out["docs"]))
         if reread:
-            out = rag.reread(model, tok, out, max_len=eval_max_len)
+            out = rag.reread(model, tok, out, group=cite_group, max_len=eval_max_len)
             rows_reread.append(rag.score(qa, out["answer"], None if docs is None else out["docs"]))
     types = sorted({qa.get("type", "") for qa, _ in items})
     summary = lambda rows: {**rag.summarize(rows), "dropped_docs": dropped, "em_by_type": {
