@@ -1,13 +1,12 @@
-"""
-The Mamba-1 selective scan on CPU as torch custom ops: a small C loop, the CPU twin of mamba-ssm's CUDA scan, compiled
+"""The Mamba-1 selective scan on CPU as torch custom ops: a C loop, the CPU twin of mamba-ssm's CUDA scan, compiled
 by the system C compiler on first use. Loading a library runs its code, so the cache ($XDG_CACHE_HOME/hybrid-gpt) is
-used only while no one else can write it, and a library loads only if its SHA-256 matches the one stored beside it.
-"""
+used only while no one else can write it, and a library loads only if its SHA-256 matches the one stored beside it."""
 import contextlib
 import ctypes
 import functools
 import hashlib
 import os
+import pathlib
 import platform
 import stat
 import subprocess
@@ -129,8 +128,7 @@ def build(cc, lib):
                     subprocess.run(cmd, input=SCAN_C, text=True, check=True, capture_output=True, timeout=120)
             except (OSError, subprocess.SubprocessError):
                 continue
-            with open(digest, "w") as f:
-                f.write(sha256(out))
+            pathlib.Path(digest).write_text(sha256(out))
             os.chmod(out, 0o700)  # under any umask: a library others can write would be refused next time
             os.chmod(digest, 0o600)
             os.replace(digest, lib + ".sha256")
@@ -187,9 +185,8 @@ def cpu_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     """-> y, h_L, and the states every 64 steps (for backward)."""
     x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
     h0 = None if h0 is None else h0.float().contiguous()
-    (b, L, D), N = x.shape, A.shape[1]
-    y, hT, hchk = torch.empty_like(x), x.new_empty(b, D, N), x.new_empty(b, -(-L // 64), D, N)
-    cpu_scan_kernel().scan_fwd(*ptrs(x, dt, A, B, C, h0, y, hchk, hT), b, L, D, N, torch.get_num_threads())
+    y, hT, hchk = cpu_scan_outputs(x, dt, A, B, C, h0)
+    cpu_scan_kernel().scan_fwd(*ptrs(x, dt, A, B, C, h0, y, hchk, hT), *x.shape, A.shape[1], torch.get_num_threads())
     return y, hT, hchk
 
 
@@ -206,7 +203,7 @@ def cpu_scan_backward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: tor
 
 
 @cpu_scan.register_fake
-def _(x, dt, A, B, C, h0):
+def cpu_scan_outputs(x, dt, A, B, C, h0):
     (b, L, D), N = x.shape, A.shape[1]
     return torch.empty_like(x), x.new_empty(b, D, N), x.new_empty(b, -(-L // 64), D, N)
 

@@ -1,12 +1,11 @@
-"""
-A GPT whose layers are attention (T, nanochat's) or Mamba (M: a Mamba-1, -2 or -3 mixer with mamba-ssm's parameters,
+"""A GPT whose layers are attention (T, nanochat's) or Mamba (M: a Mamba-1, -2 or -3 mixer with mamba-ssm's parameters,
 state-dict keys and init), mixed by a pattern string. On CUDA the mixers call mamba-ssm's fused kernels when installed;
-elsewhere the same maths runs in PyTorch, and the Mamba-1 scan on CPU in a small compiled C loop (cpu_scan.py).
-"""
+elsewhere the same maths runs in PyTorch, and the Mamba-1 scan on CPU in a small compiled C loop (cpu_scan.py)."""
 
 import functools
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -33,7 +32,6 @@ class GPTConfig:
 
 
 def layer_pattern(config):
-    """block_pattern tiled to n_layer, e.g. "TMM" with 4 layers -> "TMMT"."""
     p = config.block_pattern
     if not p or set(p) - set("TM") or len(p) > config.n_layer:
         raise ValueError(f"block_pattern={p!r}: must be 1 to n_layer={config.n_layer} letters, each 'T' or 'M'")
@@ -42,7 +40,7 @@ def layer_pattern(config):
 
 @functools.cache
 def cuda_kernels():
-    """mamba-ssm / causal-conv1d fused kernels, or None. Imported on first use with a CUDA tensor."""
+    """mamba-ssm's and causal-conv1d's fused kernels by name, or None; imported on first use with a CUDA tensor."""
     try:
         from causal_conv1d import causal_conv1d_update
         from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
@@ -96,19 +94,15 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, kv=None, pos=0):
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k, v = (lin(x).view(B, T, -1, self.head_dim) for lin in (self.c_q, self.c_k, self.c_v))
         q = F.rms_norm(apply_rotary(q, cos, sin), (self.head_dim,), self.q_gain)  # QK-norm
         k = norm(apply_rotary(k, cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if kv is not None:  # write this chunk into the cache, attend to everything so far
-            kv[0][:, :, pos:pos + T] = k
-            kv[1][:, :, pos:pos + T] = v
+            kv[0][:, :, pos:pos + T], kv[1][:, :, pos:pos + T] = k, v
             k, v = kv[0][:, :, :pos + T], kv[1][:, :, :pos + T]
-        mask = None  # causal from position 0; one new token sees everything
-        if pos > 0 and T > 1:  # a chunk at pos..pos+T-1 sees the cache and itself causally
-            mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        # causal from position 0; one new token sees everything; a chunk at pos.. sees the cache and itself causally
+        mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos) if pos and T > 1 else None
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
                                            enable_gqa=self.n_kv_head != self.n_head)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
@@ -128,14 +122,15 @@ class MLP(nn.Module):
 # Mamba-1: selective state space model (S6)
 #   h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * x_t      per channel d and state n
 #   y_t = C_t . h_t + D * x_t
+# Each mixer has mamba-ssm's parameters and init at its defaults, so that state dicts load both ways, and
+# forward(u (B, L, d_model), state=None) -> (B, L, d_model): state, from allocate_state, continued and updated in place.
 
 def selective_scan(x, dt, A, B, C, h0=None):
-    """x, dt (b, L, D); A (D, N); B, C (b, L, N); h0 (b, D, N) or None -> y (b, L, D) without the D skip, h_L (b, D, N).
-    One step (decode) directly; on CPU in fp32 a compiled C loop (cpu_scan.py); elsewhere the chunked scan."""
-    if x.shape[1] == 1 and h0 is not None:
+    """x, dt (b, L, D); A (D, N); B, C (b, L, N); h0 (b, D, N) or None -> y (b, L, D) without D skip, h_L (b, D, N)"""
+    if x.shape[1] == 1 and h0 is not None:  # one step (decode)
         h = torch.exp(dt[:, 0, :, None] * A) * h0 + (dt * x)[:, 0, :, None] * B[:, 0, None, :]
         return (h @ C[:, 0, :, None]).squeeze(-1).unsqueeze(1), h
-    if x.device.type == "cpu" and x.dtype == torch.float32 and cpu_scan_available():
+    if x.device.type == "cpu" and x.dtype == torch.float32 and cpu_scan_available():  # the C loop
         return cpu_scan(x, dt, A, B, C, h0)[:2]
     return chunked_scan(x, dt, A, B, C, h0)
 
@@ -167,8 +162,7 @@ def chunked_scan(x, dt, A, B, C, h0=None):
 
 
 def causal_conv(conv1d, x, conv_state=None, kernels=None):
-    """silu(depthwise causal conv over time): x (B, L, C) -> (B, L, C). With conv_state (B, C, d_conv), the last
-    d_conv inputs seen so far, continue from it instead of zero padding, and update it in place."""
+    """silu(causal depthwise conv): x (B, L, C) -> (B, L, C), continuing conv_state (B, C, d_conv) if given."""
     if conv_state is not None and x.shape[1] == 1:  # one token (decode), on causal-conv1d's kernel if given
         if kernels:
             return kernels["causal_conv1d_update"](x[:, 0].to(conv_state.dtype), conv_state,
@@ -178,7 +172,7 @@ def causal_conv(conv1d, x, conv_state=None, kernels=None):
     L, x = x.shape[1], x.transpose(1, 2)  # (B, C, L)
     if conv_state is None:
         x = conv1d(x)[..., :L]
-    else:
+    else:  # conv_state: the last d_conv inputs so far, in place of the zero padding; updated in place
         x = torch.cat([conv_state[..., 1:].to(x.dtype), x], dim=-1)
         conv_state.copy_(x[..., -conv_state.shape[-1]:])
         x = F.conv1d(x, conv1d.weight, conv1d.bias, groups=x.shape[1])
@@ -191,10 +185,7 @@ def dt_bias_init(n):
     return dt + torch.log(-torch.expm1(-dt))
 
 
-class Mamba(nn.Module):
-    """Mamba-1 mixer with mamba_ssm.modules.mamba_simple.Mamba's parameters and init at its defaults (dt_rank
-    ceil(d_model / 16), biases only on the conv and dt_proj): state dicts load both ways."""
-
+class Mamba(nn.Module):  # mamba_ssm.modules.mamba_simple.Mamba: dt_rank ceil(d_model / 16), biases on conv and dt_proj
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2):
         super().__init__()
         self.d_state, self.d_conv = d_state, d_conv
@@ -227,7 +218,6 @@ class Mamba(nn.Module):
                 torch.zeros(batch_size, self.d_inner, self.d_state, device=w.device, dtype=torch.float32))
 
     def forward(self, u, state=None):
-        """u (B, L, d_model) -> (B, L, d_model). state: (conv_state, ssm_state), continued and updated in place."""
         kernels, A = kernels_for(u), -torch.exp(self.A_log.float())  # A (D, N)
         if kernels and state is None:  # fused conv + scan + gate + out_proj
             return kernels["mamba_inner_fn"](
@@ -293,11 +283,8 @@ def ssd_scan(x, a, B, C, chunk_size, h0=None):
     return y.reshape(b, c * Q, H, P)[:, :L], states[:, -1]
 
 
-class Mamba2(nn.Module):
-    """Mamba-2 mixer with mamba_ssm.modules.mamba2.Mamba2's parameters and init (ngroups=1, D per head, gated
-    RMSNorm): state dicts load both ways. chunk_size changes speed only; 64 is the fastest PyTorch chunk on CPU."""
-
-    def __init__(self, d_model, d_state=128, d_conv=4, expand=2, headdim=64, chunk_size=64):
+class Mamba2(nn.Module):  # mamba_ssm.modules.mamba2.Mamba2: ngroups=1, D per head, gated RMSNorm
+    def __init__(self, d_model, d_state=128, d_conv=4, expand=2, headdim=64, chunk_size=64):  # 64: fastest on CPU
         super().__init__()
         self.d_state, self.d_conv, self.headdim, self.chunk_size = d_state, d_conv, headdim, chunk_size
         self.d_inner = expand * d_model
@@ -333,7 +320,6 @@ class Mamba2(nn.Module):
         return F.rms_norm(y.float() * F.silu(z.float()), (self.d_inner,), self.norm.weight.float(), self.norm.eps)
 
     def forward(self, u, state=None):
-        """u (B, L, d_model) -> (B, L, d_model). state: (conv_state, ssm_state), continued and updated in place."""
         kernels, A = kernels_for(u), -torch.exp(self.A_log.float())  # A (H,)
         zxbcdt = self.in_proj(u)
         if kernels and state is None:  # fused conv + chunked scan + gated norm + out_proj
@@ -380,10 +366,8 @@ def rotate_pairs(x, cos, sin):
     return torch.cat([torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2), x[..., 2 * S:]], -1)
 
 
+# mamba_ssm.modules.mamba3.Mamba3: one group of B and C, half the state dims rotated, no output norm, no conv
 class Mamba3(nn.Module):
-    """Mamba-3 mixer (SISO) with mamba_ssm.modules.mamba3.Mamba3's parameters and init at its defaults (one group
-    of B and C, half the state dims rotated, no output norm, no conv): state dicts load both ways."""
-
     def __init__(self, d_model, d_state=128, expand=2, headdim=64, chunk_size=64):
         super().__init__()
         self.d_state, self.headdim, self.chunk_size = d_state, headdim, chunk_size
@@ -431,7 +415,6 @@ class Mamba3(nn.Module):
         return z.unflatten(-1, (H, -1)), x.unflatten(-1, (H, -1)), BC, dt, dt * A, trap, angle
 
     def forward(self, u, state=None):
-        """u (B, L, d_model) -> (B, L, d_model). state: allocate_state's tuple, continued and updated in place."""
         kernels = kernels_for(u)
         (b, L, _), H, P, N = u.shape, self.nheads, self.headdim, self.d_state
         z, x, BC, dt, adt, trap, angle = self.project(u)
@@ -483,12 +466,10 @@ class AttentionBlock(nn.Module):
 class MambaBlock(nn.Module):
     def __init__(self, config):
         super().__init__()
-        if config.mamba_version == 1:
-            self.mixer = Mamba(config.n_embd, config.d_state, config.d_conv, config.expand)
-        elif config.mamba_version == 2:
-            self.mixer = Mamba2(config.n_embd, config.d_state, config.d_conv, config.expand, config.headdim)
-        else:
-            self.mixer = Mamba3(config.n_embd, config.d_state, config.expand, config.headdim)
+        c = config
+        self.mixer = (Mamba(c.n_embd, c.d_state, c.d_conv, c.expand) if c.mamba_version == 1 else
+                      Mamba2(c.n_embd, c.d_state, c.d_conv, c.expand, c.headdim) if c.mamba_version == 2 else
+                      Mamba3(c.n_embd, c.d_state, c.expand, c.headdim))
         self.mlp = MLP(config) if config.mamba_mlp else None
 
     def forward(self, x, cos, sin, state=None, pos=0):
@@ -498,13 +479,6 @@ class MambaBlock(nn.Module):
 
 # -----------------------------------------------------------------------------
 # GPT
-
-class Cache:
-    """Per layer (k, v) of (B, n_kv_head, max_len, hd) for T, the mixer's state for M; pos: tokens seen so far."""
-
-    def __init__(self, layers, max_len):
-        self.layers, self.max_len, self.pos = layers, max_len, 0
-
 
 class GPT(nn.Module):
     def __init__(self, config):
@@ -518,8 +492,7 @@ class GPT(nn.Module):
         self.pattern = layer_pattern(config)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            h=nn.ModuleList([AttentionBlock(config) if k == "T" else MambaBlock(config) for k in self.pattern]),
-        ))
+            h=nn.ModuleList([AttentionBlock(config) if k == "T" else MambaBlock(config) for k in self.pattern])))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.init_weights()
 
@@ -560,19 +533,20 @@ class GPT(nn.Module):
         return logits, loss.view(B, T) if loss_reduction == "none" else loss
 
     def init_cache(self, batch_size, max_len):
+        """.layers: per layer (k, v) (B, n_kv_head, max_len, hd) for T, the mixer's state for M; .pos: tokens seen."""
         w, cfg = self.lm_head.weight, self.config
         kv = (batch_size, cfg.n_kv_head, max_len, cfg.n_embd // cfg.n_head)
-        return Cache([tuple(torch.zeros(kv, device=w.device, dtype=w.dtype) for _ in range(2))
-                      if isinstance(block, AttentionBlock) else block.mixer.allocate_state(batch_size)
-                      for block in self.transformer.h], max_len)
+        layers = [tuple(torch.zeros(kv, device=w.device, dtype=w.dtype) for _ in range(2))
+                  if isinstance(block, AttentionBlock) else block.mixer.allocate_state(batch_size)
+                  for block in self.transformer.h]
+        return SimpleNamespace(layers=layers, max_len=max_len, pos=0)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None):
+    def generate(self, idx, max_new_tokens, temperature=0.0):
         """Prefill idx (B, T) once, then decode one token at a time from the cache -> (B, T + max_new_tokens)."""
         cache, new = self.init_cache(idx.size(0), idx.size(1) + max_new_tokens), idx
         for _ in range(max_new_tokens):
-            logits, _ = self(new, cache=cache)
-            new = sample_next(logits[:, -1], temperature, top_k)
+            new = sample_next(self(new, cache=cache)[0][:, -1], temperature)
             idx = torch.cat([idx, new], dim=1)
         return idx
 
@@ -580,24 +554,22 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs (3x forward) per token: 6 per matmul weight, attention scores and values, and the scans."""
-        flops = 6 * sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        """Training FLOPs (3x forward) per token: 6 per matmul or conv weight, attention scores and values, scans."""
+        flops = 6 * sum(m.weight.numel() for m in self.modules() if isinstance(m, (nn.Linear, nn.Conv1d)))
         for block in self.transformer.h:
             m = getattr(block, "mixer", None)
             if m is None:  # attention: QK^T and AV, 2 * 2 * n_embd * seq_len forward
                 flops += 3 * 4 * self.config.n_embd * seq_len
-            elif isinstance(m, Mamba):  # conv, and ~9 flops per (channel, state): exp(dt A), dt B x, decay, add, C h
-                flops += 3 * (2 * m.conv1d.weight.numel() + 9 * m.d_inner * m.d_state)
+            elif isinstance(m, Mamba):  # ~9 flops per (channel, state): exp(dt A), dt B x, decay, add, C h
+                flops += 3 * 9 * m.d_inner * m.d_state
             else:  # SSD over chunks of Q: C B^T (once: Mamba-2's B, C are shared by the heads; per head for Mamba-3),
-                # and per head the masked scores times x, state in, state out; Mamba-2's conv (Mamba-3 has none)
+                # and per head the masked scores times x, state in, state out
                 Q, H, P, N = min(m.chunk_size, seq_len), m.nheads, m.headdim, m.d_state
-                conv = m.conv1d.weight.numel() if isinstance(m, Mamba2) else 0
-                flops += 3 * ((1 if conv else H) * 2 * Q * N + H * (2 * Q * P + 4 * P * N) + 2 * conv)
+                flops += 3 * ((1 if isinstance(m, Mamba2) else H) * 2 * Q * N + H * (2 * Q * P + 4 * P * N))
         return flops
 
     def configure_optimizers(self, learning_rate, weight_decay, betas, device_type, embedding_lr_mult=1.0):
-        """[AdamW], with no weight decay on vectors, A_log, D, the embedding and the LM head (as nanochat), the
-        embedding at embedding_lr_mult * learning_rate (nanochat: 50x). A list, as the stages step and save it."""
+        """[AdamW] (as nanochat): no weight decay on vectors, A_log, D, embedding and LM head; embedding lr x mult."""
         named = dict(self.named_parameters())
         wte = named.pop("transformer.wte.weight")
         # by name, not by mamba-ssm's p._no_weight_decay flag, which to_empty() (meta-device init) drops
@@ -608,22 +580,14 @@ class GPT(nn.Module):
         return [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")]
 
     @classmethod
-    def from_checkpoint(cls, ckpt):
-        unknown = set(ckpt["model_args"]) - set(GPTConfig.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"checkpoint model_args: unknown GPTConfig field(s) {sorted(unknown)}")
+    def from_checkpoint(cls, ckpt):  # an unknown model_args key is a TypeError that names it
         model = cls(GPTConfig(**ckpt["model_args"]))
-        model.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("module."): v
-                               for k, v in ckpt["model"].items()})
+        model.load_state_dict(ckpt["model"])
         return model
 
 
-def sample_next(logits, temperature=0.0, top_k=None, generator=None):
+def sample_next(logits, temperature=0.0, generator=None):
     """logits (B, V) -> next token ids (B, 1). temperature 0 is greedy."""
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+    return torch.multinomial(F.softmax(logits.float() / temperature, dim=-1), 1, generator=generator)

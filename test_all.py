@@ -1142,7 +1142,7 @@ def test_from_checkpoint_round_trip():
     assert loaded.pattern == "MMTM" and torch.equal(model(idx)[0], loaded(idx)[0])
     try:
         GPT.from_checkpoint({"model": {}, "model_args": dataclasses.asdict(model.config) | {"n_lyer": 3}})
-    except ValueError as e:
+    except TypeError as e:  # GPTConfig's own error; load_model and train.py turn it into one line naming the file
         assert "n_lyer" in str(e)
     else:
         raise AssertionError("unknown model_args key accepted")
@@ -1176,8 +1176,9 @@ def test_sample_next():
     logits = torch.tensor([[0.0, 5.0, 1.0, 4.0]])
     assert sample_next(logits).item() == 1
     g = torch.Generator().manual_seed(0)
-    draws = {sample_next(logits, temperature=1.0, top_k=2, generator=g).item() for _ in range(200)}
-    assert draws == {1, 3}
+    draws = [sample_next(logits, temperature=1.0, generator=g).item() for _ in range(200)]
+    assert {1, 3} <= set(draws) and draws.count(1) > draws.count(3) > draws.count(2)  # softmax: 72%, 26%, 1.3%
+    assert {sample_next(logits, temperature=0.05, generator=g).item() for _ in range(50)} == {1}
 
 
 def test_flops_per_token():
