@@ -1,7 +1,5 @@
-"""
-Chat with a checkpoint over a knowledge base (--kb: a retrieve.py KB directory or a documents .jsonl): answers cite
-documents, listed under them; an answer citing one of several is asked again with that one alone (rag.reread). Earlier
-turns stay as text; a pronoun follow-up is retrieved with the last question that named its entity. REPL: /clear, /quit.
+"""Chat over a knowledge base (--kb: a KB directory or a documents .jsonl), cite-then-read (rag.reread), sources listed;
+earlier turns stay as text, a pronoun follow-up is retrieved with the question that named its entity. /clear, /quit.
 
     python chat.py --kb data/world/kb.jsonl -p "Where was Kelmar Odrissi born?"     # one question (no -p: a REPL)
     python chat.py --ckpt out/refrag/ckpt.pt --kb data/world/kb.jsonl --hops 3 --top_k 1 -p "..."  # multi-hop
@@ -15,7 +13,7 @@ import torch
 
 import rag
 from common import first_line, load_model
-from retrieve import RETRIEVERS, load_documents, load_kb, new_retriever
+from retrieve import load_documents, load_kb, new_retriever
 
 
 def sources(docs, cites):
@@ -27,7 +25,6 @@ def sources(docs, cites):
             for i, (d, ns) in numbers.items()]
 
 
-@torch.no_grad()
 def continue_text(model, tok, prompt, max_len, max_new_tokens, temperature):
     """nanoGPT's sample.py, for a pre-trained checkpoint: the prompt and its continuation, up to <|bos|>."""
     ids = [tok.bos_id] + tok.encode(prompt)
@@ -37,14 +34,12 @@ def continue_text(model, tok, prompt, max_len, max_new_tokens, temperature):
     return prompt + tok.decode(new[:new.index(tok.bos_id)] if tok.bos_id in new else new)
 
 
-def load_retriever(path, kind, stopwords=""):
+def load_retriever(path, stopwords=""):
     if os.path.isdir(path):
         return load_kb(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--kb {path}: no such KB directory or documents file")
-    if not path.endswith(".jsonl"):
-        raise ValueError(f"--kb {path}: expected a KB directory or a .jsonl of documents")
-    retriever = new_retriever(kind, stopwords)
+    if not (os.path.isfile(path) and path.endswith(".jsonl")):
+        raise ValueError(f"--kb {path}: not a KB directory or a documents .jsonl file")
+    retriever = new_retriever("bm25", stopwords)  # a KB directory may be of any type
     retriever.add_documents(load_documents(path))
     return retriever
 
@@ -56,10 +51,8 @@ def main():
     parser.add_argument("--kb", help="KB directory or documents .jsonl; without it, plain chat")
     parser.add_argument("-p", "--prompt", help="answer this one question and exit")
     parser.add_argument("--top_k", type=int, default=4, help="documents retrieved per question / query")
-    parser.add_argument("--retriever", default="bm25", choices=list(RETRIEVERS), help="index for a .jsonl --kb")
-    parser.add_argument("--stopwords", default="", choices=["", "en", "en_plus"], help="for a .jsonl --kb")
+    parser.add_argument("--stopwords", default="", choices=["", "en", "en_plus"], help="BM25's, for a .jsonl --kb")
     parser.add_argument("--hops", type=int, default=0, help="queries the model may write to retrieve more")
-    parser.add_argument("--reread", action=argparse.BooleanOptionalAction, default=True, help="cite, then read")
     parser.add_argument("--verbose", action="store_true", help="show the first pass, the re-read and every hop")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max_new_tokens", type=int, default=64)
@@ -70,16 +63,14 @@ def main():
     try:
         model, tok, ckpt = load_model(args.ckpt, args.device)
         base = ckpt.get("stage") == "train"
-        retriever = load_retriever(args.kb, args.retriever, args.stopwords) if args.kb and not base else None
+        retriever = load_retriever(args.kb, args.stopwords) if args.kb and not base else None
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    model.eval()
     max_len = (ckpt.get("config") or {}).get("seq_len") or model.config.block_size  # its fine-tuning's context
     if base:
         print(f"note: {args.ckpt} is pre-trained, not fine-tuned for chat (rag_train.py): it continues your text"
               + (", without the KB" if args.kb else ""), file=sys.stderr)
     retrieve = (lambda q, k: [d for d, _ in retriever.retrieve(q, k)]) if retriever else None
-    stream = args.verbose or not args.reread  # else the answer is known only after the re-read
     warned, history, topic = False, [], None
 
     def turn(question):
@@ -99,10 +90,10 @@ def main():
             state["kind"] = None
             print("\n  found: " + ("; ".join(f"{d['id']} ({d['title']})" for d in found) or "nothing"))
 
-        _, out = rag.ask(model, tok, question, history, topic, retrieve, args.top_k, args.reread, max_hops=args.hops,
-                         on_token=on_token if stream else None, on_retrieve=on_retrieve if args.verbose else None,
+        _, out = rag.ask(model, tok, question, history, topic, retrieve, args.top_k, max_hops=args.hops,
+                         on_token=on_token if args.verbose else None, on_retrieve=on_retrieve if args.verbose else None,
                          max_len=max_len, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-        if stream:
+        if args.verbose:  # else the answer is known only after the re-read
             print()
             if out.get("reread"):
                 print(f"read again with [{out['reread']}] alone: {out['answer']}")
@@ -112,11 +103,9 @@ def main():
             print(f"(context limit {max_len} tokens: dropped the lowest-ranked documents / oldest turns to fit)")
             warned = True
         if out["stop"] != "answer":
-            why = {"max_hops": f"it asked for more than --hops={args.hops} retrievals",
-                   "format": "the model produced no well-formed answer",
-                   "max_tokens": "the answer was cut at --max_new_tokens",
-                   "context": f"the context limit of {max_len} tokens was reached"}[out["stop"]]
-            print(f"(no complete answer: {why})")
+            why = {"max_hops": f"asked for more than --hops={args.hops} retrievals", "format": "no well-formed answer",
+                   "max_tokens": "cut at --max_new_tokens", "context": f"the context limit of {max_len} tokens"}
+            print(f"(no complete answer: {why[out['stop']]})")
         if out["docs"]:
             print("sources (* = cited by the answer):")
             print("\n".join(sources(out["docs"], rag.read_answer(out["answer"] or "")[1])))
@@ -133,8 +122,7 @@ def main():
             print(f"\nerror: {type(e).__name__}: {first_line(e)}")
 
     if args.prompt is not None:
-        safe_turn(args.prompt)
-        return
+        return safe_turn(args.prompt)
     print(f"{args.ckpt} ({ckpt.get('stage', '?')}), {'KB ' + args.kb if retriever else 'no KB'}; /clear, /quit")
     while True:
         try:

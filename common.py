@@ -1,6 +1,5 @@
 """What the stage scripts share: device and DDP set-up, lr schedule, atomic checkpoints and files, the step log."""
 import glob
-import io
 import math
 import os
 import socket
@@ -14,22 +13,19 @@ from model import GPT
 from tokenizer import Tokenizer
 
 
-def die(msg):
-    """Bad input ends the run with one line, not a traceback."""
+def die(msg):  # bad input ends the run with one line, not a traceback
     print0(f"error: {msg}", file=sys.stderr)
     sys.exit(1)
 
 
 def or_die(fn, *args, **kwargs):
-    """fn(*args, **kwargs); a ValueError or OSError from it ends the run with its one line."""
     try:
         return fn(*args, **kwargs)
     except (ValueError, OSError) as e:
         die(e)
 
 
-def first_line(e):
-    """An exception's first line for a one-line error: str(e) can be empty (a 0-byte file's EOFError)."""
+def first_line(e):  # str(e) can be empty: a 0-byte file's EOFError
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
@@ -68,8 +64,7 @@ def setup(device="auto", seed=1337):
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     torch.manual_seed(seed)
     if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's is on by default
     return ddp, rank, world_size, device
 
 
@@ -89,18 +84,15 @@ def all_reduce_mean(x, ddp):
 
 def autocast(device):
     """bf16 autocast on CUDA; plain fp32 on CPU (bf16 matmuls are slow there and break exactness tests)."""
-    if device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda"))
 
 
 def peak_flops(device):
     """Peak dense bf16 FLOP/s of a known GPU, for MFU; else None."""
-    if not device.startswith("cuda"):
-        return None
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else ""
     peaks = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "4090": 165e12, "4070": 117e12, "3090": 71e12,
              "3070": 41e12, "L4": 121e12}
-    return next((v for k, v in peaks.items() if k in torch.cuda.get_device_name(device)), None)
+    return next((v for k, v in peaks.items() if k in name), None)
 
 
 # -----------------------------------------------------------------------------
@@ -136,7 +128,6 @@ def step_optimizers(optimizers, model, lr_scale, grad_clip):
 # one readable
 
 def _atomically(path, write):
-    """write(tmp), then tmp renamed over path."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -148,10 +139,10 @@ def _atomically(path, write):
 
 
 def write_atomic(path, data):
-    """Writes data (str, bytes, or an iterable of str lines, written as they come) atomically."""
+    """Writes data (a str, or an iterable of str lines, written as they come) atomically."""
     def write(tmp):
-        with open(tmp, "wb") if isinstance(data, bytes) else open(tmp, "w", encoding="utf-8") as f:
-            f.write(data) if isinstance(data, (str, bytes)) else f.writelines(data)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines([data] if isinstance(data, str) else data)
     _atomically(path, write)
 
 
@@ -179,8 +170,7 @@ def load_checkpoint(path, device="cpu"):
 
 
 def load_model(path, device="cpu", data_dir=None):
-    """(model, tokenizer, ckpt) from a stage's checkpoint, the model on device. A bad file, a model that does not fit
-    model.py, or a tokenizer not the model's (or data_dir's) is a one-line ValueError naming the file."""
+    """(model, tokenizer, ckpt) from a stage's checkpoint, on device; a bad or mismatched file is a ValueError."""
     ckpt = load_checkpoint(path, device)
     if "tokenizer" not in ckpt:
         raise ValueError(f"checkpoint {path} has no tokenizer: not written by train.py / rag_train.py")
@@ -207,25 +197,22 @@ def raw_state_dict(model):
 # logging
 
 class StepLog:
-    """One line per optimisation step: step/total, loss, lr, tokens/s, MFU (on GPU), ETA."""
+    """One line per optimisation step: step/total, loss, lr, tokens/s, MFU (on GPU), the extras, ETA."""
 
     def __init__(self, max_iters, start_step, path=None, flops_per_token=None, peak=None, world_size=1):
         self.max_iters, self.start_step, self.path = max_iters, start_step, path
-        self.flops_per_token, self.peak, self.world_size = flops_per_token, peak, world_size
+        self.mfu_per_tok_s = flops_per_token / (peak * world_size) if peak and flops_per_token else None
         self.t0 = self.t_last = time.time()
 
     def __call__(self, step, loss, lr, tokens, **extra):
         now = time.time()
-        dt, self.t_last = now - self.t_last, now
-        tok_s = tokens / max(dt, 1e-9)
+        tok_s, self.t_last = tokens / max(now - self.t_last, 1e-9), now
+        if self.mfu_per_tok_s:
+            extra = {"mfu": f"{100 * tok_s * self.mfu_per_tok_s:.1f}%", **extra}
         eta = int((now - self.t0) / (step + 1 - self.start_step) * (self.max_iters - step - 1))
-        line = f"step {step + 1}/{self.max_iters} | loss {loss:.6f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
-        if self.peak and self.flops_per_token:
-            line += f" | mfu {100 * tok_s * self.flops_per_token / (self.peak * self.world_size):.1f}%"
-        for k, v in extra.items():
-            line += f" | {k} {v:.4f}" if isinstance(v, float) else f" | {k} {v}"
-        self.write(line + (f" | eta {eta // 3600}h{eta % 3600 // 60:02d}m" if eta >= 3600 else
-                           f" | eta {eta // 60}m{eta % 60:02d}s"))
+        self.write(f"step {step + 1}/{self.max_iters} | loss {loss:.6f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
+                   + "".join(f" | {k} {v:.4f}" if isinstance(v, float) else f" | {k} {v}" for k, v in extra.items())
+                   + f" | eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s")
 
     def write(self, line):
         print0(line)
@@ -249,16 +236,15 @@ def plot(stem, title, xlabel, ylabel, series, xlog=False, ylog=False, ylim=None)
     if xlog:
         ticks = sorted({x for xs, *_ in series.values() for x in xs})
         ax.set_xscale("log", base=2)
-        ax.set_xticks(ticks, [str(x) for x in ticks], minor=False)
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xticks(ticks, [str(x) for x in ticks])
     if ylim:
         ax.set_ylim(*ylim)
     if ylog:  # five ticks evenly spaced on the log axis, as plain numbers: a decade can be wider than the data
         ax.set_yscale("log")
         lo, hi = ax.get_ylim()
         ticks = [lo * (hi / lo) ** (i / 4) for i in range(5)]
-        ax.set_yticks(ticks, [f"{t:.3g}" for t in ticks], minor=False)
-        ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_yticks(ticks, [f"{t:.3g}" for t in ticks])
+    ax.minorticks_off()  # ticks only where set: at each x, and the five on a log y axis
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
@@ -266,8 +252,7 @@ def plot(stem, title, xlabel, ylabel, series, xlog=False, ylog=False, ylim=None)
     # SVG text as text, not glyph outlines; fixed ids and no date: the same data gives the same file, for git
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "plot"}):
         for ext in ("png", "svg"):
-            buf = io.BytesIO()
-            fig.savefig(buf, format=ext, dpi=150, bbox_inches="tight", metadata={"Date": None} if ext == "svg" else None)
-            write_atomic(f"{stem}.{ext}", buf.getvalue())
+            _atomically(f"{stem}.{ext}", lambda tmp: fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight",
+                                                                  metadata={"Date": None} if ext == "svg" else None))
     plt.close(fig)
     return drawn

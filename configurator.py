@@ -1,8 +1,7 @@
-"""
-nanoGPT-style configuration: a script's globals are its defaults, overridden by config files (plain Python
-assignments), then by --key=value. An unknown key or a wrongly typed value is a one-line error naming it, and its line.
-"""
+"""nanoGPT-style configuration: a script's globals are its defaults, overridden by config files (plain Python
+assignments), then by --key=value. An unknown key or a wrongly typed value is a one-line error naming it, and where."""
 import ast
+import contextlib
 import sys
 import traceback
 
@@ -48,10 +47,8 @@ def configure(g, argv=None):
                 raise ConfigError(f"{where}: unknown config key '{key}'")
             default = g[key]
             if where.startswith("--") and not isinstance(default, str):  # --out_dir=123 stays a str
-                try:
+                with contextlib.suppress(ValueError, SyntaxError):  # a bare word stays a string
                     value = ast.literal_eval(value)
-                except (ValueError, SyntaxError):
-                    pass  # a bare word is a string: --block_pattern=TM
             # None defaults take anything; ints widen to floats; otherwise the type must match exactly
             if isinstance(default, float) and type(value) is int:
                 value = float(value)

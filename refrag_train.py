@@ -1,7 +1,5 @@
-"""
-Multi-hop retrieval (REFRAG here: recursive retrieval): sft imitates gold query chains, rl is GRPO through the real
-retrieve-and-read loop (rag.generate, as in `chat.py --hops N`). Both end comparing single-shot RAG (baseline_ckpt),
-the warm start and the RL model on qa_heldout.jsonl: out_dir/eval.json (and for rl, out_dir/curve.png and .svg).
+"""Multi-hop retrieval: sft imitates gold query chains, rl is GRPO through the real retrieve-and-read loop (as `chat.py
+--hops N`). Both end comparing single-shot RAG, the warm start and RL on qa_heldout.jsonl (eval.json; rl: curve.png).
 
     python refrag_train.py                      # sft: out/rag2/ckpt.pt -> out/refrag_sft/ckpt.pt
     python refrag_train.py --phase=rl           # rl:  out/refrag_sft/ckpt.pt -> out/refrag/ckpt.pt
@@ -13,7 +11,6 @@ import random
 import time
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -55,7 +52,6 @@ rl_learning_rate = 5e-4
 questions_per_step = 4         # across processes
 group_size = 8                 # rollouts per question
 rl_hops = "2,3"                # the training questions RL practises on
-temperature = 1.0              # sampling temperature of the rollouts (1 = the policy whose log-probs we push)
 w_em = 1.0                     # reward weights, as Search-R1: the outcome's EM,
 w_f1 = 0.0                     # its token F1 (partial credit for long free-text answers), citation, format, hops
 w_cite = 0.2
@@ -80,10 +76,7 @@ seed = 1337
 config = or_die(configure, globals())
 if phase not in ("sft", "rl"):
     die(f"--phase: must be 'sft' or 'rl', got {phase!r}")
-try:
-    new_retriever(retriever, stopwords)  # checks both before any work
-except ValueError as e:
-    die(f"--{e}")
+or_die(new_retriever, retriever, stopwords)  # checks both before any work
 init_from = init_from or {"sft": "out/rag2/ckpt.pt", "rl": "out/refrag_sft/ckpt.pt"}[phase]
 out_dir = out_dir or {"sft": "out/refrag_sft", "rl": "out/refrag"}[phase]
 config.update(init_from=init_from, out_dir=out_dir)
@@ -99,12 +92,9 @@ def numbers(key, kind=int):
 mix, rl_hop_set, eval_hop_set = numbers("hop_mix", float), numbers("rl_hops"), numbers("eval_hops")
 if len(mix) != 4 or min(mix) < 0 or sum(mix) <= 0:
     die(f"--hop_mix: expected 4 weights >= 0 for 0..3 hops, got {hop_mix!r}")
-weights = dict(w_em=w_em, w_f1=w_f1, w_cite=w_cite, w_format=w_format, w_hop=w_hop)  # rag.reward's
-limits = dict(max_len=seq_len, max_new_tokens=max_new_tokens)  # rag.generate's
 
 ddp, rank, world_size, device = setup(device, seed)
 master = rank == 0
-print0(json.dumps(config, indent=1))
 
 # -----------------------------------------------------------------------------
 # the model: the previous stage's checkpoint, or ours to resume
@@ -131,11 +121,9 @@ start_step = ckpt["step"] if resuming else 0
 state = (ckpt.get("data_state") or {}) if resuming else {"warm_start": init_from if phase == "rl" else None}
 history, warm_start = state.get("history", []), state.get("warm_start")
 print0(f"model: {model.pattern} pattern, {model.num_params():,} parameters, from {ckpt_path} (stage {ckpt.get('stage')})")
-warm_model = None
-if phase == "rl" and warm_start and (master or kl_coef):
-    warm_model = load(warm_start, "the warm start")[0].eval()
-elif phase == "rl" and kl_coef:
+if phase == "rl" and kl_coef and not warm_start:
     die(f"{ckpt_path}: records no warm start, which kl_coef > 0 needs as its reference")
+warm_model = load(warm_start, "the warm start")[0] if phase == "rl" and warm_start and (master or kl_coef) else None
 
 # -----------------------------------------------------------------------------
 # the data
@@ -144,9 +132,8 @@ kb_docs, by_id, qa_sets = or_die(rag.load_data, data_dir)
 train_qa, heldout_qa = qa_sets["train"], qa_sets["heldout"]
 heldout_docs = {g for q in heldout_qa for g in q.get("gold_ids", [])}
 # the world's names, renamed in a share of training questions (its pretraining memorised them)
-world_data = any("entity" in q for q in train_qa)
 train_names = {w for d in kb_docs if d.id not in heldout_docs for w in d.title.split()} - set(COMPANY_SUFFIXES) \
-    if world_data else set()
+    if any("entity" in q for q in train_qa) else set()
 hops_of = lambda q: len(q["gold_ids"]) if "gold_ids" in q else None  # None: no gold chain, only the answers
 # the world's chains are about the RAG world (in the KB, never pretrained on): a bridge can only come from a document
 qa_by_hops = {h: [q for q in train_qa if hops_of(q) == h and (h < 2 or len(q.get("queries", [])) == h)] for h in range(4)}
@@ -181,36 +168,27 @@ curve_set = subsample([q for q in heldout_qa if hops_of(q) in (2, None) and q["g
 # evaluation on the held-out questions
 
 
-@torch.no_grad()
 def evaluate(model, qas, k, hops, desc="eval"):
-    """Greedy rollouts -> rag.summarize's means, recall_i (the i-th gold document reached the context), an example."""
-    model.eval()
-    rows, example = [], None
+    """Greedy rollouts -> rag.summarize's means, recall_i (the i-th gold document reached the context)."""
+    rows = []
     for qa in tqdm(qas, desc=desc, unit="q", leave=False, mininterval=2, disable=not master):
-        out = rag.rollout(model, tok, qa, eval_retrieve, k, hops, **limits)
-        r, parts = rag.reward(qa, out, **weights)
+        out = rag.rollout(model, tok, qa, eval_retrieve, k, hops, max_len=seq_len, max_new_tokens=max_new_tokens)
+        r, parts = rag.reward(qa, out, w_em, w_f1, w_cite, w_format, w_hop)
         in_context = {d["id"] for d in out["docs"]}
         rows.append({**parts, "reward": r, **{f"recall_{i + 1}": float(s in in_context)
                                               for i, s in enumerate(qa.get("gold_ids", []))}})
-        if example is None:
-            example = {"question": qa["question"], "gold": qa["golden_answers"], "queries": out["queries"],
-                       "docs": [d["id"] for d in out["docs"]], "answer": out["answer"], "stop": out["stop"]}
-    model.train()
-    return {**rag.summarize(rows), "example": example, "em_each": [r["em"] for r in rows]}
+    return {**rag.summarize(rows), "em_each": [r["em"] for r in rows]}
 
 
 def final_eval(trained):
     """Single-shot RAG, the warm start and the trained model on the held-out sets: a table, and out_dir/eval.json."""
-    variants, t0 = {}, time.time()
-    if baseline_ckpt:
-        variants["single_shot"] = (load(baseline_ckpt, "baseline_ckpt")[0], single_shot_k, 0)
+    t0 = time.time()
+    variants = {"single_shot": (load(baseline_ckpt, "baseline_ckpt")[0], single_shot_k, 0)} if baseline_ckpt else {}
     if warm_model is not None:
         variants["warm_start"] = (warm_model, top_k, max_hops)
     variants["rl" if phase == "rl" else "warm_start"] = (trained, top_k, max_hops)
     res = {name: {h: evaluate(m, qas, k, hops, f"eval {name} {h}-hop") for h, qas in eval_sets.items()}
            for name, (m, k, hops) in variants.items()}
-    print0(f"held-out: retriever {retriever}, greedy; single-shot k={single_shot_k}, multi-hop top_k={top_k} "
-           f"max_hops={max_hops}")
     print0("model          hops   n     EM    cite  format  queries  recall per chain step (%)")
     for name, by_h in res.items():
         for h, s in by_h.items():
@@ -223,8 +201,6 @@ def final_eval(trained):
             fixed, broken = sum(a < b for a, b in pairs), sum(a > b for a, b in pairs)
             print0(f"RL vs warm start, {h}-hop: {fixed} questions fixed, {broken} broken "
                    f"(two-sided sign test p = {rag.sign_test(fixed, broken):.3f})")
-    for name, by_h in res.items():
-        print0(f"example ({name}): {json.dumps(next(iter(by_h.values()))['example'])}")
     path = os.path.join(out_dir, "eval.json")
     write_atomic(path, json.dumps({"checkpoint": os.path.join(out_dir, "ckpt.pt"), "pattern": trained.pattern,
                                    "params": trained.num_params(), "phase": phase, "config": config, "results": res,
@@ -242,16 +218,14 @@ per_rank = config[batch_key] // world_size
 if per_rank < 1 or config[batch_key] % world_size:
     die(f"{batch_key} must be a multiple of the {world_size} processes")
 optimizers = model.configure_optimizers(learning_rate, weight_decay, (0.9, 0.95), device.split(":")[0])
-if resuming:
-    for opt, opt_state in zip(optimizers, ckpt["optimizer"]):
-        opt.load_state_dict(opt_state)
+for opt, opt_state in zip(optimizers, ckpt["optimizer"] if resuming else []):
+    opt.load_state_dict(opt_state)
 raw_model = model
 if ddp:
     model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
 ckpt_extra, ckpt = {"model_args": ckpt["model_args"], "tokenizer": ckpt["tokenizer"]}, None  # optimizer state freed
 log = StepLog(max_iters, start_step, os.path.join(out_dir, "log.txt"), world_size=world_size)  # only rank 0 writes
 log.write(f"config {json.dumps(config)}")
-generator = torch.Generator(device=device)
 
 
 def sft_step(step):
@@ -269,20 +243,18 @@ def sft_step(step):
 
 
 def rl_step(step):
-    """group_size sampled rollouts of each of this process's questions, rewarded; GRPO's loss (rag.pg_loss: advantage
-    = reward - group mean, KL to the warm start) backpropagated question by question."""
+    """group_size rollouts of each of this process's questions, rewarded; rag.pg_loss backpropagated per question."""
     rng = random.Random(f"{seed}-rl-{step}-{rank}")
-    generator.manual_seed(seed * 100_003 + step * 1_009 + rank)
+    generator = torch.Generator(device=device).manual_seed(seed * 100_003 + step * 1_009 + rank)
     loss, n_tokens, parts = torch.zeros((), device=device), 0, []
     for i in range(per_rank):
         qa, retrieve = rng.choice(rl_pool), train_retrieve
-        if rng.random() < rename_p and world_data:
+        if rng.random() < rename_p and train_names:
             qa, retrieve = world.renamed_world(qa, retrieve, train_names, rng)
-        raw_model.eval()
-        outs = [rag.rollout(raw_model, tok, qa, retrieve, top_k, max_hops, temperature=temperature, generator=generator,
-                            **limits) for _ in range(group_size)]
-        raw_model.train()
-        scored = [rag.reward(qa, o, **weights) for o in outs]
+        # sampled at temperature 1: the policy whose log-probs the loss pushes
+        outs = [rag.rollout(raw_model, tok, qa, retrieve, top_k, max_hops, temperature=1.0, generator=generator,
+                            max_len=seq_len, max_new_tokens=max_new_tokens) for _ in range(group_size)]
+        scored = [rag.reward(qa, o, w_em, w_f1, w_cite, w_format, w_hop) for o in outs]
         parts += [{**p, "reward": r} for r, p in scored]
         if ddp:
             model.require_backward_grad_sync = i == per_rank - 1  # gradients are averaged once, after the last question
@@ -331,8 +303,6 @@ for step in range(start_step, max_iters):
             log.write(f"saved {out_dir}/ckpt.pt at step {step + 1}")
             if history:
                 plot_curve()
-    if ddp:
-        dist.barrier()
 print0(f"done: {max_iters - start_step} {phase} steps in {time.time() - t_start:.0f}s")
 if master:
     final_eval(raw_model)

@@ -1,15 +1,13 @@
-"""
-Pre-train (or continue training) a hybrid Transformer/Mamba language model on tokenised shards. Every global below
+"""Pre-train (or continue training) a hybrid Transformer/Mamba language model on tokenised shards. Every global below
 is a config key (the defaults: the tiny CPU run); the resolved config is logged and stored in every checkpoint.
 
     python prepare.py && python train.py                      # the embedded default: tiny world, CPU, minutes
     python train.py configs/hybrid_d20.py --max_iters=1000    # config file, then --key=value overrides
     torchrun --standalone --nproc_per_node=8 train.py configs/hybrid_d20.py
 """
-import dataclasses
+import functools
 import json
 import os
-import re
 import time
 
 import numpy as np
@@ -65,12 +63,11 @@ check_config(config, [
     ("warmup_iters weight_decay grad_clip", lambda v: v >= 0, "non-negative"),
     ("min_lr_frac", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("lr_schedule", lambda v: v in ("cosine", "wsd"), "'cosine' or 'wsd'"),
-    ("block_pattern", lambda v: re.fullmatch("[TM]+", v), "a non-empty string of T and M")])
+    ("block_pattern", lambda v: v and set(v) <= set("TM"), "a non-empty string of T and M")])
 if init_from != "resume" and os.path.exists(os.path.join(out_dir, "ckpt.pt")) and not overwrite:
     die(f"{out_dir}/ckpt.pt exists: continue it with --init_from=resume, or replace it with --overwrite=True")
 
 ddp, rank, world_size, device = setup(device, seed)
-print0(json.dumps(config, indent=1))
 
 # data: fixed-length windows of the token stream, visited in a seeded random order, epoch after epoch.
 # The order depends only on (seed, step), so resuming at step s reproduces the batches exactly, and one
@@ -91,16 +88,11 @@ if n_windows < seqs_per_step:
 if (len(val_data) - 1) // block_size < world_size:  # a small corpus: too little held out to measure a loss
     die(f"{data_dir}/val.bin holds {len(val_data):,} tokens, less than one window of {block_size + 1} per process: "
         f"prepare it with a larger --val_frac, or train with a smaller --block_size")
-_orders = {}
 
 
-def window_start(i):
-    """Start of the i-th window of the endless, epoch-by-epoch shuffled stream."""
-    epoch, j = divmod(i, n_windows)
-    if epoch not in _orders:
-        _orders.clear()
-        _orders[epoch] = np.random.default_rng(seed + epoch).permutation(n_windows)
-    return int(_orders[epoch][j]) * block_size
+@functools.lru_cache(maxsize=1)
+def epoch_order(epoch):  # the windows' shuffled order in this epoch
+    return np.random.default_rng(seed + epoch).permutation(n_windows)
 
 
 def windows(data, starts):  # -> inputs, next-token targets (len(starts), block_size) on the device
@@ -110,36 +102,31 @@ def windows(data, starts):  # -> inputs, next-token targets (len(starts), block_
 
 def get_batch(step, micro):
     first = step * seqs_per_step + (rank * grad_accum + micro) * device_batch_size
-    return windows(train_data, [window_start(i) for i in range(first, first + device_batch_size)])
+    return windows(train_data, [int(epoch_order(i // n_windows)[i % n_windows]) * block_size
+                                for i in range(first, first + device_batch_size)])
 
 
 @torch.no_grad()
 def evaluate(model):
     n = min(eval_tokens // block_size, (len(val_data) - 1) // block_size) // world_size * world_size
     mine = [i * block_size for i in range(rank, n, world_size)]  # this process's share of the val windows
-    model.eval()
     losses = [model(*windows(val_data, mine[k:k + device_batch_size]))[1]
               for k in range(0, len(mine), device_batch_size)]
-    model.train()
     return all_reduce_mean(torch.stack(losses).mean(), ddp).item()
 
 
 # model, optimizer, and where we start from
-model_args = {f.name: config[f.name] for f in dataclasses.fields(GPTConfig) if f.name in config}
-model_args["vocab_size"] = meta["vocab_size"]
+model_args = {k: config[k] for k in GPTConfig.__dataclass_fields__ if k in config} | {"vocab_size": meta["vocab_size"]}
 ckpt, start_step = None, 0
 ckpt_path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
 if init_from != "scratch":
     ckpt = or_die(load_checkpoint, ckpt_path, device)
     try:  # a checkpoint of another stage or model.py: its keys or shapes do not fit
         start_step = ckpt["step"] if init_from == "resume" else 0
-        ignored = {k: v for k, v in model_args.items() if k in ckpt["model_args"] and ckpt["model_args"][k] != v}
-        model_args = ckpt["model_args"]
+        model_args = ckpt["model_args"]  # the model's shape is the checkpoint's, whatever the config says
         model = GPT.from_checkpoint(ckpt).to(device)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         die(f"{ckpt_path}: does not fit this train.py / model.py ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
-    if ignored:
-        print0(f"note: the model's shape comes from the checkpoint; ignoring {ignored}")
 else:
     model = or_die(GPT, GPTConfig(**model_args)).to(device)
 print0(f"model: {model.pattern} pattern, "
@@ -159,14 +146,10 @@ if ddp:
     model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
 ckpt = None  # free the loaded tensors
 
-counts = np.bincount(train_data[:10_000_000], minlength=meta["vocab_size"])
-p = counts[counts > 0] / counts.sum()
-unigram_entropy = float(-(p * np.log(p)).sum())
 os.makedirs(out_dir, exist_ok=True)
 log = StepLog(max_iters, start_step, os.path.join(out_dir, "log.txt"), raw_model.flops_per_token(block_size),
               peak_flops(device), world_size)  # only rank 0 writes
 log.write(f"config {json.dumps(config)}")
-log.write(f"unigram entropy {unigram_entropy:.4f} nats (the loss of a model that knows only token frequencies)")
 
 
 # the loop
@@ -186,7 +169,7 @@ for step in range(start_step, max_iters):
     log(step, all_reduce_mean(loss_sum / grad_accum, ddp).item(), lr, total_batch_size)
     if (step + 1) % eval_interval == 0 or step + 1 == max_iters:
         val_loss = evaluate(model)
-        log.write(f"step {step + 1}/{max_iters} | val loss {val_loss:.4f} (unigram entropy {unigram_entropy:.4f})")
+        log.write(f"step {step + 1}/{max_iters} | val loss {val_loss:.4f}")
         if rank == 0:
             save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
                 "model": raw_state_dict(raw_model), "model_args": model_args, "step": step + 1, "val_loss": val_loss,
@@ -195,7 +178,5 @@ for step in range(start_step, max_iters):
                 "tokenizer": open(os.path.join(data_dir, "tokenizer.json")).read()})
             log.write(f"saved {out_dir}/ckpt.pt at step {step + 1}")
 
-elapsed = time.time() - t_start
-print0(f"done: {max_iters - start_step} steps in {elapsed:.0f}s, "
-       f"{(max_iters - start_step) * total_batch_size / max(elapsed, 1e-9):,.0f} tok/s, final val loss {val_loss}")
+print0(f"done: {max_iters - start_step} steps in {time.time() - t_start:.0f}s, final val loss {val_loss}")
 teardown(ddp)
