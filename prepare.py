@@ -1,12 +1,8 @@
-"""
-Data for every stage: a synthetic knowledge world (world.py) or your own text, its tokenizer, and token shards.
+"""A data directory for every stage: the synthetic world (world.py) or your own text as kb.jsonl, a BPE tokenizer.json,
+token shards train.bin / val.bin (each document after <|bos|>) and meta.json; the world adds its QA sets.
 
     python prepare.py                                   # the tiny world into data/world/ (seconds)
-    python prepare.py --world_size=200000 --n_renderings=2 --out=data/world_big
     python prepare.py --input=my_docs/ --out=data/mytext # .txt / .jsonl ("text") / .parquet ("text")
-
-Writes a data directory (README: Your own data) with tokenizer.json, meta.json and train.bin / val.bin (token ids,
-each document after <|bos|>); the world adds qa_closed.jsonl, closed-book questions about the pretraining world.
 """
 
 import contextlib
@@ -23,6 +19,7 @@ from tqdm import tqdm
 
 from common import write_atomic
 from configurator import configure
+from retrieve import read_jsonl
 from tokenizer import Tokenizer
 from world import corpus_items, doc_id, make_qa, make_world, make_worlds, reading_items, render_doc
 
@@ -67,8 +64,9 @@ def staged(*paths, mode="w"):
                 os.remove(f.name)
 
 
-def write_bins(out, tok, items, total=None):
-    """(is_val, text) items into train.bin / val.bin, each document after <|bos|>; returns meta.json's first fields."""
+def write_data(out, tok, items, total=None, **info):
+    """(is_val, text) items into train.bin / val.bin, each document after <|bos|>, then tokenizer.json and meta.json
+    (the counts, then info): the last files of a data directory. Returns meta."""
     dtype = np.uint16 if tok.vocab_size < 2**16 else np.uint32
     n_tokens, n_docs = [0, 0], [0, 0]  # train, val: indexed by is_val, as the files are
     with staged(os.path.join(out, "train.bin"), os.path.join(out, "val.bin"), mode="wb") as files:
@@ -80,21 +78,16 @@ def write_bins(out, tok, items, total=None):
                 n_docs[is_val] += 1
         if n_docs[0] == 0:
             raise ValueError(f"no documents for train.bin ({n_docs[1]} went to val.bin): need more text")
-    return dict(vocab_size=tok.vocab_size, dtype=np.dtype(dtype).name, bos_id=tok.bos_id, n_train_tokens=n_tokens[0],
-                n_val_tokens=n_tokens[1], n_train_docs=n_docs[0], n_val_docs=n_docs[1])
-
-
-def write_meta(out, tok, meta, t0):
-    """tokenizer.json and meta.json, the last files of a data directory; returns meta and the seconds taken."""
-    write_atomic(os.path.join(out, "tokenizer.json"), [tok.to_json()])
-    write_atomic(os.path.join(out, "meta.json"), [json.dumps(meta, indent=2)])
-    return dict(meta, seconds=time.time() - t0)
+    meta = dict(vocab_size=tok.vocab_size, dtype=np.dtype(dtype).name, bos_id=tok.bos_id, n_train_tokens=n_tokens[0],
+                n_val_tokens=n_tokens[1], n_train_docs=n_docs[0], n_val_docs=n_docs[1], **info)
+    write_atomic(os.path.join(out, "tokenizer.json"), tok.to_json())
+    write_atomic(os.path.join(out, "meta.json"), json.dumps(meta, indent=2))
+    return meta
 
 
 def prepare_world(out, seed, world_size, heldout_frac, n_renderings, vocab_size, val_frac, rag_frac=2.0,
                   reading_frac=1.0):
     t0 = time.time()
-    os.makedirs(out, exist_ok=True)
     train, heldout, rng, pool, first_names = make_worlds(seed, world_size, heldout_frac)
     # A third world for RAG fine-tuning: if the model only ever answered about entities it memorised, it could
     # answer from memory and learn "unfamiliar name => abstain" from the unanswerable questions. Facts it never
@@ -138,8 +131,7 @@ def prepare_world(out, seed, world_size, heldout_frac, n_renderings, vocab_size,
     total = n_renderings * (2 * n_docs["train"] + sum(sum(n for _, n in w.kinds()) for w in reading[:1]))
     cfg = dict(seed=seed, world_size=world_size, heldout_frac=heldout_frac, rag_frac=rag_frac,
                reading_frac=reading_frac, n_renderings=n_renderings, vocab_size=vocab_size, val_frac=val_frac)
-    meta = dict(write_bins(out, tok, all_renderings(), total), source="world", kb_docs=n_docs, qa=qa_counts, config=cfg)
-    return write_meta(out, tok, meta, t0)
+    return write_data(out, tok, all_renderings(), total, source="world", kb_docs=n_docs, qa=qa_counts, config=cfg)
 
 
 # -----------------------------------------------------------------------------
@@ -148,48 +140,35 @@ def prepare_world(out, seed, world_size, heldout_frac, n_renderings, vocab_size,
 TEXT_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 
 
-def text_files(path):
+def read_documents(path):
+    """(source, text) of each document in the .txt / .jsonl / .parquet file at path, or in every such file under the
+    folder path; a .txt gives one document per blank-line-separated paragraph."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"--input {path}: no such file or folder")
-    if os.path.isfile(path) and not path.endswith(TEXT_EXTENSIONS):
-        raise ValueError(f"--input {path}: unsupported file type (expected {', '.join(TEXT_EXTENSIONS)})")
-    files = [path] if os.path.isfile(path) else \
-        sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(TEXT_EXTENSIONS))
-    if not files:
-        raise ValueError(f"--input {path}: folder holds no {', '.join(TEXT_EXTENSIONS)} files")
-    return files
-
-
-def read_documents(files):
-    """Yields (source, text): a .txt gives one document per blank-line-separated paragraph."""
-    for path in files:
-        if path.endswith(".txt"):
-            with open(path, encoding="utf-8", errors="replace") as f:
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    if not (files := [f for f in files if f.endswith(TEXT_EXTENSIONS)]):
+        raise ValueError(f"--input {path}: not a {'/'.join(TEXT_EXTENSIONS)} file, nor a folder holding one")
+    for file in files:
+        if file.endswith(".txt"):
+            with open(file, encoding="utf-8", errors="replace") as f:
                 paras = re.split(r"\n\s*\n", f.read())
-            yield from ((f"{path}#{k}", p.strip()) for k, p in enumerate(paras) if p.strip())
-        elif path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    try:
-                        text = json.loads(line)["text"] if line.strip() else ""
-                    except json.JSONDecodeError:
-                        raise ValueError(f"{path}:{lineno}: not valid JSON") from None
-                    except (KeyError, TypeError):
-                        raise ValueError(f"{path}:{lineno}: no \"text\" field") from None
-                    if not isinstance(text, str):
-                        raise ValueError(f"{path}:{lineno}: \"text\" is not a string")
-                    if text.strip():
-                        yield f"{path}:{lineno}", text
+            yield from ((f"{file}#{k}", p.strip()) for k, p in enumerate(paras) if p.strip())
+        elif file.endswith(".jsonl"):
+            for lineno, r in read_jsonl(file):
+                if not isinstance(r.get("text"), str):
+                    raise ValueError(f"{file}:{lineno}: no \"text\" field")
+                if r["text"].strip():
+                    yield f"{file}:{lineno}", r["text"]
         else:
             import pyarrow.parquet as pq  # here: only parquet input pays for importing it
             try:
-                pf = pq.ParquetFile(path)
+                pf = pq.ParquetFile(file)
             except Exception as e:  # pyarrow raises several kinds for unreadable files
-                raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+                raise ValueError(f"{file}: not a readable parquet file ({e})") from None
             if "text" not in pf.schema_arrow.names:
-                raise ValueError(f"{path}: no \"text\" column (columns: {', '.join(pf.schema_arrow.names)})")
+                raise ValueError(f"{file}: no \"text\" column (columns: {', '.join(pf.schema_arrow.names)})")
             texts = (t for batch in pf.iter_batches(columns=["text"]) for t in batch.column(0).to_pylist())
-            yield from ((f"{path}@{row}", t) for row, t in enumerate(texts, 1) if t and t.strip())
+            yield from ((f"{file}@{row}", t) for row, t in enumerate(texts, 1) if t and t.strip())
 
 
 def capped(texts):
@@ -203,26 +182,25 @@ def capped(texts):
 
 def prepare_text(input_path, out, seed, vocab_size, val_frac):
     t0 = time.time()
-    files = text_files(input_path)
-    os.makedirs(out, exist_ok=True)
-    tok = Tokenizer.train(capped(t for _, t in read_documents(files)), vocab_size)
-    print(f"tokenizer: {tok.vocab_size} tokens from {len(files)} file(s) ({time.time() - t0:.1f}s)")
+    tok = Tokenizer.train(capped(t for _, t in read_documents(input_path)), vocab_size)
+    print(f"tokenizer: {tok.vocab_size} tokens ({time.time() - t0:.1f}s)")
 
     def items(kb):  # the documents, written to kb as a knowledge base for retrieval as they go
         rng = random.Random(seed)
-        for n, (source, text) in enumerate(read_documents(files)):
+        for n, (source, text) in enumerate(read_documents(input_path)):
             kb.write(json.dumps({"id": str(n), "title": os.path.basename(source), "text": text,
                                  "metadata": {"source": source}}) + "\n")
             yield (n == 0 and val_frac > 0) or rng.random() < val_frac, text  # doc 0 to val: val.bin never empty
-    with staged(os.path.join(out, "kb.jsonl")) as (kb,):
-        meta = write_bins(out, tok, items(kb))
     cfg = dict(seed=seed, vocab_size=vocab_size, val_frac=val_frac)
-    return write_meta(out, tok, dict(meta, source=os.path.abspath(input_path), config=cfg), t0)
+    os.makedirs(out, exist_ok=True)
+    with staged(os.path.join(out, "kb.jsonl")) as (kb,):
+        return write_data(out, tok, items(kb), source=os.path.abspath(input_path), config=cfg)
 
 
 # -----------------------------------------------------------------------------
 
 def main(argv):
+    t0 = time.time()
     cfg = configure(dict(config), argv)
     text = cfg.pop("input")
     out = cfg.pop("out") or ("data/text" if text else "data/world")
@@ -231,7 +209,7 @@ def main(argv):
     else:
         s = prepare_world(out, **dict(cfg, vocab_size=cfg["vocab_size"] or 2048))
     print(f"wrote {out}/: {s['n_train_docs']:,} + {s['n_val_docs']:,} docs, {s['n_train_tokens']:,} train + "
-          f"{s['n_val_tokens']:,} val tokens ({s['dtype']}), vocab {s['vocab_size']}, {s['seconds']:.1f}s")
+          f"{s['n_val_tokens']:,} val tokens ({s['dtype']}), vocab {s['vocab_size']}, {time.time() - t0:.1f}s")
 
 
 if __name__ == "__main__":

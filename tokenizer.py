@@ -1,7 +1,4 @@
-"""
-The tokenizer (BPE with the special tokens that delimit turns and documents) and render_conversation, which turns a
-conversation into token ids and the loss mask; shared by every stage.
-"""
+"""The BPE tokenizer, its special tokens delimiting turns and documents, and conversations as token ids + loss mask."""
 import base64
 import json
 import os
@@ -31,8 +28,8 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts, vocab_size):
-        if vocab_size < 256 + len(SPECIAL_TOKENS):
-            raise ValueError(f"vocab_size={vocab_size} is too small: need at least {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
+        if vocab_size < 256 + len(SPECIAL_TOKENS):  # the 256 bytes and the special tokens
+            raise ValueError(f"vocab_size={vocab_size} is too small: need at least {256 + len(SPECIAL_TOKENS)}")
         bpe = rustbpe.Tokenizer()
         bpe.train_from_iterator(iter(texts), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
         ranks = sorted(bpe.get_mergeable_ranks(), key=lambda br: br[1])  # ranks are 0..n-1
@@ -67,18 +64,16 @@ ABSTAIN = "The documents do not contain the answer."  # what the model says when
 # -----------------------------------------------------------------------------
 # Conversations -> token ids + loss mask (1 on what the model must produce: queries and answers)
 
-ROLE_TOKENS = {"user": ("<|user_start|>", "<|user_end|>", 0), "documents": ("<|doc_start|>", "<|doc_end|>", 0),
-               "query": ("<|query_start|>", "<|query_end|>", 1),
-               "assistant": ("<|assistant_start|>", "<|assistant_end|>", 1)}
+ROLES = {"user": ("user", 0), "documents": ("doc", 0), "query": ("query", 1), "assistant": ("assistant", 1)}
 
 
 def render_conversation(tok, messages, max_len=None):
     ids, mask, n_docs = [tok.bos_id], [0], 0
     for i, msg in enumerate(messages):
         role, content = msg.get("role"), msg.get("content")
-        if role not in ROLE_TOKENS:
+        if role not in ROLES:
             raise ValueError(f"message {i}: unknown role {role!r} (expected user, documents, query or assistant)")
-        start, end, m = ROLE_TOKENS[role]
+        name, m = ROLES[role]
         if role == "documents":  # numbered across the whole conversation, so a citation [k] is unambiguous
             texts = [f"[{n_docs + j}] {doc['title']}: {doc['text']}" for j, doc in enumerate(content, 1)]
             n_docs += len(texts)
@@ -87,7 +82,7 @@ def render_conversation(tok, messages, max_len=None):
             # has in the question and the documents, so answering is copying (without it, held-out answers failed)
             texts = [" " + content]
         for text in texts:
-            part = [tok.special(start)] + tok.encode(text) + [tok.special(end)]
+            part = [tok.special(f"<|{name}_start|>")] + tok.encode(text) + [tok.special(f"<|{name}_end|>")]
             ids += part
             mask += [m] * len(part)
     return ids[:max_len], mask[:max_len]

@@ -1,8 +1,6 @@
-"""
-The synthetic world, this project's controlled laboratory: invented people, companies, cities and countries tied by
-relations, one encyclopedia paragraph per entity (phrasing and fact order drawn at random), and every single-, two-
-and three-hop question about them. Everything that knows the world's schema lives here; prepare.py writes it out.
-"""
+"""The synthetic world: invented people, companies, cities and countries tied by relations, a paragraph per entity
+and every 1-, 2- and 3-hop question about them. All that knows the world's schema lives here; prepare.py writes it."""
+import itertools
 import json
 import random
 import re
@@ -64,9 +62,7 @@ def make_world(rng, pool, first_names, split, n_people):
     n_company, n_city, n_country = max(2, n_people // 8), max(2, n_people // 10), max(2, n_people // 50)
     ri = lambda lo, hi, n: np.array([rng.randrange(lo, hi) for _ in range(n)], dtype=np.int64)
     country = [pool.word(rng.choice(COUNTRY_SUFFIXES)) for _ in range(n_country)]
-    city = [pool.word() for _ in range(n_city)]
-    company_stem = [pool.word() for _ in range(n_company)]
-    surname = [pool.word() for _ in range(n_people)]
+    city, company_stem, surname = ([pool.word() for _ in range(n)] for n in (n_city, n_company, n_people))
     # the first n_country cities are the capitals, so every country has at least one city
     located_in = np.concatenate([np.arange(n_country), ri(0, n_country, n_city - n_country)])
     born_year = ri(1900, 1986, n_people)
@@ -141,57 +137,49 @@ cities: Cities in {n} include {cities}. | {cities} are cities in {n}. | Among th
 """)
 
 
-def entity(w, kind, i):
-    """(name, short name, pronoun, facts, fields) of entity i: what its document says."""
-    fields = {rel: a for rel, (a, *_) in single_hops(w, kind, i).items()}
-    facts, name = list(fields), getattr(w, kind)[i]
-    if kind == "person":
-        c = w.founded.get(i)
-        fields.update(a_prof=article(fields["profession"]), cyear=None if c is None else int(w.founded_year[c]))
-        return name, w.surname[i], ("He", "She")[w.female[i]], facts + (["founded"] if c is not None else []), fields
-    if kind == "company":
-        return name, w.company_stem[i], "It", facts, dict(fields, a_ind=article(fields["industry"]))
-    if kind == "city":
-        return name, name, "It", facts + (["capital_of"] if w.capital[w.located_in[i]] == i else []), fields
-    cities = [w.city[c] for c in w.cities_of[i]]
-    return name, name, "It", facts + (["cities"] if len(cities) > 1 else []), dict(fields, cities=cities)
-
-
 def render_doc(w, kind, i, rng):
-    name, short, pronoun, facts, fields = entity(w, kind, i)
-    if "cities" in fields:  # a few of the country's cities, a different few each time
-        cs = rng.sample(fields["cities"], min(4, len(fields["cities"])))
-        fields = dict(fields, cities=", ".join(cs[:-1]) + " and " + cs[-1])
+    """(title, paragraph) of entity i: its facts in random order, each phrased at random."""
+    name = short = getattr(w, kind)[i]
+    pronoun, fields = "It", {rel: a for rel, (a, *_) in single_hops(w, kind, i).items()}
+    facts = list(fields)
+    if kind == "person":
+        short, pronoun, fields["a_prof"] = w.surname[i], ("He", "She")[w.female[i]], article(fields["profession"])
+        if i in w.founded:
+            fields["cyear"] = int(w.founded_year[w.founded[i]])
+            facts.append("founded")
+    elif kind == "company":
+        short, fields["a_ind"] = w.company_stem[i], article(fields["industry"])
+    elif kind == "city" and w.capital[w.located_in[i]] == i:
+        facts.append("capital_of")
+    elif kind == "country":  # a few of its cities, a different few each time
+        cities = rng.sample([w.city[c] for c in w.cities_of[i]], min(4, len(w.cities_of[i])))
+        fields["cities"] = ", ".join(cities[:-1]) + " and " + cities[-1]
+        facts += ["cities"] if len(cities) > 1 else []
     both = {"person": "born", "company": "founded_both"}.get(kind)  # the first two facts in one sentence
     if both and rng.random() < 0.3:
         facts = [both] + facts[2:]
-    facts = rng.sample(facts, len(facts))
     sentences = []
-    for j, fact in enumerate(facts):
-        s = name if j == 0 else rng.choice((name, short, pronoun))
-        n = name if j == 0 else rng.choice((name, short))
-        t = rng.choice(TEMPLATES[fact])
-        sentences.append(t.format(s=s, n=n, **fields))
+    for j, fact in enumerate(rng.sample(facts, len(facts))):
+        s, n = (name, name) if j == 0 else (rng.choice((name, short, pronoun)), rng.choice((name, short)))
+        sentences.append(rng.choice(TEMPLATES[fact]).format(s=s, n=n, **fields))
     return name, " ".join(sentences)
 
 
 # -----------------------------------------------------------------------------
 # Questions. Every hop of a chain is a single-hop question about one entity, answered by its document.
 
-MULTI_HOP = {  # question type -> the relations followed from the asked-about entity
-    "person": {"birth_country": ["born_in", "located_in"], "employer_hq": ["works_for", "hq"],
-               "employer_founded_year": ["works_for", "founded_year"],
-               "employer_hq_country": ["works_for", "hq", "located_in"],
-               "birth_country_capital": ["born_in", "located_in", "capital"]},
-    "company": {"founder_birthplace": ["founded_by", "born_in"], "founder_born_year": ["founded_by", "born_year"],
-                "hq_country": ["hq", "located_in"], "founder_birth_country": ["founded_by", "born_in", "located_in"]},
-    "city": {}, "country": {},
-}
 # the single-hop relations of each kind, each a World array of that name. It points to an entity of the kind
 # ANSWER_KIND says, or holds a value, written as VALUES says (str by default: the years).
 RELATIONS = {"person": ["born_in", "born_year", "works_for", "profession"],
              "company": ["founded_by", "founded_year", "hq", "industry"], "city": ["located_in", "population"],
              "country": ["capital"]}
+ENTITY_KIND = {rel: kind for kind, rels in RELATIONS.items() for rel in rels}  # the kind each relation is about
+# the other question types: the relations followed from the asked-about entity
+MULTI_HOP = {"birth_country": "born_in located_in", "employer_hq": "works_for hq",
+             "employer_founded_year": "works_for founded_year", "employer_hq_country": "works_for hq located_in",
+             "birth_country_capital": "born_in located_in capital", "founder_birthplace": "founded_by born_in",
+             "founder_born_year": "founded_by born_year", "hq_country": "hq located_in",
+             "founder_birth_country": "founded_by born_in located_in"}
 ANSWER_KIND = {"born_in": "city", "works_for": "company", "founded_by": "person", "hq": "city",
                "located_in": "country", "capital": "city"}
 VALUES = {"profession": PROFESSIONS.__getitem__, "industry": INDUSTRIES.__getitem__, "population": "{:,}".format}
@@ -232,11 +220,15 @@ located_in: {e} is located in {a}. | In which country is {e}? | Which country is
 population: {e} has a population of {a}. | What is the population of {e}? | How many people live in {e}?
 capital: The capital of {e} is {a}. | What is the capital of {e}? | Which city is the capital of {e}?
 """)
-QUESTIONS = {kind: {q: QA[q][1:] for q in RELATIONS[kind] + list(MULTI_HOP[kind])} for kind in MULTI_HOP}
+# the question types about each kind, in QA's order: its relations, then the multi-hop ones
+TYPES = {kind: [q for q in QA if ENTITY_KIND[MULTI_HOP.get(q, q).split()[0]] == kind] for kind in RELATIONS}
 
 
-def answer_sentence(qtype, e, a):
-    """The answer as the model learns to say it: the fixed sentence of the question type."""
+def phrase(qtype, e, rng):
+    return rng.choice(QA[qtype][1:]).format(e=e)
+
+
+def answer_sentence(qtype, e, a):  # the answer as the model learns to say it
     return QA[qtype][0].format(e=e, a=a, aa=article(a))
 
 
@@ -251,8 +243,8 @@ def single_hops(w, kind, i):
 
 def shuffled(w, rng, copies=1):
     """Every (kind, index, copy) of a world in random order, without materialising millions of tuples."""
-    kinds = [k for k, _ in w.kinds()]
-    offsets = np.cumsum([0] + [n for _, n in w.kinds()])
+    kinds, sizes = zip(*w.kinds())
+    offsets = np.cumsum((0,) + sizes)
     for item in np.random.default_rng(rng.randrange(2**32)).permutation(copies * int(offsets[-1])):
         g, copy = divmod(int(item), copies)
         t = int(np.searchsorted(offsets, g, side="right")) - 1
@@ -264,48 +256,42 @@ def make_qa(w, rng, pool, first_names, unanswerable_frac=0.1):
     ghost = {"person": lambda: f"{rng.choice(first_names)} {pool.word()}",
              "company": lambda: f"{pool.word()} {rng.choice(COMPANY_SUFFIXES)}",
              "city": lambda: pool.word(), "country": lambda: pool.word(rng.choice(COUNTRY_SUFFIXES))}
-    n = 0
+    n = itertools.count()
     for kind, i, _ in shuffled(w, rng):
-        e = getattr(w, kind)[i]
-        qas = []
-        for qtype, path in [(rel, [rel]) for rel in RELATIONS[kind]] + list(MULTI_HOP[kind].items()):
-            chain, k, j = [], kind, i
-            for rel in path:  # follow the relations, each hop a single-hop question about the bridge entity
-                query = rng.choice(QUESTIONS[k][rel]).format(e=getattr(w, k)[j])
+        e, qas = getattr(w, kind)[i], []
+        for qtype in TYPES[kind]:
+            queries, gold_ids, k, j = [], [], kind, i
+            for rel in MULTI_HOP.get(qtype, qtype).split():  # each hop a single-hop question about the bridge entity
+                queries.append(phrase(rel, getattr(w, k)[j], rng))
                 a, d, k, j = single_hops(w, k, j)[rel]
-                chain.append({"query": query, "answer": a, "doc_id": d})
-            question = chain[0]["query"] if len(chain) == 1 else rng.choice(QUESTIONS[kind][qtype]).format(e=e)
-            qas.append({"question": question, "golden_answers": [chain[-1]["answer"]],
-                        "gold_ids": [c["doc_id"] for c in chain], "queries": [c["query"] for c in chain],
-                        "response": answer_sentence(qtype, e, chain[-1]["answer"]), "hops": len(chain),
-                        "type": qtype, "entity": e})
+                gold_ids.append(d)
+            qas.append({"question": queries[0] if len(queries) == 1 else phrase(qtype, e, rng), "golden_answers": [a],
+                        "gold_ids": gold_ids, "queries": queries, "response": answer_sentence(qtype, e, a),
+                        "hops": len(queries), "type": qtype, "entity": e})
             if rng.random() < unanswerable_frac:
                 g = ghost[kind]()
-                qas.append({"question": rng.choice(QUESTIONS[kind][qtype]).format(e=g), "golden_answers": [],
-                            "gold_ids": [], "queries": [], "hops": 0, "type": qtype, "entity": g})
+                qas.append({"question": phrase(qtype, g, rng), "golden_answers": [], "gold_ids": [], "queries": [],
+                            "hops": 0, "type": qtype, "entity": g})
         for q in rng.sample(qas, len(qas)):
-            yield {"id": f"{w.split}-qa-{n}", **q, "world": w.split}
-            n += 1
+            yield {"id": f"{w.split}-qa-{next(n)}", **q, "world": w.split}
 
 
 def closed_book(w, kind, i, rng):
     """A question about one fact of entity i, drawn at random, and its answer sentence."""
     e = getattr(w, kind)[i]
     rel, (a, *_) = rng.choice(list(single_hops(w, kind, i).items()))
-    return f"Question: {rng.choice(QUESTIONS[kind][rel]).format(e=e)}\nAnswer: {answer_sentence(rel, e, a)}"
+    return f"Question: {phrase(rel, e, rng)}\nAnswer: {answer_sentence(rel, e, a)}"
 
 
 def corpus_items(w, rng, val_frac):
-    """(is_val, text) per document of one rendering: each entity's paragraph and a question about one of its facts,
-    with its answer, so the base model learns to *state* what it read."""
+    """(is_val, text): each entity's paragraph, and a question on one of its facts with the answer (to *state* it)."""
     for kind, i, is_qa in shuffled(w, rng, copies=2):
         text = closed_book(w, kind, i, rng) if is_qa else ": ".join(render_doc(w, kind, i, rng))
         yield rng.random() < val_frac, text
 
 
 def reading_items(w, rng, val_frac):
-    """Reading exercises: one to three paragraphs of a world seen nowhere else, then questions on them with answers,
-    which can only be copied from the context: the base model learns to read (`python bench.py --reading CKPT`)."""
+    """(is_val, text): one to three paragraphs of an unseen world, then questions on them answered by copying."""
     n = dict(w.kinds())
     for kind, i, _ in shuffled(w, rng):
         passage = [(kind, i)] + [(k, rng.randrange(n[k])) for k in rng.choices(list(n), k=rng.randint(0, 2))]
@@ -318,11 +304,6 @@ def reading_items(w, rng, val_frac):
 # -----------------------------------------------------------------------------
 # Renaming: RAG training examples about fresh names, so that answers can only come from reading
 
-# the kind of entity each single-hop question type asks about (an unanswerable question of a multi-hop type is left
-# out, so every word of its name is invented)
-ENTITY_KIND = {qtype: kind for kind, types in RELATIONS.items() for qtype in types}
-
-
 def first_names(docs):
     """The shared first-name pool, as held-out people's first names: from the non-held-out person documents."""
     return sorted({d.title.split()[0] for d in docs
@@ -331,7 +312,7 @@ def first_names(docs):
 
 def rename_names(qa, docs, rng, first_names):
     """(qa, docs: retrieve.Documents) with the entity, and the answer if a name, renamed everywhere to fresh names (a
-    person's first name from first_names), so the model can answer only by reading, as on held-out questions."""
+    person's first name from first_names): the model can answer only by reading."""
     pool, names = NamePool(rng), {}
 
     def rename(name, kind):
@@ -345,10 +326,9 @@ def rename_names(qa, docs, rng, first_names):
             for w in words:
                 if w not in COMPANY_SUFFIXES:
                     names.setdefault(w, pool.word())
-    rename(qa["entity"], ENTITY_KIND.get(qa["type"]))
+    rename(qa["entity"], ENTITY_KIND.get(qa["type"]))  # None for a multi-hop type: every word is invented
     if qa["type"] in ANSWER_KIND and qa["golden_answers"]:
         rename(qa["golden_answers"][0], ANSWER_KIND[qa["type"]])
-    names = {k: v for k, v in names.items() if k != v}
     if not names:
         return qa, docs
     pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
@@ -367,8 +347,7 @@ for kind in ("company", "city", "country"):
 
 
 def refer_back(question, entity, pronoun):
-    """question as a follow-up asks it, entity replaced by pronoun (a PRONOUNS triple): "What is the profession of
-    Kel Odri?" -> "What is his profession?"."""
+    """question, entity replaced by pronoun (a PRONOUNS triple): "the profession of Kel Odri" -> "his profession"."""
     subject, obj, possessive = pronoun
     e = re.escape(entity)
     q = re.sub(rf"\bthe (\w+) of {e}\b", rf"{possessive} \1", question)
@@ -407,8 +386,8 @@ TRIVIA = REAL.pop("trivia")
 def out_of_world(split, rng):
     """Questions about real entities and trivia, to abstain on; "train" and "heldout" get alternate names."""
     half = int(split == "heldout")
-    qas = [{"question": rng.choice(templates).format(e=name), "golden_answers": [], "type": qtype, "entity": name}
-           for kind, names in REAL.items() for name in names[half::2] for qtype, templates in QUESTIONS[kind].items()]
+    qas = [{"question": phrase(qtype, name, rng), "golden_answers": [], "type": qtype, "entity": name}
+           for kind, names in REAL.items() for name in names[half::2] for qtype in TYPES[kind]]
     return qas + [{"question": q, "golden_answers": [], "type": "trivia"} for q in TRIVIA[half::2]]
 
 
@@ -465,8 +444,8 @@ def renamed(messages, names, rng):
 
 
 def renamed_world(qa, retrieve, names, rng):
-    """(qa, retrieve) of a world whose names are invented: qa renamed, queries mapped back to the real names before
-    retrieval and the documents found renamed forward, so the answer can only come from what the loop retrieves."""
+    """(qa, retrieve) under invented names: queries are mapped back to the real names to retrieve, and the documents
+    found renamed forward, so the answer can only come from what the loop retrieves."""
     forward, back = renamer(names, rng)
     qa = {**qa, "question": forward(qa["question"]), "entity": forward(qa.get("entity", "")),
           "response": forward(qa.get("response", "")), "golden_answers": [forward(a) for a in qa["golden_answers"]]}

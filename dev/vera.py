@@ -1,7 +1,7 @@
 """
-A real data directory from V.E.R.A. (Debian's dict-vera, computing acronyms): a document per entry, and "What does X
-stand for?" for every one-entry acronym and for made-up ones (abstain), split by document as the world is. The other
-entries, with their questions and reading exercises on made-up acronyms, are pretraining text (pretrain.jsonl).
+A data directory from V.E.R.A. (Debian's dict-vera, computing acronyms): a document per entry, "What does X stand
+for?" on one-entry and on made-up acronyms (abstain), split by entry as the world is; the other entries, with their
+questions and reading exercises on made-up acronyms, are the pretraining text (pretrain.jsonl).
 
     apt-get download dict-vera && dpkg -x dict-vera_*.deb /tmp/vera     # or: apt-get install dict-vera
     python dev/vera.py --dict=/tmp/vera/usr/share/dictd/vera --out=data/vera
@@ -80,7 +80,7 @@ def main():
             question = rng.choice(PHRASINGS).format(a=new_acronym(rng, count))
             items.append({"id": f"vera-{split}-none-{i}", "question": question, "golden_answers": [], "gold_ids": []})
         rng.shuffle(items)
-    unseen = {g for items in splits.values() for q in items for g in q["gold_ids"]}
+    unseen = {q["gold_ids"][0] for q in qas[:n_held + n_train]}
     seen = [d for d in docs if d["id"] not in unseen]
     by_id = {q["gold_ids"][0]: (q["question"], q["golden_answers"][0]) for q in qas[n_held + n_train:]}
     pretrain = [f"{d['title']}: {d['text']}" + (asked(*by_id[d["id"]]) if d["id"] in by_id else "") for d in seen]
@@ -91,9 +91,8 @@ def main():
         pretrain.append("\n".join(f"{a}: {e}" for a, e in made) + "".join(
             asked(rng.choice(PHRASINGS).format(a=a), e) for a, e in rng.sample(made, len(made))))
     rng.shuffle(pretrain)
-    files = {"kb": docs, "qa_train": splits["train"], "qa_heldout": splits["heldout"],
-             "pretrain": [{"text": t} for t in pretrain]}
-    for name, rows in files.items():
+    for name, rows in (("kb", docs), ("qa_train", splits["train"]), ("qa_heldout", splits["heldout"]),
+                       ("pretrain", [{"text": t} for t in pretrain])):
         write_atomic(os.path.join(args.out, name + ".jsonl"), (json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"wrote {args.out}/: {len(docs):,} documents, {len(splits['train']):,} training and "
           f"{len(splits['heldout']):,} held-out questions, {len(seen):,} entries and {args.reading:,} "
