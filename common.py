@@ -187,12 +187,6 @@ def load_model(path, device="cpu", data_dir=None):
     return model, tok, ckpt
 
 
-def raw_state_dict(model):
-    """The state dict without DDP's 'module.' or torch.compile's '_orig_mod.' prefixes."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model).state_dict()
-
-
 # -----------------------------------------------------------------------------
 # logging
 

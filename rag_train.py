@@ -21,7 +21,7 @@ from tqdm import tqdm
 import rag
 import world
 from common import (StepLog, all_reduce_mean, autocast, check_config, die, load_model, lr_at, or_die, peak_flops,
-                    print0, raw_state_dict, save_checkpoint, setup, step_optimizers, teardown, write_atomic)
+                    print0, save_checkpoint, setup, step_optimizers, teardown, write_atomic)
 from configurator import ConfigError, configure
 from retrieve import new_retriever
 
@@ -343,7 +343,7 @@ for step in range(start_step, max_iters):
             loss_val = val_loss(raw_model)
             log.write(f"step {step + 1}/{max_iters} | held-out RAG val loss {loss_val:.4f}")
             save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
-                "model": raw_state_dict(raw_model), "model_args": model_args, "step": step + 1, "val_loss": loss_val,
+                "model": raw_model.state_dict(), "model_args": model_args, "step": step + 1, "val_loss": loss_val,
                 "optimizer": [opt.state_dict() for opt in optimizers], "config": config, "stage": "rag",
                 "data_state": {"seed": seed, "rows_consumed": (step + 1) * rows_per_step, "seq_len": seq_len},
                 "tokenizer": tokenizer_json})

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 import rag
 import world
-from common import (StepLog, all_reduce_mean, autocast, die, load_model, lr_at, or_die, plot, print0, raw_state_dict,
+from common import (StepLog, all_reduce_mean, autocast, die, load_model, lr_at, or_die, plot, print0,
                     save_checkpoint, setup, step_optimizers, teardown, write_atomic)
 from configurator import configure
 from retrieve import new_retriever
@@ -297,7 +297,7 @@ for step in range(start_step, max_iters):
         heldout_point(step + 1)
         if master:
             save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
-                "model": raw_state_dict(raw_model), "step": step + 1, "val_loss": None, "config": config,
+                "model": raw_model.state_dict(), "step": step + 1, "val_loss": None, "config": config,
                 "optimizer": [opt.state_dict() for opt in optimizers], "stage": "refrag", **ckpt_extra,
                 "data_state": {"seed": seed, "phase": phase, "history": history, "warm_start": warm_start}})
             log.write(f"saved {out_dir}/ckpt.pt at step {step + 1}")

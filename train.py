@@ -15,7 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (StepLog, all_reduce_mean, autocast, check_config, die, first_line, load_checkpoint, lr_at,
-                    or_die, peak_flops, print0, raw_state_dict, save_checkpoint, setup, step_optimizers, teardown)
+                    or_die, peak_flops, print0, save_checkpoint, setup, step_optimizers, teardown)
 from configurator import ConfigError, configure
 from model import GPT, GPTConfig
 
@@ -172,7 +172,7 @@ for step in range(start_step, max_iters):
         log.write(f"step {step + 1}/{max_iters} | val loss {val_loss:.4f}")
         if rank == 0:
             save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
-                "model": raw_state_dict(raw_model), "model_args": model_args, "step": step + 1, "val_loss": val_loss,
+                "model": raw_model.state_dict(), "model_args": model_args, "step": step + 1, "val_loss": val_loss,
                 "optimizer": [opt.state_dict() for opt in optimizers], "config": config, "stage": "train",
                 "data_state": {"seed": seed, "windows_consumed": (step + 1) * seqs_per_step, "block_size": block_size},
                 "tokenizer": open(os.path.join(data_dir, "tokenizer.json")).read()})
