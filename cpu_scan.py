@@ -1,6 +1,5 @@
-"""The Mamba-1 selective scan on CPU as torch custom ops: a C loop, the CPU twin of mamba-ssm's CUDA scan, compiled
-by the system C compiler on first use. Loading a library runs its code, so the cache ($XDG_CACHE_HOME/hybrid-gpt) is
-used only while no one else can write it, and a library loads only if its SHA-256 matches the one stored beside it."""
+"""The Mamba-1 selective scan on CPU as torch custom ops: a C loop compiled on first use, cached in a directory no one
+else can write ($XDG_CACHE_HOME/hybrid-gpt) and loaded only if its SHA-256 matches the one stored beside it."""
 import contextlib
 import ctypes
 import functools

@@ -1,6 +1,5 @@
-"""A GPT whose layers are attention (T, nanochat's) or Mamba (M: a Mamba-1, -2 or -3 mixer with mamba-ssm's parameters,
-state-dict keys and init), mixed by a pattern string. On CUDA the mixers call mamba-ssm's fused kernels when installed;
-elsewhere the same maths runs in PyTorch, and the Mamba-1 scan on CPU in a small compiled C loop (cpu_scan.py)."""
+"""A GPT of attention (T) and Mamba-1/2/3 (M, with mamba-ssm's parameters and init) layers, mixed by a pattern string.
+mamba-ssm's fused kernels on CUDA; elsewhere PyTorch, and the Mamba-1 scan on CPU in C (cpu_scan.py)."""
 
 import functools
 import math
@@ -31,27 +30,16 @@ class GPTConfig:
     mamba_mlp: bool = False     # an MLP after every Mamba mixer, as in a T block
 
 
-def layer_pattern(config):
-    p = config.block_pattern
-    if not p or set(p) - set("TM") or len(p) > config.n_layer:
-        raise ValueError(f"block_pattern={p!r}: must be 1 to n_layer={config.n_layer} letters, each 'T' or 'M'")
-    return (p * config.n_layer)[:config.n_layer]
-
-
 @functools.cache
 def cuda_kernels():
-    """mamba-ssm's and causal-conv1d's fused kernels by name, or None; imported on first use with a CUDA tensor."""
-    try:
+    try:  # mamba-ssm's and causal-conv1d's fused kernels by name, or None; imported on first use with a CUDA tensor
         from causal_conv1d import causal_conv1d_update
         from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
+        from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
-    except Exception:  # not installed, or built without CUDA
+    except Exception:  # not installed, built without CUDA, or mamba-ssm < 2.3 (no Mamba-3)
         return None
-    try:
-        from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined
-    except Exception:  # mamba-ssm < 2.3
-        mamba3_siso_combined = None
     return dict(locals())  # the functions imported above, by name
 
 
@@ -82,11 +70,10 @@ def apply_rotary(x, cos, sin):  # x (B, T, H, hd)
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
-        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
-        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_k = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         # QK-norm alone caps a logit at sqrt(head_dim) (5.7 for 32-dim heads): too flat to pick one token out of
         # hundreds, which copying from the context needs. A learnable query gain lifts the cap.
@@ -104,7 +91,7 @@ class CausalSelfAttention(nn.Module):
         # causal from position 0; one new token sees everything; a chunk at pos.. sees the cache and itself causally
         mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos) if pos and T > 1 else None
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
-                                           enable_gqa=self.n_kv_head != self.n_head)
+                                           enable_gqa=k.size(1) != q.size(1))
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -136,8 +123,7 @@ def selective_scan(x, dt, A, B, C, h0=None):
 
 
 def chunked_scan(x, dt, A, B, C, h0=None):
-    """Scan all chunks of Q ~ sqrt(L) steps at once, then carry the state across them: 2 sqrt(L) Python steps, and
-    only products of decays <= 1 (no overflowing exp of cumulative sums): exact and stable in any dtype."""
+    """Chunks of ~sqrt(L) steps scanned at once, then the state carried across them; exact and stable in any dtype."""
     (b, L, D), N = x.shape, A.shape[1]
     Q = max(1, math.isqrt(L))
     nc = -(-L // Q)
@@ -310,13 +296,11 @@ class Mamba2(nn.Module):  # mamba_ssm.modules.mamba2.Mamba2: ngroups=1, D per he
         self.D.fill_(1.0)
 
     def allocate_state(self, batch_size):
-        """(conv_state (B, d_inner + 2N, d_conv), ssm_state (B, H, P, N) fp32)."""
         w = self.conv1d.weight
         return (torch.zeros(batch_size, w.shape[0], self.d_conv, device=w.device, dtype=w.dtype),
                 torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=w.device, dtype=torch.float32))
 
-    def gated_norm(self, y, z):
-        """rmsnorm(y * silu(z)) * weight: mamba-ssm's RMSNormGated with norm_before_gate=False."""
+    def gated_norm(self, y, z):  # rmsnorm(y * silu(z)) * weight: mamba-ssm's RMSNormGated, norm_before_gate=False
         return F.rms_norm(y.float() * F.silu(z.float()), (self.d_inner,), self.norm.weight.float(), self.norm.eps)
 
     def forward(self, u, state=None):
@@ -418,7 +402,7 @@ class Mamba3(nn.Module):
         kernels = kernels_for(u)
         (b, L, _), H, P, N = u.shape, self.nheads, self.headdim, self.d_state
         z, x, BC, dt, adt, trap, angle = self.project(u)
-        if kernels and kernels.get("mamba3_siso_combined") and L > 1:  # fused rotary + trapezoid + scan + gate
+        if kernels and L > 1:  # fused rotary + trapezoid + scan + gate
             y = kernels["mamba3_siso_combined"](
                 BC[:, :, 1], BC[:, :, 0], x, *(t.transpose(1, 2) for t in (adt, dt, trap)), self.C_bias.squeeze(1),
                 self.B_bias.squeeze(1), angle.float().unsqueeze(2).expand(-1, -1, H, -1), self.D, z,
@@ -488,8 +472,10 @@ class GPT(nn.Module):
                              "n_head must divide n_embd and n_kv_head must divide n_head")
         if config.mamba_version not in (1, 2, 3):
             raise ValueError(f"mamba_version={config.mamba_version!r}: must be 1, 2 or 3")
-        self.config = config
-        self.pattern = layer_pattern(config)
+        p, n = config.block_pattern, config.n_layer
+        if not p or set(p) - set("TM") or len(p) > n:
+            raise ValueError(f"block_pattern={p!r}: must be 1 to n_layer={n} letters, each 'T' or 'M'")
+        self.config, self.pattern = config, (p * n)[:n]
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             h=nn.ModuleList([AttentionBlock(config) if k == "T" else MambaBlock(config) for k in self.pattern])))
@@ -587,7 +573,6 @@ class GPT(nn.Module):
 
 
 def sample_next(logits, temperature=0.0, generator=None):
-    """logits (B, V) -> next token ids (B, 1). temperature 0 is greedy."""
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
     return torch.multinomial(F.softmax(logits.float() / temperature, dim=-1), 1, generator=generator)

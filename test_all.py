@@ -49,7 +49,7 @@ import tokenizer
 import world
 import retrieve
 from common import save_checkpoint
-from model import GPT, GPTConfig, Mamba, Mamba2, Mamba3, chunked_scan, layer_pattern, sample_next, selective_scan, ssd_scan
+from model import GPT, GPTConfig, Mamba, Mamba2, Mamba3, chunked_scan, sample_next, selective_scan, ssd_scan
 from prepare import prepare_world
 from tokenizer import ABSTAIN, Tokenizer, render_conversation
 from world import COUNTRY_SUFFIXES
@@ -639,7 +639,7 @@ def mamba_ssm_triton():
 # -----------------------------------------------------------------------------
 
 def test_block_pattern_tiling_and_errors():
-    assert layer_pattern(tiny_config("TMM", n_layer=7)) == "TMMTMMT"
+    assert GPT(tiny_config("TMM", n_layer=7)).pattern == "TMMTMMT"
     assert GPT(tiny_config("TM")).pattern == "TMTM"
     for bad in ("", "TX", "tm", "TMTMT"):  # bad char, lowercase, longer than n_layer=4
         try:
