@@ -38,8 +38,6 @@ config = dict(
     val_frac=0.05,      # share of documents that go to val.bin
 )
 
-TOKENIZER_MAX_CHARS = 100_000_000  # BPE merge statistics settle long before this; caps training time on big corpora
-
 # -----------------------------------------------------------------------------
 # Writing
 
@@ -54,19 +52,18 @@ def staged(*paths, mode="w"):
     files = [open(p + ".tmp", mode) for p in paths]
     try:
         yield files
-        for f, p in zip(files, paths):
-            f.close()
-            os.replace(f.name, p)
-    finally:
+    except BaseException:
         for f in files:
             f.close()
-            if os.path.exists(f.name):
-                os.remove(f.name)
+            os.remove(f.name)
+        raise
+    for f, p in zip(files, paths):
+        f.close()
+        os.replace(f.name, p)
 
 
 def write_data(out, tok, items, total=None, **info):
-    """(is_val, text) items into train.bin / val.bin, each document after <|bos|>, then tokenizer.json and meta.json
-    (the counts, then info): the last files of a data directory. Returns meta."""
+    """(is_val, text) items into train.bin / val.bin, each after <|bos|>; then tokenizer.json, meta.json (returned)."""
     dtype = np.uint16 if tok.vocab_size < 2**16 else np.uint32
     n_tokens, n_docs = [0, 0], [0, 0]  # train, val: indexed by is_val, as the files are
     with staged(os.path.join(out, "train.bin"), os.path.join(out, "val.bin"), mode="wb") as files:
@@ -141,8 +138,7 @@ TEXT_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 
 
 def read_documents(path):
-    """(source, text) of each document in the .txt / .jsonl / .parquet file at path, or in every such file under the
-    folder path; a .txt gives one document per blank-line-separated paragraph."""
+    """(source, text) per document of the .txt (one a paragraph) / .jsonl / .parquet file or folder of them at path."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"--input {path}: no such file or folder")
     files = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
@@ -171,12 +167,10 @@ def read_documents(path):
             yield from ((f"{file}@{row}", t) for row, t in enumerate(texts, 1) if t and t.strip())
 
 
-def capped(texts):
-    n = 0
+def capped(texts, n=0):
     for t in texts:
         yield t
-        n += len(t)
-        if n > TOKENIZER_MAX_CHARS:
+        if (n := n + len(t)) > 100_000_000:  # BPE merge statistics settle long before; caps training time
             return
 
 

@@ -4,6 +4,7 @@ import itertools
 import json
 import random
 import re
+from collections import defaultdict
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -233,16 +234,13 @@ def answer_sentence(qtype, e, a):  # the answer as the model learns to say it
 
 
 def single_hops(w, kind, i):
-    """{relation: (answer, doc_id, next entity kind, next entity index)} for entity i."""
-    hops, d = {}, doc_id(w, kind, i)
-    for rel in RELATIONS[kind]:
-        j, to = int(getattr(w, rel)[i]), ANSWER_KIND.get(rel)
-        hops[rel] = (getattr(w, to)[j], d, to, j) if to else (VALUES.get(rel, str)(j), d, None, None)
-    return hops
+    """{relation: (answer, doc_id, next entity kind, next entity index)} for entity i; a value's kind is None."""
+    d, hops = doc_id(w, kind, i), ((rel, int(getattr(w, rel)[i]), ANSWER_KIND.get(rel)) for rel in RELATIONS[kind])
+    return {rel: (getattr(w, to)[j] if to else VALUES.get(rel, str)(j), d, to, j) for rel, j, to in hops}
 
 
 def shuffled(w, rng, copies=1):
-    """Every (kind, index, copy) of a world in random order, without materialising millions of tuples."""
+    # every (kind, index, copy) of a world in random order, without materialising millions of tuples
     kinds, sizes = zip(*w.kinds())
     offsets = np.cumsum((0,) + sizes)
     for item in np.random.default_rng(rng.randrange(2**32)).permutation(copies * int(offsets[-1])):
@@ -277,7 +275,6 @@ def make_qa(w, rng, pool, first_names, unanswerable_frac=0.1):
 
 
 def closed_book(w, kind, i, rng):
-    """A question about one fact of entity i, drawn at random, and its answer sentence."""
     e = getattr(w, kind)[i]
     rel, (a, *_) = rng.choice(list(single_hops(w, kind, i).items()))
     return f"Question: {phrase(rel, e, rng)}\nAnswer: {answer_sentence(rel, e, a)}"
@@ -305,14 +302,13 @@ def reading_items(w, rng, val_frac):
 # Renaming: RAG training examples about fresh names, so that answers can only come from reading
 
 def first_names(docs):
-    """The shared first-name pool, as held-out people's first names: from the non-held-out person documents."""
     return sorted({d.title.split()[0] for d in docs
                    if d.metadata.get("world") != "heldout" and d.metadata.get("type") == "person"})
 
 
 def rename_names(qa, docs, rng, first_names):
-    """(qa, docs: retrieve.Documents) with the entity, and the answer if a name, renamed everywhere to fresh names (a
-    person's first name from first_names): the model can answer only by reading."""
+    """(qa, docs: retrieve.Documents) with the entity, and a name answer, renamed everywhere to fresh names (first
+    names from first_names): the model can answer only by reading."""
     pool, names = NamePool(rng), {}
 
     def rename(name, kind):
@@ -341,9 +337,8 @@ def rename_names(qa, docs, rng, first_names):
 # -----------------------------------------------------------------------------
 # Conversations: follow-ups that refer back with a pronoun, and questions about things outside the world
 
-PRONOUNS = {"person": (("he", "him", "his"), ("she", "her", "her"))}  # (subject, object, possessive)
-for kind in ("company", "city", "country"):
-    PRONOUNS[kind] = (("it", "it", "its"), (f"that {kind}", f"that {kind}", f"that {kind}'s"))
+PRONOUNS = {"person": (("he", "him", "his"), ("she", "her", "her")),  # (subject, object, possessive)
+            **{k: (("it", "it", "its"), (f"that {k}",) * 2 + (f"that {k}'s",)) for k in ("company", "city", "country")}}
 
 
 def refer_back(question, entity, pronoun):
@@ -424,28 +419,22 @@ def followup_example(tok, rng, about, search, by_id, k_max, p_no_gold, p_rename,
 
 def renamer(names, rng):
     """(forward, back): forward swaps each word of `names` in a text for a fixed invented one; back undoes it."""
-    pool, fresh, real = NamePool(rng), {}, {}
-    word = re.compile(r"\b[A-Z][a-z]+\b")
+    fresh, word = defaultdict(NamePool(rng).word), re.compile(r"\b[A-Z][a-z]+\b")
+    forward = lambda text: word.sub(lambda m: fresh[m[0]] if m[0] in names else m[0], text)
 
-    def invent(w):
-        if w not in fresh:
-            fresh[w] = pool.word()
-            real[fresh[w]] = w
-        return fresh[w]
-    forward = lambda text: word.sub(lambda m: invent(m[0]) if m[0] in names else m[0], text)
-    back = lambda text: word.sub(lambda m: real.get(m[0], m[0]), text)
+    def back(text):
+        real = {v: k for k, v in fresh.items()}
+        return word.sub(lambda m: real.get(m[0], m[0]), text)
     return forward, back
 
 
-def renamed(messages, names, rng):
-    """messages with every word of `names` consistently invented anew: a bridge must then be read, not recalled."""
+def renamed(messages, names, rng):  # a bridge must then be read, not recalled
     forward, _ = renamer(names, rng)
     return json.loads(forward(json.dumps(messages)))
 
 
 def renamed_world(qa, retrieve, names, rng):
-    """(qa, retrieve) under invented names: queries are mapped back to the real names to retrieve, and the documents
-    found renamed forward, so the answer can only come from what the loop retrieves."""
+    """(qa, retrieve) under invented names: queries go back to real names, found documents come out renamed."""
     forward, back = renamer(names, rng)
     qa = {**qa, "question": forward(qa["question"]), "entity": forward(qa.get("entity", "")),
           "response": forward(qa.get("response", "")), "golden_answers": [forward(a) for a in qa["golden_answers"]]}

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from common import write_atomic  # noqa: E402
 
 B64 = string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/"  # dictd's numbers in the .index
+READING = 20000  # reading exercises in pretrain.jsonl
 QA_SHARES = {"heldout": 0.05, "train": 0.45}  # of the answerable questions; the rest pretrain
 PHRASINGS = ["What does {a} stand for?", "What is {a} short for?", "What is the expansion of {a}?",
              "{a} is an abbreviation of what?"]
@@ -58,15 +59,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dict", default="/usr/share/dictd/vera", help="the dictionary, without .index / .dict.dz")
     p.add_argument("--out", default="data/vera")
-    p.add_argument("--reading", type=int, default=20000, help="reading exercises in pretrain.jsonl")
-    p.add_argument("--unanswerable", type=float, default=0.1, help="questions about acronyms in no entry, per question")
-    p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args()
     try:
         docs = [{"id": f"vera-{i}", "title": a, "text": t} for i, (a, t) in enumerate(entries(args.dict))]
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {args.dict}: not a readable dictd dictionary ({e})")
-    rng = random.Random(args.seed)
+    rng = random.Random(1337)
     count = Counter(d["title"].lower() for d in docs)  # entries per acronym, case-insensitive
     # ambiguous acronyms stay in the KB as distractors
     one = [(d, a) for d in docs if count[d["title"].lower()] == 1 and len((a := expansion(d["text"])).split()) >= 2]
@@ -76,7 +74,7 @@ def main():
     n_held, n_train = (round(len(qas) * share) for share in QA_SHARES.values())
     splits = {"heldout": qas[:n_held], "train": qas[n_held:n_held + n_train]}
     for split, items in splits.items():  # unanswerable: a made-up acronym that no entry has
-        for i in range(round(len(items) * args.unanswerable)):
+        for i in range(round(len(items) * 0.1)):  # 1 per 10 questions
             question = rng.choice(PHRASINGS).format(a=new_acronym(rng, count))
             items.append({"id": f"vera-{split}-none-{i}", "question": question, "golden_answers": [], "gold_ids": []})
         rng.shuffle(items)
@@ -85,7 +83,7 @@ def main():
     by_id = {q["gold_ids"][0]: (q["question"], q["golden_answers"][0]) for q in qas[n_held + n_train:]}
     pretrain = [f"{d['title']}: {d['text']}" + (asked(*by_id[d["id"]]) if d["id"] in by_id else "") for d in seen]
     words = sorted({w for d in seen for w in expansion(d["text"]).split() if w[:1].isupper() and w.isalpha()})
-    for _ in range(args.reading):  # one to three made-up entries, then questions about them
+    for _ in range(READING):  # one to three made-up entries, then questions about them
         made = [(new_acronym(rng, count, "".join(w[0] for w in ws).upper()), " ".join(ws))
                 for ws in (rng.sample(words, rng.randint(2, 5)) for _ in range(rng.randint(1, 3)))]
         pretrain.append("\n".join(f"{a}: {e}" for a, e in made) + "".join(
@@ -95,7 +93,7 @@ def main():
                        ("pretrain", [{"text": t} for t in pretrain])):
         write_atomic(os.path.join(args.out, name + ".jsonl"), (json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"wrote {args.out}/: {len(docs):,} documents, {len(splits['train']):,} training and "
-          f"{len(splits['heldout']):,} held-out questions, {len(seen):,} entries and {args.reading:,} "
+          f"{len(splits['heldout']):,} held-out questions, {len(seen):,} entries and {READING:,} "
           "reading exercises to pretrain on")
 
 
