@@ -1,5 +1,4 @@
-"""Measures the speed and size figures the README quotes as markdown tables (speeds: medians over rounds in which
-the contenders take turns, so that load changes hit them alike), and the RAG diagnostics.
+"""The speed and size tables the README quotes, and the RAG diagnostics.
 
     python bench.py [--what=decode --contexts=256,1024,4096 --plot=out/bench_decode]   # this CPU or one GPU
     python bench.py --reading out/tiny/ckpt.pt    # can a base model read? [--data_dir=data/world]
@@ -28,33 +27,24 @@ from model import GPT, GPTConfig
 from rag import load_data
 
 
-def clock():
-    if torch.cuda.is_initialized():  # GPU work is asynchronous: wait for it before reading the clock
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def timed(fns, rounds=5, warmup=True):
-    """{name: median seconds of one call of fn()} over rounds in which every fn is called once, in turn."""
+def timed(fns, rounds=5, warmup=1):  # {name: median seconds of fn()} over rounds in which each fn takes a turn
     times = {name: [] for name in fns}
-    for r in range(-1 if warmup else 0, rounds):
+    for _ in range(warmup + rounds):  # the first warmup rounds are not counted
         for name, fn in fns.items():
-            t0 = clock()
+            t0 = time.perf_counter()
             fn()
-            if r >= 0:
-                times[name].append(clock() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+            if torch.cuda.is_initialized():  # GPU work is asynchronous: wait for it before reading the clock
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t[warmup:]) for name, t in times.items()}
 
 
 def table(title, header, rows):
     print(f"## {title}\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for r in rows:
-        print("| " + " | ".join(str(x) for x in r) + " |")
-    print(flush=True)
+    print("".join("| " + " | ".join(map(str, r)) + " |\n" for r in rows), flush=True)
 
 
-def mamba_ssm_mamba():
-    """mamba-ssm's Mamba-1 (source: $MAMBA_SSM_SRC or .gpu/mamba_ssm-*/) on selective_scan_ref; None without it."""
+def mamba_ssm_mamba():  # mamba-ssm's Mamba-1 (source: $MAMBA_SSM_SRC or .gpu/mamba_ssm-*/) on selective_scan_ref
     src = os.environ.get("MAMBA_SSM_SRC") or min(glob.glob(".gpu/mamba_ssm-*/"), default=None)
     if src is None or importlib.util.find_spec("einops") is None:
         return None
@@ -113,11 +103,10 @@ def bench_decode(args):
           "on GPU: hybrid decode tokens/s at 16k >= 3x T's)",
           ["pattern", f"ms/token at {hi} / at {lo}", f"tokens/s vs T at {hi}"],
           [[name, f"{ms[name][hi] / ms[name][lo]:.2f}", f"{ms['T'][hi] / ms[name][hi]:.2f}"] for name in PATTERNS])
-    stem = "out/bench_decode" if args.plot is None else args.plot
-    if stem:
-        plot(stem, f"decode, batch 1, {shape['n_layer']} x {shape['n_embd']}, {args.machine}", "tokens of context",
-             "ms per token", {name: (contexts, list(ms[name].values())) for name in PATTERNS}, xlog=True, ylog=True)
-        print(f"(plot: {stem}.png, {stem}.svg)\n")
+    stem = args.plot or "out/bench_decode"
+    plot(stem, f"decode, batch 1, {shape['n_layer']} x {shape['n_embd']}, {args.machine}", "tokens of context",
+         "ms per token", {name: (contexts, list(ms[name].values())) for name in PATTERNS}, xlog=True, ylog=True)
+    print(f"(plot: {stem}.png, {stem}.svg)\n")
 
 
 def bench_mixer(args):
@@ -144,7 +133,7 @@ def bench_mixer(args):
         ours.load_state_dict(theirs.state_dict())
         x = torch.randn(B, L, d, device=device, requires_grad=True)
         t = timed({"ours": lambda: fwd_bwd(ours, x), "chunked": chunked}, 3)
-        t |= timed({"ref": lambda: fwd_bwd(theirs, x)}, 1, warmup=False)  # 100 s a call here: once is enough
+        t |= timed({"ref": lambda: fwd_bwd(theirs, x)}, 1, warmup=0)  # 100 s a call here: once is enough
         rows.append([f"{B} x {L} x {d}", f"{1000 * t['ours']:.0f}", f"{1000 * t['chunked']:.0f}",
                      f"{1000 * t['ref']:.0f}", f"{t['ref'] / t['ours']:.0f}x", f"{t['ref'] / t['chunked']:.1f}x",
                      f"{t['chunked'] / t['ours']:.1f}x"])
@@ -235,7 +224,7 @@ SECTIONS = {f.__name__[len("bench_"):]: f for f in (bench_decode, bench_mixer, b
 def reading_loss(model, tok, qas, by_id):
     """Loss per answer token of questions asked right after their gold document, in the pretraining format
     (world.reading_items): a model that ignores the document pays 10+ nats a name token, one that copies ~0."""
-    total, n = 0.0, 0
+    losses = []
     for q in qas:
         d = by_id[q["gold_ids"][0]]
         lead = " " + q["entity"] if "entity" in q else ""
@@ -244,9 +233,8 @@ def reading_loss(model, tok, qas, by_id):
         answer = tok.encode(rest)
         x = torch.tensor([[tok.bos_id] + prompt + answer[:-1]])
         y = torch.tensor([[-1] * len(prompt) + answer])  # only the answer's tokens are scored
-        total += model(x, y, loss_reduction="none")[1].sum().item()
-        n += len(answer)
-    return total / n
+        losses.append(model(x, y, loss_reduction="none")[1][0, len(prompt):])
+    return torch.cat(losses).mean().item()
 
 
 def diagnose(args):
@@ -262,8 +250,7 @@ def diagnose(args):
 # accuracy vs documents in context, from rag_train.py's eval.json files:
 #   python bench.py --vs_k out/rag_T/eval.json out/rag_M/eval.json out/rag/eval.json --plot=acc_vs_k
 
-def curves(results):
-    """(eval.json's index, label, params, {k: value}, kind) per curve: EM, cite-then-read EM, citations' gold rate."""
+def curves(results):  # (eval.json's index, label, params, {k: value}, kind) per EM, reread EM, gold-citation curve
     for i, r in enumerate(results):
         # named by the pattern and the run (the checkpoint's directory), if known
         name = f"{r['pattern']} {os.path.basename(os.path.dirname(r.get('checkpoint', '')))}".rstrip()
@@ -274,12 +261,10 @@ def curves(results):
                 yield i, label, r["params"], values, kind
 
 
-def vs_k_plot(stem, results):
-    """A line per model, a colour per eval.json (dashed: cite, then read): EM (%) against k on a log2 axis."""
-    colors = ["C0", "C3", "C2", "C4", "C1"]  # blue, red, green, purple, orange
+def vs_k_plot(stem, results):  # EM (%) vs k on a log2 axis: a colour per eval.json, dashed: cite, then read
     return plot(stem, "held-out exact match vs documents in context", "k (documents)", "exact match (%)",
-                {label: (sorted(em), [100 * em[k] for k in sorted(em)],
-                         dict(color=colors[i % len(colors)], linestyle="--" if kind == "reread" else "-"))
+                {label: (sorted(em), [100 * em[k] for k in sorted(em)],  # blue, red, green, purple, orange:
+                         dict(color=f"C{(0, 3, 2, 4, 1)[i % 5]}", linestyle="--" if kind == "reread" else "-"))
                  for i, label, _, em, kind in curves(results) if kind != "cites"}, xlog=True, ylim=(0, 100))
 
 
@@ -303,22 +288,20 @@ def vs_k(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument("--what", default=",".join(SECTIONS), type=lambda v: v.split(","),
-                        help="sections, comma-separated: " + ", ".join(SECTIONS))
+    parser.add_argument("--what", default=",".join(SECTIONS), type=lambda v: v.split(","), help="sections: %(default)s")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     # 1: tiny models gain nothing from a second thread, and on a loaded machine OpenMP threads spin-wait on each
     # other (10x slower with 2 threads than with 1 at load average 8 on 2 cores). 0: torch's default.
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--contexts", type=lambda v: sorted(int(c) for c in v.split(",")),  # argparse names a bad one
-                        help="decode: tokens of context, comma-separated (default 256,1024,4096 on CPU)")
-    parser.add_argument("--plot", help="write STEM.png and STEM.svg (decode: default out/bench_decode, '' for none)")
+    # tokens of context, comma-separated (argparse names a bad one); default 256,1024,4096 on CPU, 1024 to 32768 on GPU
+    parser.add_argument("--contexts", type=lambda v: sorted(int(c) for c in v.split(",")), help="decode: contexts")
+    parser.add_argument("--plot", help="write STEM.png and STEM.svg (decode: default out/bench_decode)")
     task = parser.add_mutually_exclusive_group()
     task.add_argument("--reading", metavar="CKPT", help="a base model's loss per answer token after the gold document")
     task.add_argument("--vs_k", nargs="+", metavar="EVAL_JSON", help="rag_train.py's EM vs k: a table (and --plot)")
     parser.add_argument("--data_dir", default="data/world", help="--reading: the questions and documents")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     if args.reading:
         return diagnose(args)
     if args.vs_k:
