@@ -195,8 +195,7 @@ def read_answer(text, qa=None, any_name=False):
     if normalize(sentence) == normalize(ABSTAIN):
         return None, cites
     if qa is not None and qa.get("response") and qa["golden_answers"]:
-        head, _, tail = qa["response"].rpartition(qa["golden_answers"][0])
-        head, tail = re.escape(head), re.escape(tail)
+        head, _, tail = map(re.escape, qa["response"].rpartition(qa["golden_answers"][0]))
         if any_name and qa.get("entity"):
             head = head.replace(re.escape(qa["entity"]), ".+?")
         if m := re.fullmatch(f"{head}(.+){tail}", sentence):
@@ -266,9 +265,8 @@ def docs_tokens(tok, before, docs):
 @torch.no_grad()
 def generate(model, tok, messages, retrieve=None, top_k=4, max_hops=0, max_len=1024, max_new_tokens=64,
              temperature=0.0, generator=None, on_token=None, on_retrieve=None):
-    """Answers a conversation ending with a user turn; a query's retrieve(query, top_k) documents are prefilled into
-    the same cache and it goes on. -> dict(answer, stop ("answer" | "max_hops" | "format" | "max_tokens" | "context"),
-    queries, docs (in context, in order), messages, ids, mask (1 = sampled), dropped)."""
+    """Answers a conversation ending with a user turn, prefilling a query's retrieve(query, top_k) documents as it goes.
+    -> dict(answer, stop (answer|max_hops|format|max_tokens|context), queries, docs, messages, ids, mask, dropped)."""
     start_of = {tok.special("<|assistant_start|>"): "answer", tok.special("<|query_start|>"): "query"}
     end_of = {"answer": tok.special("<|assistant_end|>"), "query": tok.special("<|query_end|>")}
     device = next(model.parameters()).device
@@ -323,6 +321,12 @@ def generate(model, tok, messages, retrieve=None, top_k=4, max_hops=0, max_len=1
                 return {**r, "stop": "max_tokens"}
     return r
 
+
+def cited(answer, n):  # the one number in 1..n the answer cites; None if it abstains or cites none, several, or others
+    short, cites = read_answer(answer or "")
+    return cites[0] if short is not None and len(set(cites)) == 1 and 1 <= cites[0] <= n else None
+
+
 def knockout(model, tok, head, docs, group, **kw):
     """The document the model cites (or None) reading docs `group` at a time after head, then the cited ones, and on."""
     left = list(range(len(docs)))  # each read no longer than the contexts the model was trained on
@@ -330,9 +334,8 @@ def knockout(model, tok, head, docs, group, **kw):
         won = []
         for part in (left[i:i + group] for i in range(0, len(left), group)):
             o = generate(model, tok, head + [{"role": "documents", "content": [docs[j] for j in part]}], **kw)
-            short, cites = read_answer(o["answer"] or "")
-            if o["stop"] == "answer" and short is not None and len(set(cites)) == 1 and 1 <= cites[0] <= len(part):
-                won.append(part[cites[0] - 1])
+            if o["stop"] == "answer" and (n := cited(o["answer"], len(part))):
+                won.append(part[n - 1])
         left = won
     return left[0] + 1 if left else None
 
@@ -341,17 +344,13 @@ def reread(model, tok, out, group=4, **kw):
     """Cite, then read: an answer (generate's out) citing one of several documents (knockout's, past `group`) is asked
     again with that document alone, which a model reads far better, and takes its number ("reread"). kw: generate's."""
     msgs, docs = out["messages"], out["docs"]
-    short, cites = read_answer(out["answer"] or "")
     if out["stop"] != "answer" or out["queries"] or len(docs) < 2:
         return out
-    last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
-    if group > 1 and len(docs) > group:
-        n = knockout(model, tok, msgs[:last + 1], docs, group, **kw)
-    else:
-        n = cites[0] if short is not None and len(set(cites)) == 1 and 1 <= cites[0] <= len(docs) else None
+    head = msgs[:max(i for i, m in enumerate(msgs) if m["role"] == "user") + 1]
+    n = knockout(model, tok, head, docs, group, **kw) if 1 < group < len(docs) else cited(out["answer"], len(docs))
     if n is None:
         return out
-    second = generate(model, tok, msgs[:last + 1] + [{"role": "documents", "content": [docs[n - 1]]}], **kw)
+    second = generate(model, tok, head + [{"role": "documents", "content": [docs[n - 1]]}], **kw)
     if second["stop"] != "answer":
         return out
     answer = CITATION.sub(f" [{n}]", second["answer"])

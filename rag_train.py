@@ -1,5 +1,4 @@
-"""
-Fine-tune a train.py checkpoint to answer from retrieved documents, cite them, or abstain, on a task mixture (RAG QA
+"""Fine-tune a train.py checkpoint to answer from retrieved documents, cite them, or abstain, on a task mixture (RAG QA
 on qa_train, closed-book QA on qa_closed.jsonl, train.bin text); then evaluate on qa_heldout into out_dir/eval.json.
 
     python rag_train.py                                   # tiny CPU defaults: out/tiny/ckpt.pt -> out/rag/ckpt.pt
@@ -53,10 +52,7 @@ total_batch_size = 4096        # tokens per optimizer step (rows * seq_len), acr
 device_batch_size = 4          # rows per micro-step per process
 max_iters = 1500               # run_pipeline.sh's; configs/rag_tiny.py: 2000, the README's models
 learning_rate = 6e-3
-min_lr_frac = 0.1
 warmup_iters = 10
-weight_decay = 0.0
-grad_clip = 1.0
 # evaluation (qa_heldout.jsonl)
 eval_n = 0                     # questions per evaluation set (0 = all: the world's 378 single-hop, 89 unanswerable)
 eval_k = 4                     # documents retrieved for the main RAG numbers
@@ -78,7 +74,7 @@ check_config(config, [
     ("eval_interval retrieve_depth seq_len k_max text_len total_batch_size device_batch_size max_iters eval_k "
      "rag_weight", lambda v: v > 0, "positive"),
     ("eval_n warmup_iters closed_book_weight text_weight", lambda v: v >= 0, "non-negative"),
-    ("p_no_gold p_rename p_followup p_out_of_world min_lr_frac", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("p_no_gold p_rename p_followup p_out_of_world", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("eval_ks", lambda v: all(k.strip().isdigit() and int(k) >= 1 for k in v.split(",")), "positive integers, comma-separated")])
 if retrieve_depth <= k_max:  # k_max documents without the gold one are k_max distractors from these
     die(f"--retrieve_depth ({retrieve_depth}) must exceed --k_max ({k_max})")
@@ -108,8 +104,7 @@ closed_qa = [q for q in qa_sets.get("closed", []) if q["golden_answers"] and rag
 first_names = world.first_names(kb_docs) if any("entity" in q for q in rag_qa) else []
 heldout_docs = {g for q in heldout_qa for g in q.get("gold_ids", [])}  # never in a training example
 train_docs = [d for d in kb_docs if d.id not in heldout_docs]
-if master or not eval_only:  # the held-out val loss (every rank) and the evaluation (rank 0) search the real KB
-    eval_retriever.add_documents(kb_docs)  # both worlds
+eval_retriever.add_documents(kb_docs)  # the real KB, both worlds: the held-out val loss and the evaluation search it
 
 # -----------------------------------------------------------------------------
 # data: packed rows of conversations (rag.pack) of the examples below
@@ -174,8 +169,7 @@ def ranked(questions, k):  # the whole KB's k best documents for each question
 
 
 @torch.no_grad()
-def val_loss(model):
-    """Assistant-token loss on a fixed set of held-out RAG conversations."""
+def val_loss(model):  # assistant-token loss on a fixed set of held-out RAG conversations
     rng = random.Random(f"{seed}-val")
     qas = [q for q in heldout_qa if rag.single_hop(q)]
     qas = random.Random(f"{seed}-val").sample(qas, min(100, len(qas)))[:64]  # fixed whatever eval_n is
@@ -190,52 +184,19 @@ def val_loss(model):
     return torch.stack(losses).mean().item()
 
 
-def run_set(model, name, items, reread=True):
-    """items: (qa, docs or None) -> summaries of the one-pass answers and (if reread) of them after cite-then-read."""
+def run_set(model, name, items):
+    """items: (qa, docs or None) -> summaries of the one-pass answers and of them after cite-then-read."""
     rows, rows_reread, dropped = [], [], 0
     for qa, docs in tqdm(items, desc=f"eval {name}", unit="q", leave=False, mininterval=2):
         out = rag.generate(model, tok, rag.messages_for(qa["question"], docs), max_len=eval_max_len)
         dropped += out["dropped"]["docs"]
         rows.append(rag.score(qa, out["answer"], None if docs is None else out["docs"]))
-        if reread:
-            out = rag.reread(model, tok, out, group=cite_group, max_len=eval_max_len)
-            rows_reread.append(rag.score(qa, out["answer"], None if docs is None else out["docs"]))
+        out = rag.reread(model, tok, out, group=cite_group, max_len=eval_max_len)  # closed-book: the same answer
+        rows_reread.append(rag.score(qa, out["answer"], None if docs is None else out["docs"]))
     types = sorted({qa.get("type", "") for qa, _ in items})
     summary = lambda rows: {**rag.summarize(rows), "dropped_docs": dropped, "em_by_type": {
         t: rag.summarize([r for r, (qa, _) in zip(rows, items) if qa.get("type", "") == t])["em"] for t in types}}
-    return summary(rows), summary(rows_reread) if reread else None
-
-
-def evaluate_heldout(model):  # every model call is rag.generate's, without gradients
-    model.eval()
-    t0 = time.time()
-    ks = [int(k) for k in eval_ks.split(",")]
-    single = subsample([q for q in heldout_qa if q["golden_answers"] and rag.single_hop(q)], "single")
-    unanswerable = subsample([q for q in heldout_qa if not q["golden_answers"]], "unanswerable")
-    hits = ranked([q["question"] for q in single], max(ks + [eval_k + 1, retrieve_depth]))
-    no_gold = lambda q, h: [d for d in h if not rag.is_gold(q, d)]
-    res = {"checkpoint": os.path.join(out_dir, "ckpt.pt"), "pattern": model.pattern, "params": model.num_params(),
-           "retriever": retriever, "eval_k": eval_k, "n_single": len(single), "n_unanswerable": len(unanswerable),
-           "recall": {k: sum(rag.has_gold(q, h[:k]) for q, h in zip(single, hits)) / len(single) for k in ks}}
-    res["closed_book"], _ = run_set(model, "closed-book", [(q, None) for q in single], reread=False)
-    sets = {"rag": [(q, h[:eval_k]) for q, h in zip(single, hits)],
-            "gold_removed": [(q, no_gold(q, h)[:eval_k]) for q, h in zip(single, hits)],
-            "unanswerable": list(zip(unanswerable, ranked([q["question"] for q in unanswerable], eval_k)))}
-    for name, items in sets.items():  # each answered in one pass, and in two (cite, then read: rag.reread)
-        res[name], res[name + "_reread"] = run_set(model, name, items)
-    # accuracy vs documents in context: the gold document among the k-1 best-ranked distractors, at a random
-    # position, so the sweep measures reading, not retrieval (recall is reported above)
-    golds = [[by_id[g] for g in q["gold_ids"][:1]] if "gold_ids" in q else [d for d in h if rag.is_gold(q, d)][:1]
-             for q, h in zip(single, hits)]  # empty where no document found holds the answer: nothing to read
-    res["vs_k"], res["vs_k_reread"] = {}, {}
-    for k in ks:
-        items = [(q, gold + no_gold(q, h)[:k - 1]) for q, h, gold in zip(single, hits, golds) if gold]
-        for q, docs in items:
-            random.Random(f"{seed}-{q['id']}-{k}").shuffle(docs)
-        res["vs_k"][k], res["vs_k_reread"][k] = run_set(model, f"k={k}", items)
-    res.update(evaluate_conversations(model))
-    res["seconds"] = time.time() - t0
-    return res  # the model stays in eval mode: the run ends after its evaluation
+    return summary(rows), summary(rows_reread)
 
 
 def evaluate_conversations(model):
@@ -263,8 +224,36 @@ def evaluate_conversations(model):
             "out_of_world_reread": reread}
 
 
-def evaluate_and_report(model):
-    res = evaluate_heldout(model)
+def evaluate_and_report(model):  # every model call is rag.generate's, without gradients; the run ends after it
+    model.eval()
+    t0 = time.time()
+    ks = [int(k) for k in eval_ks.split(",")]
+    single = subsample([q for q in heldout_qa if q["golden_answers"] and rag.single_hop(q)], "single")
+    unanswerable = subsample([q for q in heldout_qa if not q["golden_answers"]], "unanswerable")
+    hits = ranked([q["question"] for q in single], max(ks + [eval_k + 1, retrieve_depth]))
+    no_gold = lambda q, h: [d for d in h if not rag.is_gold(q, d)]
+    res = {"checkpoint": os.path.join(out_dir, "ckpt.pt"), "pattern": model.pattern, "params": model.num_params(),
+           "retriever": retriever, "eval_k": eval_k, "n_single": len(single), "n_unanswerable": len(unanswerable),
+           "recall": {k: sum(rag.has_gold(q, h[:k]) for q, h in zip(single, hits)) / len(single) for k in ks}}
+    res["closed_book"], _ = run_set(model, "closed-book", [(q, None) for q in single])
+    sets = {"rag": [(q, h[:eval_k]) for q, h in zip(single, hits)],
+            "gold_removed": [(q, no_gold(q, h)[:eval_k]) for q, h in zip(single, hits)],
+            "unanswerable": list(zip(unanswerable, ranked([q["question"] for q in unanswerable], eval_k)))}
+    for name, items in sets.items():  # each answered in one pass, and in two (cite, then read: rag.reread)
+        res[name], res[name + "_reread"] = run_set(model, name, items)
+    # accuracy vs documents in context: the gold document among the k-1 best-ranked distractors, at a random
+    # position, so the sweep measures reading, not retrieval (recall is reported above)
+    golds = [[by_id[g] for g in q["gold_ids"][:1]] if "gold_ids" in q else [d for d in h if rag.is_gold(q, d)][:1]
+             for q, h in zip(single, hits)]  # empty where no document found holds the answer: nothing to read
+    res["vs_k"], res["vs_k_reread"] = {}, {}
+    for k in ks:
+        items = [(q, gold + no_gold(q, h)[:k - 1]) for q, h, gold in zip(single, hits, golds) if gold]
+        for q, docs in items:
+            random.Random(f"{seed}-{q['id']}-{k}").shuffle(docs)
+        res["vs_k"][k], res["vs_k_reread"][k] = run_set(model, f"k={k}", items)
+    res.update(evaluate_conversations(model))
+    res["seconds"] = time.time() - t0
+    # the summary, then eval.json
     pct = lambda v: "  -  " if v is None else f"{100 * v:5.1f}"
     print0(f"held-out: {res['n_single']} single-hop + {res['n_unanswerable']} unanswerable questions, "
            f"{res['pattern']} model, {res['retriever']} retriever, k={res['eval_k']}")
@@ -294,63 +283,56 @@ def evaluate_and_report(model):
     print0(f"wrote {path} ({res['seconds']:.0f}s)")
 
 
-if eval_only:
-    if master:
-        evaluate_and_report(model)
-    teardown(ddp)
-    raise SystemExit(0)
-
 # -----------------------------------------------------------------------------
-# training, as train.py
+# training, as train.py (unless eval_only)
 
-rows_per_step = total_batch_size // seq_len
-if total_batch_size % (seq_len * device_batch_size * world_size):
-    die(f"total_batch_size={total_batch_size} must be a multiple of seq_len*device_batch_size*world_size="
-        f"{seq_len * device_batch_size * world_size}")
-grad_accum = rows_per_step // (device_batch_size * world_size)
-optimizers = model.configure_optimizers(learning_rate, weight_decay, (0.9, 0.95), device.split(":")[0])
-if init_from == "resume":
-    for opt, state in zip(optimizers, ckpt["optimizer"]):
-        opt.load_state_dict(state)
 raw_model = model
-if ddp:
-    model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
-model_args, tokenizer_json, ckpt = ckpt["model_args"], ckpt["tokenizer"], None  # the optimizer state freed
-os.makedirs(out_dir, exist_ok=True)
-log = StepLog(max_iters, start_step, os.path.join(out_dir, "log.txt"), raw_model.flops_per_token(seq_len),
-              peak_flops(device), world_size)
-log.write(f"config {json.dumps(config)}")  # rank 0's, as every line of the log
+if not eval_only:
+    rows_per_step = total_batch_size // seq_len
+    if total_batch_size % (seq_len * device_batch_size * world_size):
+        die(f"total_batch_size={total_batch_size} must be a multiple of seq_len*device_batch_size*world_size="
+            f"{seq_len * device_batch_size * world_size}")
+    grad_accum = rows_per_step // (device_batch_size * world_size)
+    optimizers = model.configure_optimizers(learning_rate, 0.0, (0.9, 0.95), device.split(":")[0])  # no weight decay
+    for opt, state in zip(optimizers, ckpt["optimizer"] if init_from == "resume" else []):
+        opt.load_state_dict(state)
+    if ddp:
+        model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
+    model_args, tokenizer_json, ckpt = ckpt["model_args"], ckpt["tokenizer"], None  # the optimizer state freed
+    os.makedirs(out_dir, exist_ok=True)
+    log = StepLog(max_iters, start_step, os.path.join(out_dir, "log.txt"), raw_model.flops_per_token(seq_len),
+                  peak_flops(device), world_size)
+    log.write(f"config {json.dumps(config)}")  # rank 0's, as every line of the log
 
-t_start = time.time()
-for step in range(start_step, max_iters):
-    lr = lr_at(step, max_iters, learning_rate, warmup_iters, "cosine", min_lr_frac)
-    loss_sum, n_tokens = torch.zeros((), device=device), 0
-    for micro in range(grad_accum):
-        rng = random.Random(f"{seed}-{step}-{rank}-{micro}")  # so a resumed run sees the same batches
-        x, y = (t.to(device) for t in rag.pack(lambda: example(rng), device_batch_size, seq_len))
-        n_tokens += int((y >= 0).sum())
-        if ddp:
-            model.require_backward_grad_sync = micro == grad_accum - 1
-        with autocast(device):
-            _, loss = model(x, y)
-        (loss / grad_accum).backward()
-        loss_sum += loss.detach()
-    step_optimizers(optimizers, raw_model, lr / learning_rate, grad_clip)
-    train_loss = all_reduce_mean(loss_sum / grad_accum, ddp).item()
-    log(step, train_loss, lr, total_batch_size, loss_tokens=n_tokens * world_size)
-    if (step + 1) % eval_interval == 0 or step + 1 == max_iters:
-        if master:
-            loss_val = val_loss(raw_model)
-            log.write(f"step {step + 1}/{max_iters} | held-out RAG val loss {loss_val:.4f}")
-            save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
-                "model": raw_model.state_dict(), "model_args": model_args, "step": step + 1, "val_loss": loss_val,
-                "optimizer": [opt.state_dict() for opt in optimizers], "config": config, "stage": "rag",
-                "data_state": {"seed": seed, "rows_consumed": (step + 1) * rows_per_step, "seq_len": seq_len},
-                "tokenizer": tokenizer_json})
-            log.write(f"saved {out_dir}/ckpt.pt at step {step + 1}")
-        if ddp:
-            dist.barrier()
-print0(f"done: {max_iters - start_step} steps in {time.time() - t_start:.0f}s")
+    for step in range(start_step, max_iters):
+        lr = lr_at(step, max_iters, learning_rate, warmup_iters, "cosine", 0.1)
+        loss_sum, n_tokens = torch.zeros((), device=device), 0
+        for micro in range(grad_accum):
+            rng = random.Random(f"{seed}-{step}-{rank}-{micro}")  # so a resumed run sees the same batches
+            x, y = (t.to(device) for t in rag.pack(lambda: example(rng), device_batch_size, seq_len))
+            n_tokens += int((y >= 0).sum())
+            if ddp:
+                model.require_backward_grad_sync = micro == grad_accum - 1
+            with autocast(device):
+                _, loss = model(x, y)
+            (loss / grad_accum).backward()
+            loss_sum += loss.detach()
+        step_optimizers(optimizers, raw_model, lr / learning_rate, 1.0)  # grad clip 1
+        train_loss = all_reduce_mean(loss_sum / grad_accum, ddp).item()
+        log(step, train_loss, lr, total_batch_size, loss_tokens=n_tokens * world_size)
+        if (step + 1) % eval_interval == 0 or step + 1 == max_iters:
+            if master:
+                loss_val = val_loss(raw_model)
+                log.write(f"step {step + 1}/{max_iters} | held-out RAG val loss {loss_val:.4f}")
+                save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
+                    "model": raw_model.state_dict(), "model_args": model_args, "step": step + 1, "val_loss": loss_val,
+                    "optimizer": [opt.state_dict() for opt in optimizers], "config": config, "stage": "rag",
+                    "data_state": {"seed": seed, "rows_consumed": (step + 1) * rows_per_step, "seq_len": seq_len},
+                    "tokenizer": tokenizer_json})
+                log.write(f"saved {out_dir}/ckpt.pt at step {step + 1}")
+            if ddp:
+                dist.barrier()
+    print0(f"done: {max_iters - start_step} steps in {time.time() - log.t0:.0f}s")
 if master:
     evaluate_and_report(raw_model)
 teardown(ddp)
