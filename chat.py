@@ -2,7 +2,6 @@
 earlier turns stay as text, a pronoun follow-up is retrieved with the question that named its entity. /clear, /quit.
 
     python chat.py --kb data/world/kb.jsonl -p "Where was Kelmar Odrissi born?"     # one question (no -p: a REPL)
-    python chat.py --ckpt out/refrag/ckpt.pt --kb data/world/kb.jsonl --hops 3 --top_k 1 -p "..."  # multi-hop
     python chat.py --ckpt out/tiny/ckpt.pt -p "Kelmar Odrissi"                      # pre-trained: continues the text
 """
 import argparse

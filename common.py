@@ -63,8 +63,7 @@ def setup(device="auto", seed=1337):
                 os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     torch.manual_seed(seed)
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's is on by default
+    torch.backends.cuda.matmul.allow_tf32 = device.startswith("cuda")  # cuDNN's is on by default
     return ddp, rank, world_size, device
 
 
@@ -106,10 +105,8 @@ def lr_at(step, max_iters, lr, warmup_iters, schedule="cosine", min_lr_frac=0.1,
     if schedule == "cosine":
         progress = (step - warmup_iters) / max(1, max_iters - warmup_iters)
         return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-    if schedule == "wsd":  # flat (exactly lr) until the cool-down starts
-        cooldown_start = max_iters * (1 - cooldown_frac)
-        return lr - (lr - min_lr) * max(0, step - cooldown_start) / max(1, max_iters - cooldown_start)
-    raise ValueError(f"lr_schedule must be 'cosine' or 'wsd', got {schedule!r}")
+    cooldown_start = max_iters * (1 - cooldown_frac)  # wsd: flat (exactly lr) until the cool-down starts
+    return lr - (lr - min_lr) * max(0, step - cooldown_start) / max(1, max_iters - cooldown_start)
 
 
 def step_optimizers(optimizers, model, lr_scale, grad_clip):
@@ -219,8 +216,7 @@ class StepLog:
 # plots
 
 def plot(stem, title, xlabel, ylabel, series, xlog=False, ylog=False, ylim=None):
-    """A line plot as stem.png and stem.svg; series: {label: (xs, ys[, matplotlib line options])}. xlog: a log2 x
-    axis with a tick at every x; ylog: a log10 y axis. Returns {label: (xs, ys)} as drawn."""
+    """A line plot as stem.png and .svg, log2 x (xlog) or log10 y (ylog) axes; series: {label: (xs, ys[, style])}."""
     import matplotlib  # here, not at the top: the scripts that never plot do not pay for importing it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -3,7 +3,6 @@
 
     python refrag_train.py                      # sft: out/rag2/ckpt.pt -> out/refrag_sft/ckpt.pt
     python refrag_train.py --phase=rl           # rl:  out/refrag_sft/ckpt.pt -> out/refrag/ckpt.pt
-    torchrun --standalone --nproc_per_node=8 refrag_train.py --phase=rl
 """
 import json
 import os
@@ -43,7 +42,6 @@ max_new_tokens = 40            # tokens per query or answer
 sft_iters = 400
 sft_batch_size = 8             # conversations per step, across processes
 sft_learning_rate = 3e-3
-hop_mix = "0.1,0.2,0.4,0.3"    # shares of training questions with 0 (unanswerable), 1, 2, 3 hops
 rename_p = 0.5                 # share of conversations (sft) and questions (rl) whose names are swapped for invented ones: the model
                                # pretrained on the training world, so only then must it read a bridge, not recall it
 # rl (~22 minutes of training on 2 CPU cores)
@@ -64,7 +62,6 @@ min_lr_frac = 0.1
 weight_decay = 0.0
 grad_clip = 1.0
 # evaluation (qa_heldout.jsonl)
-eval_hops = "2,3"              # question sets evaluated at the end, by hops
 eval_n = 0                     # questions per set (0 = all: the world's 270 two-hop and 170 three-hop)
 single_shot_k = 4              # documents the single-shot baseline retrieves on the question
 eval_interval = 40             # steps between checkpoints and, for rl, held-out EM points of the curve
@@ -82,16 +79,12 @@ out_dir = out_dir or {"sft": "out/refrag_sft", "rl": "out/refrag"}[phase]
 config.update(init_from=init_from, out_dir=out_dir)
 
 
-def numbers(key, kind=int):
-    try:
-        return [kind(v) for v in config[key].split(",")]
-    except ValueError:
-        die(f"--{key}: expected comma-separated numbers, got {config[key]!r}")
-
-
-mix, rl_hop_set, eval_hop_set = numbers("hop_mix", float), numbers("rl_hops"), numbers("eval_hops")
-if len(mix) != 4 or min(mix) < 0 or sum(mix) <= 0:
-    die(f"--hop_mix: expected 4 weights >= 0 for 0..3 hops, got {hop_mix!r}")
+try:
+    rl_hop_set = [int(v) for v in rl_hops.split(",")]
+except ValueError:
+    die(f"--rl_hops: expected comma-separated numbers, got {rl_hops!r}")
+MIX = (0.1, 0.2, 0.4, 0.3)  # sft: shares of training questions with 0 (unanswerable), 1, 2, 3 hops
+EVAL_HOPS = (2, 3)  # the held-out question sets evaluated at the end
 
 ddp, rank, world_size, device = setup(device, seed)
 master = rank == 0
@@ -139,9 +132,8 @@ hops_of = lambda q: len(q["gold_ids"]) if "gold_ids" in q else None  # None: no 
 qa_by_hops = {h: [q for q in train_qa if hops_of(q) == h and (h < 2 or len(q.get("queries", [])) == h)] for h in range(4)}
 rl_pool = [q for h in rl_hop_set for q in train_qa if hops_of(q) == h] + \
     [q for q in train_qa if hops_of(q) is None and q["golden_answers"]]
-if phase == "sft" and any(mix[h] > 0 and not qa_by_hops[h] for h in range(4)) or phase == "rl" and not rl_pool:
-    die(f"{data_dir}/qa_train.jsonl lacks questions with the hops (and, for sft, the gold query chains) that "
-        "--hop_mix / --rl_hops ask for")
+if phase == "sft" and any(not qa_by_hops[h] for h in range(4)) or phase == "rl" and not rl_pool:
+    die(f"{data_dir}/qa_train.jsonl lacks questions of 0-3 hops with gold query chains (sft) or of --rl_hops hops (rl)")
 
 
 def retriever_over(docs):
@@ -161,7 +153,7 @@ def subsample(qas, name, n):
 
 # held-out questions by hops; without gold_ids, every answerable one is in each set
 eval_sets = {h: subsample([q for q in heldout_qa if hops_of(q) == h or (hops_of(q) is None and q["golden_answers"])],
-                          f"hops{h}", eval_n) for h in eval_hop_set}
+                          f"hops{h}", eval_n) for h in EVAL_HOPS}
 curve_set = subsample([q for q in heldout_qa if hops_of(q) in (2, None) and q["golden_answers"]], "curve", curve_n)
 
 # -----------------------------------------------------------------------------
@@ -233,7 +225,7 @@ def sft_step(step):
     rng = random.Random(f"{seed}-sft-{step}-{rank}")
     convs = []
     for _ in range(per_rank):
-        msgs = rag.chain_messages(rng.choice(qa_by_hops[rng.choices(range(4), mix)[0]]), train_retrieve, by_id, top_k)
+        msgs = rag.chain_messages(rng.choice(qa_by_hops[rng.choices(range(4), MIX)[0]]), train_retrieve, by_id, top_k)
         convs.append(render_conversation(tok, world.renamed(msgs, train_names, rng) if rng.random() < rename_p else msgs, seq_len))
     x, y = (t.to(device) for t in rag.padded(convs))
     with autocast(device):

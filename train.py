@@ -2,8 +2,7 @@
 is a config key (the defaults: the tiny CPU run); the resolved config is logged and stored in every checkpoint.
 
     python prepare.py && python train.py                      # the embedded default: tiny world, CPU, minutes
-    python train.py configs/hybrid_d20.py --max_iters=1000    # config file, then --key=value overrides
-    torchrun --standalone --nproc_per_node=8 train.py configs/hybrid_d20.py
+    torchrun --standalone --nproc_per_node=8 train.py configs/hybrid_d20.py --max_iters=1000  # config, then overrides
 """
 import functools
 import json
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (StepLog, all_reduce_mean, autocast, check_config, die, first_line, load_checkpoint, lr_at,
+from common import (StepLog, all_reduce_mean, autocast, check_config, die, load_checkpoint, lr_at,
                     or_die, peak_flops, print0, save_checkpoint, setup, step_optimizers, teardown)
 from configurator import ConfigError, configure
 from model import GPT, GPTConfig
@@ -117,28 +116,21 @@ def evaluate(model):
 
 # model, optimizer, and where we start from
 model_args = {k: config[k] for k in GPTConfig.__dataclass_fields__ if k in config} | {"vocab_size": meta["vocab_size"]}
-ckpt, start_step = None, 0
 ckpt_path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
-if init_from != "scratch":
-    ckpt = or_die(load_checkpoint, ckpt_path, device)
-    try:  # a checkpoint of another stage or model.py: its keys or shapes do not fit
-        start_step = ckpt["step"] if init_from == "resume" else 0
-        model_args = ckpt["model_args"]  # the model's shape is the checkpoint's, whatever the config says
-        model = GPT.from_checkpoint(ckpt).to(device)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        die(f"{ckpt_path}: does not fit this train.py / model.py ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
-else:
-    model = or_die(GPT, GPTConfig(**model_args)).to(device)
+ckpt = or_die(load_checkpoint, ckpt_path, device) if init_from != "scratch" else None
+try:  # a checkpoint of another stage or model.py: its keys or shapes do not fit
+    start_step = ckpt["step"] if init_from == "resume" else 0
+    model_args = ckpt["model_args"] if ckpt else model_args  # the checkpoint's shape, whatever the config says
+    model = (GPT.from_checkpoint(ckpt) if ckpt else GPT(GPTConfig(**model_args))).to(device)
+    optimizers = model.configure_optimizers(learning_rate, weight_decay, (0.9, 0.95), device.split(":")[0],
+                                            embedding_lr_mult)
+    for opt, state in zip(optimizers, ckpt["optimizer"], strict=True) if init_from == "resume" else ():
+        opt.load_state_dict(state)
+except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    die(f"{ckpt_path}: does not fit this train.py / model.py ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        if ckpt else e)
 print0(f"model: {model.pattern} pattern, "
        f"{model.num_params():,} parameters, {grad_accum} micro-steps of {device_batch_size}x{block_size} per process")
-optimizers = model.configure_optimizers(learning_rate, weight_decay, (0.9, 0.95), device.split(":")[0],
-                                        embedding_lr_mult)
-if init_from == "resume":
-    try:
-        for opt, state in zip(optimizers, ckpt["optimizer"], strict=True):
-            opt.load_state_dict(state)
-    except (KeyError, TypeError, ValueError) as e:
-        die(f"{ckpt_path}: its optimizer state does not fit ({type(e).__name__}: {first_line(e)[:200]})")
 raw_model = model
 if compile:
     model = torch.compile(model)
