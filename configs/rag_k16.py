@@ -11,5 +11,4 @@ seq_len = 2048                 # a k = 16 example is ~900 tokens on the world
 device_batch_size = 2
 learning_rate = 3e-3
 max_iters = 1200
-eval_interval = 600
 eval_ks = "1,2,4,8,16,32"

@@ -8,4 +8,3 @@ init_from = "out/vera/ckpt.pt"
 out_dir = "out/vera_rag"
 stopwords = "en_plus"          # questions are made of "what", "does", "is": without this BM25 ranks them first
 max_iters = 800
-eval_interval = 400
