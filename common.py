@@ -8,6 +8,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT
 from tokenizer import Tokenizer
@@ -72,6 +73,22 @@ def teardown(ddp):
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def wrap_ddp(model, ddp, device):
+    """model in DistributedDataParallel under torchrun (gradients averaged across ranks), else model itself."""
+    return DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None) if ddp else model
+
+
+def accumulate(model, x, y, grad_accum, last, device):
+    """One micro-step: backpropagates loss(x, y) / grad_accum; under DDP the gradients sync only on the last.
+    -> the loss, detached."""
+    if isinstance(model, DDP):
+        model.require_backward_grad_sync = last
+    with autocast(device):
+        _, loss = model(x, y)
+    (loss / grad_accum).backward()
+    return loss.detach()
 
 
 def all_reduce_mean(x, ddp):

@@ -14,13 +14,12 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import rag
 import world
-from common import (StepLog, all_reduce_mean, autocast, check_config, die, load_model, lr_at, or_die, peak_flops,
-                    print0, save_checkpoint, setup, step_optimizers, teardown, write_atomic)
+from common import (StepLog, accumulate, all_reduce_mean, autocast, check_config, die, load_model, lr_at, or_die,
+                    peak_flops, print0, save_checkpoint, setup, step_optimizers, teardown, wrap_ddp, write_atomic)
 from configurator import ConfigError, configure
 from retrieve import new_retriever
 
@@ -296,8 +295,7 @@ if not eval_only:
     optimizers = model.configure_optimizers(learning_rate, 0.0, (0.9, 0.95), device.split(":")[0])  # no weight decay
     for opt, state in zip(optimizers, ckpt["optimizer"] if init_from == "resume" else []):
         opt.load_state_dict(state)
-    if ddp:
-        model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
+    model = wrap_ddp(model, ddp, device)
     model_args, tokenizer_json, ckpt = ckpt["model_args"], ckpt["tokenizer"], None  # the optimizer state freed
     os.makedirs(out_dir, exist_ok=True)
     log = StepLog(max_iters, start_step, os.path.join(out_dir, "log.txt"), raw_model.flops_per_token(seq_len),
@@ -305,18 +303,13 @@ if not eval_only:
     log.write(f"config {json.dumps(config)}")  # rank 0's, as every line of the log
 
     for step in range(start_step, max_iters):
-        lr = lr_at(step, max_iters, learning_rate, warmup_iters, "cosine", 0.1)
+        lr = lr_at(step, max_iters, learning_rate, warmup_iters)
         loss_sum, n_tokens = torch.zeros((), device=device), 0
         for micro in range(grad_accum):
             rng = random.Random(f"{seed}-{step}-{rank}-{micro}")  # so a resumed run sees the same batches
             x, y = (t.to(device) for t in rag.pack(lambda: example(rng), device_batch_size, seq_len))
             n_tokens += int((y >= 0).sum())
-            if ddp:
-                model.require_backward_grad_sync = micro == grad_accum - 1
-            with autocast(device):
-                _, loss = model(x, y)
-            (loss / grad_accum).backward()
-            loss_sum += loss.detach()
+            loss_sum += accumulate(model, x, y, grad_accum, micro == grad_accum - 1, device)
         step_optimizers(optimizers, raw_model, lr / learning_rate, 1.0)  # grad clip 1
         train_loss = all_reduce_mean(loss_sum / grad_accum, ddp).item()
         log(step, train_loss, lr, total_batch_size, loss_tokens=n_tokens * world_size)

@@ -10,13 +10,12 @@ import random
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import rag
 import world
-from common import (StepLog, all_reduce_mean, autocast, die, load_model, lr_at, or_die, plot, print0,
-                    save_checkpoint, setup, step_optimizers, teardown, write_atomic)
+from common import (StepLog, accumulate, all_reduce_mean, die, load_model, lr_at, or_die, plot, print0,
+                    save_checkpoint, setup, step_optimizers, teardown, wrap_ddp, write_atomic)
 from configurator import configure
 from retrieve import new_retriever
 from tokenizer import render_conversation
@@ -213,8 +212,7 @@ optimizers = model.configure_optimizers(learning_rate, weight_decay, (0.9, 0.95)
 for opt, opt_state in zip(optimizers, ckpt["optimizer"] if resuming else []):
     opt.load_state_dict(opt_state)
 raw_model = model
-if ddp:
-    model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
+model = wrap_ddp(model, ddp, device)
 ckpt_extra, ckpt = {"model_args": ckpt["model_args"], "tokenizer": ckpt["tokenizer"]}, None  # optimizer state freed
 log = StepLog(max_iters, start_step, os.path.join(out_dir, "log.txt"), world_size=world_size)  # only rank 0 writes
 log.write(f"config {json.dumps(config)}")
@@ -228,10 +226,7 @@ def sft_step(step):
         msgs = rag.chain_messages(rng.choice(qa_by_hops[rng.choices(range(4), MIX)[0]]), train_retrieve, by_id, top_k)
         convs.append(render_conversation(tok, world.renamed(msgs, train_names, rng) if rng.random() < rename_p else msgs, seq_len))
     x, y = (t.to(device) for t in rag.padded(convs))
-    with autocast(device):
-        _, loss = model(x, y)
-    loss.backward()
-    return loss.detach(), x.numel(), {"loss_tokens": int((y >= 0).sum())}
+    return accumulate(model, x, y, 1, True, device), x.numel(), {"loss_tokens": int((y >= 0).sum())}
 
 
 def rl_step(step):

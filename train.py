@@ -11,10 +11,9 @@ import time
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (StepLog, all_reduce_mean, autocast, check_config, die, load_checkpoint, lr_at,
-                    or_die, peak_flops, print0, save_checkpoint, setup, step_optimizers, teardown)
+from common import (StepLog, accumulate, all_reduce_mean, check_config, die, load_checkpoint, lr_at, or_die,
+                    peak_flops, print0, save_checkpoint, setup, step_optimizers, teardown, wrap_ddp)
 from configurator import ConfigError, configure
 from model import GPT, GPTConfig
 
@@ -134,8 +133,7 @@ print0(f"model: {model.pattern} pattern, "
 raw_model = model
 if compile:
     model = torch.compile(model)
-if ddp:
-    model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
+model = wrap_ddp(model, ddp, device)
 ckpt = None  # free the loaded tensors
 
 os.makedirs(out_dir, exist_ok=True)
@@ -151,12 +149,7 @@ for step in range(start_step, max_iters):
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
         x, y = get_batch(step, micro)
-        if ddp:
-            model.require_backward_grad_sync = micro == grad_accum - 1
-        with autocast(device):
-            _, loss = model(x, y)
-        (loss / grad_accum).backward()
-        loss_sum += loss.detach()
+        loss_sum += accumulate(model, x, y, grad_accum, micro == grad_accum - 1, device)
     step_optimizers(optimizers, raw_model, lr / learning_rate, grad_clip)
     log(step, all_reduce_mean(loss_sum / grad_accum, ddp).item(), lr, total_batch_size)
     if (step + 1) % eval_interval == 0 or step + 1 == max_iters:
